@@ -1,0 +1,130 @@
+//! Prometheus metrics: the recorder, the metric names (a contract with dashboards), and the
+//! per-backend and per-pool handles the data path records into.
+//!
+//! Handles are resolved once per backend (and lazily per status code), so recording a request is
+//! an atomic add, never a label lookup. Gauges that mirror atomics the data path already keeps
+//! (in-flight, queue depth) are sampled at scrape time instead of being updated per request.
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
+
+pub const REQUESTS_TOTAL: &str = "headroom_requests_total";
+pub const REQUEST_DURATION: &str = "headroom_request_duration_seconds";
+pub const BACKEND_INFLIGHT: &str = "headroom_backend_inflight";
+pub const QUEUE_DEPTH: &str = "headroom_queue_depth";
+pub const QUEUE_WAIT: &str = "headroom_queue_wait_seconds";
+pub const UPSTREAM_CONNECTS: &str = "headroom_upstream_connects_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global Prometheus recorder once per process; later calls return the same handle.
+/// `None` if another recorder was installed first (metrics then go there).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot install the Prometheus recorder");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Status codes whose counters are cached per backend; others are looked up on use.
+const CACHED_CODES: [u16; 14] = [200, 201, 204, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504];
+
+/// The handles one backend records into.
+pub struct BackendMetrics {
+    pool: Arc<str>,
+    backend: Arc<str>,
+    codes: [OnceLock<Counter>; CACHED_CODES.len()],
+    durations: [OnceLock<Histogram>; 5],
+    connects: Counter,
+}
+
+impl BackendMetrics {
+    pub fn new(pool: &str, backend: &str) -> Self {
+        BackendMetrics {
+            pool: Arc::from(pool),
+            backend: Arc::from(backend),
+            codes: Default::default(),
+            durations: Default::default(),
+            connects: metrics::counter!(UPSTREAM_CONNECTS, "pool" => pool.to_string(), "backend" => backend.to_string()),
+        }
+    }
+
+    /// Counts one response with this status.
+    #[inline]
+    pub fn record(&self, status: u16) {
+        count_request(&self.pool, &self.backend, status, &self.codes);
+    }
+
+    /// Records the duration of a request answered with this status.
+    #[inline]
+    pub fn observe(&self, status: u16, seconds: f64) {
+        duration_histogram(&self.pool, status, &self.durations).record(seconds);
+    }
+
+    pub fn connected(&self) {
+        self.connects.increment(1);
+    }
+}
+
+/// The handles for requests a pool answered itself (no backend chosen: 503 and the like).
+pub struct PoolMetrics {
+    pool: Arc<str>,
+    codes: [OnceLock<Counter>; CACHED_CODES.len()],
+    durations: [OnceLock<Histogram>; 5],
+    queue_wait: Histogram,
+}
+
+impl PoolMetrics {
+    pub fn new(pool: &str) -> Self {
+        PoolMetrics {
+            pool: Arc::from(pool),
+            codes: Default::default(),
+            durations: Default::default(),
+            queue_wait: metrics::histogram!(QUEUE_WAIT, "pool" => pool.to_string()),
+        }
+    }
+
+    pub fn record_local(&self, status: u16, seconds: f64) {
+        count_request(&self.pool, "none", status, &self.codes);
+        duration_histogram(&self.pool, status, &self.durations).record(seconds);
+    }
+
+    pub fn queued(&self, seconds: f64) {
+        self.queue_wait.record(seconds);
+    }
+}
+
+#[inline]
+fn count_request(pool: &str, backend: &str, status: u16, cache: &[OnceLock<Counter>; CACHED_CODES.len()]) {
+    let make = || {
+        metrics::counter!(REQUESTS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "code" => status.to_string())
+    };
+    match CACHED_CODES.iter().position(|&c| c == status) {
+        Some(i) => cache[i].get_or_init(make).increment(1),
+        None => make().increment(1),
+    }
+}
+
+#[inline]
+fn duration_histogram<'a>(pool: &str, status: u16, cache: &'a [OnceLock<Histogram>; 5]) -> &'a Histogram {
+    let class = (status / 100).clamp(1, 5) as usize;
+    cache[class - 1].get_or_init(|| {
+        let label = ["1xx", "2xx", "3xx", "4xx", "5xx"][class - 1];
+        metrics::histogram!(REQUEST_DURATION, "pool" => pool.to_string(), "class" => label)
+    })
+}

@@ -1,0 +1,138 @@
+//! The admin listener: Prometheus metrics, a liveness probe and the JSON API.
+//!
+//! Off the data path: it reads the same snapshot and atomics the proxy uses, and never changes
+//! them (this issue's API is read-only).
+//!
+//! - `GET /metrics`: Prometheus text.
+//! - `GET /healthz`: `ok` while the process serves.
+//! - `GET /api/pools`: pools, their queue depth and backends.
+
+pub mod metrics;
+
+use crate::gateway::Gateway;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+type Body = Full<Bytes>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+/// The JSON document of `GET /api/pools`.
+pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
+    let snap = gateway.snapshot();
+    let pools: Vec<_> = snap
+        .pools
+        .iter()
+        .map(|p| {
+            let backends: Vec<_> = p
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "addr": b.label.as_ref(),
+                        "weight": b.weight(),
+                        "in_flight": b.in_flight(),
+                        "max_inflight": b.max_inflight(),
+                        "state": b.state().as_str(),
+                        "requests": b.requests(),
+                        "errors": b.errors(),
+                        "idle_connections": b.conns.idle(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": p.config.name,
+                "balance": p.config.balance.as_str(),
+                "queue_depth": p.queue.depth(),
+                "queue_max_depth": p.queue.max_depth(),
+                "in_flight": p.in_flight(),
+                "backends": backends,
+            })
+        })
+        .collect();
+    json!({ "pools": pools })
+}
+
+/// Sets the gauges that mirror live atomics, just before a scrape.
+fn sample_gauges(gateway: &Gateway) {
+    let snap = gateway.snapshot();
+    for p in &snap.pools {
+        ::metrics::gauge!(metrics::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
+        for b in &p.backends {
+            ::metrics::gauge!(metrics::BACKEND_INFLIGHT, "pool" => p.config.name.clone(), "backend" => b.label.to_string())
+                .set(b.in_flight() as f64);
+        }
+    }
+}
+
+async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => match prom {
+            Some(h) => {
+                sample_gauges(&gateway);
+                respond(StatusCode::OK, "text/plain; version=0.0.4", h.render())
+            }
+            None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
+        },
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/api/pools") => {
+            respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string())
+        }
+        (_, "/metrics" | "/healthz" | "/api/pools") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
+        }
+        _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
+    }
+}
+
+/// Serves the admin API until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    prom: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let gateway = gateway.clone();
+        let prom = prom.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let gateway = gateway.clone();
+                let prom = prom.clone();
+                async move { Ok::<_, Infallible>(handle(req, gateway, prom).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

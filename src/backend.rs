@@ -1,0 +1,301 @@
+//! Backends and pools as the hot path sees them.
+//!
+//! A [`Backend`] is plain atomics behind an `Arc` (in-flight count, state, weight, counters) plus its
+//! idle upstream connections. A [`Pool`] is an immutable list of backends with the picker and the
+//! admission queue; a new config builds new `Pool`s that reuse the `Arc<Backend>`s of unchanged
+//! addresses, so counters and in-flight counts survive. An [`InflightGuard`] holds one unit of a
+//! backend's capacity and gives it back (waking the queue) when dropped.
+//!
+//! Never locks and never awaits: every method here is a handful of atomic operations.
+
+use crate::admin::metrics::BackendMetrics;
+use crate::balance::Balancer;
+use crate::config::{BackendConfig, PoolConfig};
+use crate::proxy::upstream::Conns;
+use crate::scale::queue::AdmissionQueue;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Lifecycle state of a backend. Only `Healthy` takes new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BackendState {
+    Healthy = 0,
+    /// Takes no new requests; in-flight ones finish.
+    Draining = 1,
+}
+
+impl BackendState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Healthy,
+            _ => Self::Draining,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+/// One upstream server.
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// `addr` as text, for labels and JSON.
+    pub label: Arc<str>,
+    weight: AtomicU32,
+    max_inflight: AtomicU32,
+    in_flight: AtomicU32,
+    state: AtomicU8,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    /// The admission queue of the pool this backend belongs to, woken when a slot frees.
+    queue: Arc<AdmissionQueue>,
+    pub(crate) conns: Conns,
+    pub(crate) metrics: BackendMetrics,
+}
+
+impl Backend {
+    pub fn new(pool: &str, cfg: &BackendConfig, queue: Arc<AdmissionQueue>) -> Self {
+        let label: Arc<str> = Arc::from(cfg.addr.to_string());
+        Backend {
+            addr: cfg.addr,
+            metrics: BackendMetrics::new(pool, &label),
+            label,
+            weight: AtomicU32::new(cfg.weight.max(1)),
+            max_inflight: AtomicU32::new(cfg.max_inflight.max(1)),
+            in_flight: AtomicU32::new(0),
+            state: AtomicU8::new(BackendState::Healthy as u8),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            queue,
+            conns: Conns::new(cfg.max_inflight),
+        }
+    }
+
+    /// A backend outside any pool, for benches and tests of the pickers.
+    pub fn standalone(addr: SocketAddr, weight: u32, max_inflight: u32) -> Self {
+        let cfg = BackendConfig { addr, weight, max_inflight };
+        Self::new("standalone", &cfg, Arc::new(AdmissionQueue::new(0)))
+    }
+
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn max_inflight(&self) -> u32 {
+        self.max_inflight.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn state(&self) -> BackendState {
+        BackendState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: BackendState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Applies new settings from config (the backend keeps its counters and connections).
+    pub fn update(&self, cfg: &BackendConfig) {
+        self.weight.store(cfg.weight.max(1), Ordering::Relaxed);
+        self.max_inflight.store(cfg.max_inflight.max(1), Ordering::Relaxed);
+    }
+
+    /// Takes new requests at all (ignoring capacity).
+    #[inline]
+    pub fn is_serving(&self) -> bool {
+        self.state() == BackendState::Healthy
+    }
+
+    /// Takes new requests now: serving and below capacity.
+    #[inline]
+    pub fn is_eligible(&self) -> bool {
+        self.is_serving() && self.in_flight() < self.max_inflight()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_response(&self, status: u16, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.record(status);
+    }
+
+    /// Claims one unit of capacity, unless the backend is full or not serving.
+    /// A compare-and-swap loop, so two racing picks can never push it past `max_inflight`.
+    #[inline]
+    pub fn try_acquire(self: &Arc<Self>) -> Option<InflightGuard> {
+        if !self.is_serving() {
+            return None;
+        }
+        let max = self.max_inflight();
+        let mut current = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(InflightGuard { backend: self.clone() }),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+/// One unit of a backend's capacity; released on drop. It travels with the response body, so it
+/// lasts until the last byte has been sent (or the client went away), not until headers arrive.
+pub struct InflightGuard {
+    backend: Arc<Backend>,
+}
+
+impl InflightGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        // SeqCst pairs with the queue: a waiter increments the depth and then re-checks capacity,
+        // we decrement in-flight and then check the depth, so one of us always sees the other.
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.backend.queue.depth() > 0 {
+            self.backend.queue.wake_one();
+        }
+    }
+}
+
+/// A pool of interchangeable backends, immutable once built (one per config snapshot).
+pub struct Pool {
+    pub config: PoolConfig,
+    pub backends: Vec<Arc<Backend>>,
+    pub balancer: Balancer,
+    pub queue: Arc<AdmissionQueue>,
+    pub metrics: crate::admin::metrics::PoolMetrics,
+}
+
+impl Pool {
+    /// Builds a pool from config, reusing `existing` backends (matched by address) and queue.
+    pub fn build(
+        config: PoolConfig,
+        extra: &[BackendConfig],
+        existing: Option<&Pool>,
+    ) -> Pool {
+        let queue = match existing {
+            Some(old) => {
+                old.queue.set_max_depth(config.queue.max_depth);
+                old.queue.clone()
+            }
+            None => Arc::new(AdmissionQueue::new(config.queue.max_depth)),
+        };
+        let backends: Vec<Arc<Backend>> = config
+            .backends
+            .iter()
+            .chain(extra.iter())
+            .map(|b| {
+                let reused = existing.and_then(|old| old.backends.iter().find(|o| o.addr == b.addr));
+                match reused {
+                    Some(old) => {
+                        old.update(b);
+                        old.clone()
+                    }
+                    None => Arc::new(Backend::new(&config.name, b, queue.clone())),
+                }
+            })
+            .collect();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
+        Pool {
+            balancer: Balancer::new(config.balance, &weights),
+            metrics: crate::admin::metrics::PoolMetrics::new(&config.name),
+            config,
+            backends,
+            queue,
+        }
+    }
+
+    /// Picks a backend and claims a slot on it; `None` when nothing eligible is left.
+    #[inline]
+    pub fn try_acquire(&self) -> Option<InflightGuard> {
+        // A pick can lose a race for the last slot of a backend; try a few times, then give up
+        // (the caller queues, and is woken when a slot frees).
+        for _ in 0..4 {
+            let i = self.balancer.pick(&self.backends, |_| false)?;
+            if let Some(g) = self.backends[i].try_acquire() {
+                return Some(g);
+            }
+        }
+        None
+    }
+
+    /// Whether any backend takes traffic at all (full or not).
+    pub fn any_serving(&self) -> bool {
+        self.backends.iter().any(|b| b.is_serving())
+    }
+
+    /// Whether some backend has a free slot right now.
+    pub fn has_capacity(&self) -> bool {
+        self.backends.iter().any(|b| b.is_eligible())
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.backends.iter().map(|b| b.in_flight() as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acquire_respects_capacity_and_releases() {
+        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 2));
+        let g1 = b.try_acquire().unwrap();
+        let g2 = b.try_acquire().unwrap();
+        assert!(b.try_acquire().is_none());
+        assert_eq!(b.in_flight(), 2);
+        drop(g1);
+        assert_eq!(b.in_flight(), 1);
+        drop(g2);
+        assert_eq!(b.in_flight(), 0);
+        b.set_state(BackendState::Draining);
+        assert!(b.try_acquire().is_none());
+    }
+
+    #[test]
+    fn concurrent_acquires_never_exceed_capacity() {
+        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 10));
+        let held: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..100).filter_map(|_| b.try_acquire()).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(held.len(), 10);
+        assert_eq!(b.in_flight(), 10);
+    }
+}

@@ -1,0 +1,285 @@
+//! Pickers: choose one backend of a pool for a request.
+//!
+//! Every picker is a plain `&self` function over the backends' atomics: it never locks, never
+//! awaits and never allocates, and it returns `None` (never panics, never defaults to index 0)
+//! when no backend is eligible. Eligible means serving, below capacity, and not excluded by the
+//! caller's `exclude` hook (used by failover to say "not that one again").
+//!
+//! Picking and claiming are separate: the caller claims a slot with `Backend::try_acquire`, which
+//! may fail when another request won the race; the pool then picks again.
+
+use crate::backend::Backend;
+use crate::config::BalanceKind;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Pools larger than this use weighted power-of-two-choices instead of an exact scan.
+pub const EXACT_SCAN_MAX: usize = 64;
+/// Longest smooth-WRR schedule kept; heavier weight sets are scaled down to fit.
+const MAX_SCHEDULE: u64 = 1 << 16;
+
+pub enum Balancer {
+    /// Weighted least-connection: minimise (in_flight + 1) / weight.
+    LeastConn,
+    /// Weighted power of two random choices, the better of two by (in_flight + 1) / weight.
+    P2c,
+    RoundRobin { next: AtomicUsize },
+    /// Smooth weighted round robin: a precomputed interleaved schedule walked by one counter.
+    WeightedRoundRobin { schedule: Box<[u32]>, next: AtomicUsize },
+}
+
+impl Balancer {
+    /// Builds a picker for backends with these weights (the weights only matter to WRR, the
+    /// others read weights live).
+    pub fn new(kind: BalanceKind, weights: &[u32]) -> Self {
+        match kind {
+            BalanceKind::LeastConn => Balancer::LeastConn,
+            BalanceKind::P2c => Balancer::P2c,
+            BalanceKind::RoundRobin => Balancer::RoundRobin { next: AtomicUsize::new(0) },
+            BalanceKind::WeightedRoundRobin => Balancer::WeightedRoundRobin {
+                schedule: smooth_schedule(weights).into_boxed_slice(),
+                next: AtomicUsize::new(0),
+            },
+        }
+    }
+
+    /// Picks an eligible backend not excluded by `exclude`, or `None` if there is none.
+    #[inline]
+    pub fn pick<F: Fn(usize) -> bool>(&self, backends: &[Arc<Backend>], exclude: F) -> Option<usize> {
+        let n = backends.len();
+        if n == 0 {
+            return None;
+        }
+        let ok = |i: usize| backends[i].is_eligible() && !exclude(i);
+        match self {
+            Balancer::LeastConn => {
+                if n > EXACT_SCAN_MAX {
+                    if let Some(i) = two_choices(backends, &ok) {
+                        return Some(i);
+                    }
+                }
+                least_loaded(backends, &ok)
+            }
+            Balancer::P2c => two_choices(backends, &ok).or_else(|| least_loaded(backends, &ok)),
+            Balancer::RoundRobin { next } => {
+                let start = next.fetch_add(1, Ordering::Relaxed) % n;
+                first_from(start, n, &ok)
+            }
+            Balancer::WeightedRoundRobin { schedule, next } => {
+                let len = schedule.len();
+                if len == 0 {
+                    return first_from(0, n, &ok);
+                }
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                // Walk the schedule past ineligible entries for a while, then fall back to any.
+                for k in 0..len.min(2 * n + 8) {
+                    let i = schedule[(start + k) % len] as usize;
+                    if i < n && ok(i) {
+                        return Some(i);
+                    }
+                }
+                first_from(start % n, n, &ok)
+            }
+        }
+    }
+}
+
+/// (load + 1) / weight, compared exactly by cross-multiplication.
+#[inline]
+fn score(b: &Backend) -> (u64, u64) {
+    (b.in_flight() as u64 + 1, b.weight().max(1) as u64)
+}
+
+#[inline]
+fn better(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 * b.1 < b.0 * a.1
+}
+
+/// Exact scan for the lowest (in_flight + 1) / weight. The scan starts at a random index, so
+/// requests that tie (say, an idle pool) spread instead of all landing on the first backend.
+#[inline]
+fn least_loaded(backends: &[Arc<Backend>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    let n = backends.len();
+    let start = if n > 1 { fastrand::usize(..n) } else { 0 };
+    let mut best: Option<(usize, (u64, u64))> = None;
+    for k in 0..n {
+        let mut i = start + k;
+        if i >= n {
+            i -= n;
+        }
+        if !ok(i) {
+            continue;
+        }
+        let s = score(&backends[i]);
+        match best {
+            Some((_, bs)) if !better(s, bs) => {}
+            _ => best = Some((i, s)),
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Two random eligible candidates, the better one wins. `None` when sampling finds none (the
+/// caller then scans), so a mostly-ineligible pool still gets an exact answer.
+#[inline]
+fn two_choices(backends: &[Arc<Backend>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    let n = backends.len();
+    let sample = || (0..4).map(|_| fastrand::usize(..n)).find(|&i| ok(i));
+    let a = sample()?;
+    let Some(b) = sample() else { return Some(a) };
+    if better(score(&backends[b]), score(&backends[a])) {
+        Some(b)
+    } else {
+        Some(a)
+    }
+}
+
+#[inline]
+fn first_from(start: usize, n: usize, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
+}
+
+/// An interleaved schedule in which backend `i` appears in proportion to `weights[i]`, spread
+/// evenly (earliest-deadline-first on deadlines (k + 1/2) / w, which yields the same smoothness
+/// as nginx's smooth weighted round robin).
+pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let g = weights.iter().copied().filter(|&w| w > 0).fold(0u32, gcd).max(1);
+    let mut ws: Vec<u64> = weights.iter().map(|&w| (w / g) as u64).collect();
+    let total: u64 = ws.iter().sum();
+    if total > MAX_SCHEDULE {
+        for w in ws.iter_mut().filter(|w| **w > 0) {
+            *w = (*w * MAX_SCHEDULE / total).max(1);
+        }
+    }
+    let total: u64 = ws.iter().sum();
+
+    #[derive(PartialEq, Eq)]
+    struct Slot {
+        num: u64, // deadline = num / (2 * w)
+        w: u64,
+        idx: u32,
+    }
+    impl Ord for Slot {
+        fn cmp(&self, o: &Self) -> CmpOrdering {
+            // Min-heap by deadline, then by index, via reversed comparisons.
+            (o.num * self.w).cmp(&(self.num * o.w)).then(o.idx.cmp(&self.idx))
+        }
+    }
+    impl PartialOrd for Slot {
+        fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+            Some(self.cmp(o))
+        }
+    }
+
+    let mut heap: BinaryHeap<Slot> = ws
+        .iter()
+        .enumerate()
+        .filter(|(_, &w)| w > 0)
+        .map(|(i, &w)| Slot { num: 1, w, idx: i as u32 })
+        .collect();
+    let mut out = Vec::with_capacity(total as usize);
+    while (out.len() as u64) < total {
+        let Some(mut s) = heap.pop() else { break };
+        out.push(s.idx);
+        s.num += 2;
+        heap.push(s);
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::InflightGuard;
+    use proptest::prelude::*;
+
+    fn pool(specs: &[(u32, u32)]) -> Vec<Arc<Backend>> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(w, cap))| {
+                let addr = format!("127.0.0.1:{}", 10000 + i).parse().unwrap();
+                Arc::new(Backend::standalone(addr, w, cap))
+            })
+            .collect()
+    }
+
+    const KINDS: [BalanceKind; 4] = [
+        BalanceKind::LeastConn,
+        BalanceKind::P2c,
+        BalanceKind::RoundRobin,
+        BalanceKind::WeightedRoundRobin,
+    ];
+
+    #[test]
+    fn smooth_schedule_interleaves() {
+        let s = smooth_schedule(&[5, 1, 1]);
+        assert_eq!(s.len(), 7);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 5);
+        // No backend with weight 1 is scheduled twice in a row, and the heavy one is spread.
+        assert_ne!(&s[..5], &[0, 0, 0, 0, 0]);
+        // Weights are reduced by their gcd: 2:4 is 1:2.
+        assert_eq!(smooth_schedule(&[2, 4]), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn least_conn_follows_weights() {
+        let b = pool(&[(1, 1000), (2, 1000), (3, 1000)]);
+        let lb = Balancer::new(BalanceKind::LeastConn, &[1, 2, 3]);
+        let mut held: Vec<InflightGuard> = Vec::new();
+        for _ in 0..60 {
+            let i = lb.pick(&b, |_| false).unwrap();
+            held.push(b[i].try_acquire().unwrap());
+        }
+        assert_eq!([b[0].in_flight(), b[1].in_flight(), b[2].in_flight()], [10, 20, 30]);
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights() {
+        let b = pool(&[(1, 10), (3, 10)]);
+        let lb = Balancer::new(BalanceKind::WeightedRoundRobin, &[1, 3]);
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[lb.pick(&b, |_| false).unwrap()] += 1;
+        }
+        assert_eq!(counts, [100, 300]);
+    }
+
+    proptest! {
+        /// Never picks an ineligible (full, draining or excluded) backend, and returns `None`
+        /// only when no backend is eligible.
+        #[test]
+        fn picks_only_eligible(
+            specs in proptest::collection::vec((1u32..=1000, 1u32..4, 0u32..5, any::<bool>(), any::<bool>()), 0..80),
+            kind in 0usize..4,
+        ) {
+            let b = pool(&specs.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>());
+            let mut held = Vec::new();
+            for (i, s) in specs.iter().enumerate() {
+                for _ in 0..s.2.min(s.1) { held.push(b[i].try_acquire().unwrap()); }
+                if s.3 { b[i].set_state(crate::backend::BackendState::Draining); }
+            }
+            let excluded: Vec<bool> = specs.iter().map(|s| s.4).collect();
+            let weights: Vec<u32> = specs.iter().map(|s| s.0).collect();
+            let lb = Balancer::new(KINDS[kind], &weights);
+            let eligible = |i: usize| b[i].is_eligible() && !excluded[i];
+            let any = (0..b.len()).any(eligible);
+            for _ in 0..8 {
+                match lb.pick(&b, |i| excluded[i]) {
+                    Some(i) => prop_assert!(eligible(i), "picked ineligible backend {}", i),
+                    None => prop_assert!(!any, "returned None with an eligible backend"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The config file's shape, exactly as written in TOML. Every struct denies unknown fields, and the
+//! values that validation may reject keep their source span so errors can point at line:column.
+//! Nothing here checks meaning: that is `validate`'s job.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: FileServer,
+    #[serde(default)]
+    pub admin: FileAdmin,
+    #[serde(default)]
+    pub routes: Vec<FileRoute>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, Spanned<FilePool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub request_header_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<String>>,
+    pub max_request_body: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub workers: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    pub path_prefix: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub balance: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<String>>,
+    pub max_inflight_per_backend: Option<Spanned<u32>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub response_header_timeout: Option<Spanned<String>>,
+    pub stream_idle_timeout: Option<Spanned<String>>,
+    pub queue: Option<FileQueue>,
+    #[serde(default)]
+    pub backends: Vec<FileBackend>,
+    pub launch: Option<Spanned<FileLaunch>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQueue {
+    pub max_depth: Option<Spanned<usize>>,
+    pub timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    pub addr: Spanned<String>,
+    pub weight: Option<Spanned<u32>>,
+    pub max_inflight: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLaunch {
+    pub command: Spanned<Vec<String>>,
+    pub count: Option<Spanned<u32>>,
+    pub weight: Option<Spanned<u32>>,
+    pub max_inflight: Option<Spanned<u32>>,
+    pub ready_timeout: Option<Spanned<String>>,
+}

@@ -1,0 +1,314 @@
+//! Configuration: TOML text → [`file`] structs (serde, `deny_unknown_fields`, spans kept) →
+//! [`validate`] → the runtime [`Config`] the rest of headroom reads.
+//!
+//! Owns the config contract (key names, defaults, allowed values) and the one error type that
+//! names the file, line, column and field. Never touches the network or the running state: building
+//! a `Config` is pure, so `headroom check` and a reload use exactly the same path.
+
+mod file;
+pub mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::validate;
+
+/// The validated, runtime form of the config file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    /// First match wins.
+    pub routes: Vec<Route>,
+    pub pools: Vec<PoolConfig>,
+    /// Directory relative paths in the file are resolved against (the file's directory).
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Default `["127.0.0.1:8080"]`.
+    pub listen: Vec<SocketAddr>,
+    /// Default 10s; a request head not complete by then gets 408.
+    pub request_header_timeout: Duration,
+    /// Default 60s; an idle keep-alive client connection is closed after it.
+    pub idle_timeout: Duration,
+    /// Default 64KiB; a larger request head gets 431.
+    pub max_header_bytes: usize,
+    /// Default 32MiB; a larger request body gets 413.
+    pub max_request_body: u64,
+    /// Default 30s; how long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// Worker threads; default: `TOKIO_WORKER_THREADS`, else one per core.
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Default `127.0.0.1:9901`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Default `/`.
+    pub path_prefix: String,
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+}
+
+/// How a pool picks a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceKind {
+    /// Weighted least-connection (default).
+    LeastConn,
+    RoundRobin,
+    /// Smooth weighted round robin.
+    WeightedRoundRobin,
+    /// Weighted power of two random choices.
+    P2c,
+}
+
+impl BalanceKind {
+    pub const ALLOWED: &'static str = "least_conn, round_robin, weighted_round_robin, p2c";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "least_conn" => Self::LeastConn,
+            "round_robin" => Self::RoundRobin,
+            "weighted_round_robin" => Self::WeightedRoundRobin,
+            "p2c" => Self::P2c,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastConn => "least_conn",
+            Self::RoundRobin => "round_robin",
+            Self::WeightedRoundRobin => "weighted_round_robin",
+            Self::P2c => "p2c",
+        }
+    }
+}
+
+/// The protocol spoken to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive (default).
+    Http1,
+    /// HTTP/2 over cleartext, prior knowledge.
+    H2c,
+}
+
+impl Protocol {
+    pub const ALLOWED: &'static str = "http1, h2c";
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: BalanceKind,
+    pub protocol: Protocol,
+    /// Default 64: capacity of each backend unless it sets `max_inflight`.
+    pub max_inflight_per_backend: u32,
+    /// Default 2s.
+    pub connect_timeout: Duration,
+    /// Default 600s: inference can be slow to its first byte.
+    pub response_header_timeout: Duration,
+    /// Default 300s: the longest silence allowed inside a response body once it has started.
+    pub stream_idle_timeout: Duration,
+    pub queue: QueueConfig,
+    pub backends: Vec<BackendConfig>,
+    pub launch: Option<LaunchConfig>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Default 1024; a request arriving at a full queue gets 503 at once.
+    pub max_depth: usize,
+    /// Default 30s; a request that waited this long gets 503.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    /// 1..=1000, default 1.
+    pub weight: u32,
+    /// The backend's capacity (in-flight requests).
+    pub max_inflight: u32,
+}
+
+/// Backends headroom starts itself as local processes.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// Argument vector; `{addr}` is replaced by the chosen loopback address, and a first element
+    /// `headroom` means the running binary itself.
+    pub command: Vec<String>,
+    /// Default 1.
+    pub count: u32,
+    /// Default 1.
+    pub weight: u32,
+    pub max_inflight: u32,
+    /// Default 10s: how long to wait for a launched backend to accept connections.
+    pub ready_timeout: Duration,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            line: None,
+            column: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, &base).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates config text; `base_dir` is where relative paths point.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: file::FileConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+            ConfigError {
+                file: None,
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        validate(raw, text, base_dir)
+    }
+
+    /// One line describing the config, as `headroom check` prints it.
+    pub fn summary(&self) -> String {
+        let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
+        let launched: u32 = self
+            .pools
+            .iter()
+            .filter_map(|p| p.launch.as_ref())
+            .map(|l| l.count)
+            .sum();
+        let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
+        format!(
+            "listen {}, admin {}, {} route(s), {} pool(s), {} backend(s) + {} launched",
+            listen.join(" "),
+            self.admin.listen,
+            self.routes.len(),
+            self.pools.len(),
+            backends,
+            launched
+        )
+    }
+}
+
+/// A config error, located where possible: `file:line:column: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn at(text: &str, span: std::ops::Range<usize>, message: impl Into<String>) -> Self {
+        let (line, column) = line_col(text, span.start);
+        ConfigError {
+            file: None,
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn nowhere(message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+
+    fn in_file(mut self, path: &Path) -> Self {
+        self.file = Some(path.to_path_buf());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}:", file.display())?;
+        }
+        if let Some(line) = self.line {
+            write!(f, "{line}:")?;
+            if let Some(col) = self.column {
+                write!(f, "{col}:")?;
+            }
+        }
+        if self.file.is_some() || self.line.is_some() {
+            f.write_str(" ")?;
+        }
+        // TOML's messages may span lines; the contract is one line.
+        let mut first = true;
+        for part in self.message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if !first {
+                f.write_str("; ")?;
+            }
+            f.write_str(part)?;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        let text = "a = 1\nbb = 2\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn display_is_one_line() {
+        let e = ConfigError {
+            file: Some("x.toml".into()),
+            line: Some(3),
+            column: Some(7),
+            message: "bad\nthing\n".into(),
+        };
+        assert_eq!(e.to_string(), "x.toml:3:7: bad; thing");
+    }
+}

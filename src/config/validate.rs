@@ -1,0 +1,359 @@
+//! Turns the file-shaped structs into the runtime [`Config`], applying defaults and rejecting
+//! anything that would misbehave at run time. Each error names the field, the allowed values, and
+//! the line:column of the offending value.
+
+use super::file::{FileBackend, FileConfig, FilePool};
+use super::units::{parse_duration, parse_size};
+use super::*;
+use std::collections::HashSet;
+use std::net::ToSocketAddrs;
+use toml::Spanned;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Validates a parsed file; `text` is the source (for line:column), `base_dir` resolves paths.
+pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(s) => match parse_duration(s.get_ref()) {
+            Ok(d) if d.is_zero() => Err(err(s.span(), format!("{field}: must be greater than zero"))),
+            Ok(d) => Ok(d),
+            Err(e) => Err(err(s.span(), format!("{field}: {e}"))),
+        },
+    };
+    let size = |v: &Option<Spanned<String>>, field: &str, default: u64| match v {
+        None => Ok(default),
+        Some(s) => match parse_size(s.get_ref()) {
+            Ok(0) => Err(err(s.span(), format!("{field}: must be greater than zero"))),
+            Ok(n) => Ok(n),
+            Err(e) => Err(err(s.span(), format!("{field}: {e}"))),
+        },
+    };
+
+    // [server]
+    let s = &raw.server;
+    let listen = match &s.listen {
+        None => vec![parse_addr(DEFAULT_LISTEN).map_err(ConfigError::nowhere)?],
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(err(list.span(), "server.listen: needs at least one address".into()))
+        }
+        Some(list) => {
+            let mut out = Vec::new();
+            for a in list.get_ref() {
+                let addr = parse_addr(a.get_ref())
+                    .map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
+                if out.contains(&addr) {
+                    return Err(err(a.span(), format!("server.listen: {addr} is listed twice")));
+                }
+                out.push(addr);
+            }
+            out
+        }
+    };
+    let max_header_bytes = size(&s.max_header_bytes, "server.max_header_bytes", 64 << 10)?;
+    if let Some(v) = &s.max_header_bytes {
+        if !(1024..=(16 << 20)).contains(&max_header_bytes) {
+            return Err(err(v.span(), "server.max_header_bytes: allowed range is 1KiB..=16MiB".into()));
+        }
+    }
+    let workers = match &s.workers {
+        Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1024 => {
+            return Err(err(w.span(), "server.workers: allowed range is 1..=1024".into()))
+        }
+        Some(w) => Some(*w.get_ref()),
+        None => None,
+    };
+    let server = ServerConfig {
+        listen,
+        request_header_timeout: duration(&s.request_header_timeout, "server.request_header_timeout", Duration::from_secs(10))?,
+        idle_timeout: duration(&s.idle_timeout, "server.idle_timeout", Duration::from_secs(60))?,
+        max_header_bytes: max_header_bytes as usize,
+        max_request_body: size(&s.max_request_body, "server.max_request_body", 32 << 20)?,
+        shutdown_timeout: duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30))?,
+        workers,
+    };
+
+    // [admin]
+    let admin = AdminConfig {
+        listen: match &raw.admin.listen {
+            None => parse_addr(DEFAULT_ADMIN).map_err(ConfigError::nowhere)?,
+            Some(a) => parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("admin.listen: {e}")))?,
+        },
+    };
+    if server.listen.contains(&admin.listen) {
+        return Err(ConfigError::nowhere(format!(
+            "admin.listen: {} is also a server.listen address",
+            admin.listen
+        )));
+    }
+
+    // [pools.*]
+    let mut pools = Vec::new();
+    let mut seen_addrs: HashSet<SocketAddr> = HashSet::new();
+    for (name, pool) in &raw.pools {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(err(pool.span(), format!("pools.{name:?}: pool names use letters, digits, '-' and '_'")));
+        }
+        pools.push(validate_pool(name, pool, text, &mut seen_addrs, duration)?);
+    }
+    if pools.is_empty() {
+        return Err(ConfigError::nowhere("pools: at least one pool is needed, e.g. [pools.default]"));
+    }
+
+    // [[routes]]
+    let mut routes = Vec::new();
+    for r in &raw.routes {
+        let pool_name = r.pool.get_ref();
+        let Some(pool) = pools.iter().position(|p| &p.name == pool_name) else {
+            let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(err(
+                r.pool.span(),
+                format!("routes.pool: unknown pool {pool_name:?}; defined pools: {}", known.join(", ")),
+            ));
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(err(p.span(), "routes.path_prefix: must start with '/'".into()))
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let host = match &r.host {
+            None => None,
+            Some(h) if h.get_ref().trim().is_empty() => {
+                return Err(err(h.span(), "routes.host: must not be empty (omit it to match any host)".into()))
+            }
+            Some(h) => Some(h.get_ref().trim().to_ascii_lowercase()),
+        };
+        routes.push(Route { path_prefix, host, pool });
+    }
+    if routes.is_empty() {
+        if pools.len() == 1 {
+            routes.push(Route { path_prefix: "/".into(), host: None, pool: 0 });
+        } else {
+            return Err(ConfigError::nowhere(
+                "routes: with more than one pool, [[routes]] must say which requests go to which pool",
+            ));
+        }
+    }
+
+    Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
+}
+
+fn validate_pool(
+    name: &str,
+    pool: &Spanned<FilePool>,
+    text: &str,
+    seen_addrs: &mut HashSet<SocketAddr>,
+    duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError>,
+) -> Result<PoolConfig, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let p = pool.get_ref();
+    let field = |f: &str| format!("pools.{name}.{f}");
+
+    let balance = match &p.balance {
+        None => BalanceKind::LeastConn,
+        Some(b) => BalanceKind::parse(b.get_ref()).ok_or_else(|| {
+            err(b.span(), format!("{}: unknown value {:?}; allowed: {}", field("balance"), b.get_ref(), BalanceKind::ALLOWED))
+        })?,
+    };
+    let protocol = match p.protocol.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+        None | Some(("http1", _)) => Protocol::Http1,
+        Some(("h2c", _)) => Protocol::H2c,
+        Some((other, span)) => {
+            return Err(err(span, format!("{}: unknown value {other:?}; allowed: {}", field("protocol"), Protocol::ALLOWED)))
+        }
+    };
+    let max_inflight_per_backend = match &p.max_inflight_per_backend {
+        None => 64,
+        Some(v) => check_capacity(v, &field("max_inflight_per_backend"), text)?,
+    };
+    let queue = match &p.queue {
+        None => QueueConfig { max_depth: 1024, timeout: Duration::from_secs(30) },
+        Some(q) => QueueConfig {
+            max_depth: match &q.max_depth {
+                None => 1024,
+                Some(d) if *d.get_ref() > 1_000_000 => {
+                    return Err(err(d.span(), format!("{}: allowed range is 0..=1000000", field("queue.max_depth"))))
+                }
+                Some(d) => *d.get_ref(),
+            },
+            timeout: duration(&q.timeout, &field("queue.timeout"), Duration::from_secs(30))?,
+        },
+    };
+
+    let mut backends = Vec::new();
+    for b in &p.backends {
+        backends.push(validate_backend(name, b, max_inflight_per_backend, text, seen_addrs)?);
+    }
+
+    let launch = match &p.launch {
+        None => None,
+        Some(l) => {
+            let lr = l.get_ref();
+            if lr.command.get_ref().is_empty() {
+                return Err(err(lr.command.span(), format!("{}: needs at least the program", field("launch.command"))));
+            }
+            if !lr.command.get_ref().iter().any(|a| a.contains("{addr}")) {
+                return Err(err(
+                    lr.command.span(),
+                    format!("{}: must pass \"{{addr}}\" somewhere so the backend knows where to listen", field("launch.command")),
+                ));
+            }
+            let count = match &lr.count {
+                None => 1,
+                Some(c) if *c.get_ref() == 0 || *c.get_ref() > 256 => {
+                    return Err(err(c.span(), format!("{}: allowed range is 1..=256", field("launch.count"))))
+                }
+                Some(c) => *c.get_ref(),
+            };
+            Some(LaunchConfig {
+                command: lr.command.get_ref().clone(),
+                count,
+                weight: match &lr.weight {
+                    None => 1,
+                    Some(w) => check_weight(w, &field("launch.weight"), text)?,
+                },
+                max_inflight: match &lr.max_inflight {
+                    None => max_inflight_per_backend,
+                    Some(v) => check_capacity(v, &field("launch.max_inflight"), text)?,
+                },
+                ready_timeout: duration(&lr.ready_timeout, &field("launch.ready_timeout"), Duration::from_secs(10))?,
+            })
+        }
+    };
+    if backends.is_empty() && launch.is_none() {
+        return Err(err(
+            pool.span(),
+            format!("pools.{name}: no backends; add [[pools.{name}.backends]] with an addr, or a [pools.{name}.launch] section"),
+        ));
+    }
+
+    Ok(PoolConfig {
+        name: name.to_string(),
+        balance,
+        protocol,
+        max_inflight_per_backend,
+        connect_timeout: duration(&p.connect_timeout, &field("connect_timeout"), Duration::from_secs(2))?,
+        response_header_timeout: duration(&p.response_header_timeout, &field("response_header_timeout"), Duration::from_secs(600))?,
+        stream_idle_timeout: duration(&p.stream_idle_timeout, &field("stream_idle_timeout"), Duration::from_secs(300))?,
+        queue,
+        backends,
+        launch,
+    })
+}
+
+fn validate_backend(
+    pool: &str,
+    b: &FileBackend,
+    default_capacity: u32,
+    text: &str,
+    seen_addrs: &mut HashSet<SocketAddr>,
+) -> Result<BackendConfig, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let addr = parse_addr(b.addr.get_ref())
+        .map_err(|e| err(b.addr.span(), format!("pools.{pool}.backends.addr: {e}")))?;
+    if !seen_addrs.insert(addr) {
+        return Err(err(
+            b.addr.span(),
+            format!("pools.{pool}.backends.addr: duplicate backend address {addr}; each backend may appear once"),
+        ));
+    }
+    let weight = match &b.weight {
+        None => 1,
+        Some(w) => check_weight(w, &format!("pools.{pool}.backends.weight"), text)?,
+    };
+    let max_inflight = match &b.max_inflight {
+        None => default_capacity,
+        Some(v) => check_capacity(v, &format!("pools.{pool}.backends.max_inflight"), text)?,
+    };
+    Ok(BackendConfig { addr, weight, max_inflight })
+}
+
+fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+    let v = *w.get_ref();
+    if (1..=MAX_WEIGHT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::at(text, w.span(), format!("{field}: {v} is out of range; allowed 1..={MAX_WEIGHT}")))
+    }
+}
+
+fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+    let n = *v.get_ref();
+    if (1..=1_000_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ConfigError::at(text, v.span(), format!("{field}: {n} is out of range; allowed 1..=1000000")))
+    }
+}
+
+/// Parses `ip:port`, or resolves `host:port` once.
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !text.contains(':') {
+        return Err(format!("{text:?} needs a port, e.g. \"127.0.0.1:9001\""));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| format!("{text:?} resolves to no address")),
+        Err(e) => Err(format!("invalid address {text:?}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("."))
+    }
+
+    const MINIMAL: &str = "[pools.default]\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.server.max_header_bytes, 64 << 10);
+        assert_eq!(c.server.max_request_body, 32 << 20);
+        let p = &c.pools[0];
+        assert_eq!(p.balance, BalanceKind::LeastConn);
+        assert_eq!(p.max_inflight_per_backend, 64);
+        assert_eq!(p.backends[0].weight, 1);
+        assert_eq!(p.backends[0].max_inflight, 64);
+        assert_eq!(p.queue.max_depth, 1024);
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn errors_point_at_the_value() {
+        let text = "[pools.default]\nbalance = \"fastest\"\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(2), Some(11)));
+        assert!(e.message.contains("least_conn, round_robin"), "{e}");
+    }
+
+    #[test]
+    fn weight_zero_and_duplicates_are_refused() {
+        let w0 = "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\nweight = 0\n";
+        assert!(parse(w0).unwrap_err().message.contains("allowed 1..=1000"));
+        let dup = "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n";
+        let e = parse(dup).unwrap_err();
+        assert!(e.message.contains("duplicate backend"), "{e}");
+        assert_eq!(e.line, Some(5));
+    }
+
+    #[test]
+    fn unknown_pool_and_empty_pool() {
+        let t = format!("{MINIMAL}[[routes]]\npool = \"nope\"\n");
+        assert!(parse(&t).unwrap_err().message.contains("unknown pool \"nope\""));
+        let e = parse("[pools.empty]\n").unwrap_err();
+        assert!(e.message.contains("no backends"), "{e}");
+    }
+}

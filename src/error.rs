@@ -1,0 +1,146 @@
+//! The one place where a failed request becomes a status code.
+//!
+//! Every failure the data path can produce is a [`ProxyError`] that knows where it came from
+//! (client, upstream, gateway) and whether trying another backend is safe; [`ProxyError::status`]
+//! maps it exhaustively, without a catch-all, so a new kind cannot silently get the wrong status.
+
+use crate::scale::queue::Rejection;
+use http::StatusCode;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed or ambiguous (smuggling shapes, bad framing).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The request head was not complete within `request_header_timeout`.
+    #[error("request header timeout")]
+    HeaderTimeout,
+    /// The request body is larger than `max_request_body`.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// The request head is larger than `max_header_bytes`.
+    #[error("request headers larger than {0} bytes")]
+    HeadersTooLarge(usize),
+    /// No route matches the request.
+    #[error("no route for this request")]
+    NoRoute,
+    /// Admission failed: no backend, queue full, or queue timeout.
+    #[error("{}", rejection_text(*.0))]
+    Unavailable(Rejection),
+    /// Connecting to the backend failed or timed out.
+    #[error("cannot connect to backend: {0}")]
+    Connect(String),
+    /// The backend broke the protocol or closed the connection before a response.
+    #[error("bad response from backend: {0}")]
+    Upstream(String),
+    /// No response head from the backend within `response_header_timeout`.
+    #[error("backend did not answer within {0:?}")]
+    ResponseTimeout(Duration),
+    /// The client's request body failed while it was being forwarded.
+    #[error("client request body failed: {0}")]
+    ClientBody(String),
+}
+
+fn rejection_text(r: Rejection) -> &'static str {
+    match r {
+        Rejection::NoBackend => "no backend available",
+        Rejection::QueueFull => "admission queue full",
+        Rejection::QueueTimeout => "timed out in the admission queue",
+    }
+}
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Unavailable(Rejection::NoBackend)
+            | ProxyError::Unavailable(Rejection::QueueFull)
+            | ProxyError::Unavailable(Rejection::QueueTimeout) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn source(&self) -> Source {
+        match self {
+            ProxyError::BadRequest(_)
+            | ProxyError::ClientBody(_)
+            | ProxyError::HeaderTimeout
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::HeadersTooLarge(_) => Source::Client,
+            ProxyError::NoRoute | ProxyError::Unavailable(_) => Source::Gateway,
+            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::ResponseTimeout(_) => Source::Upstream,
+        }
+    }
+
+    /// Whether sending the same request to another backend is safe regardless of its method:
+    /// only when it certainly never reached the first one.
+    pub fn retry_safe(&self) -> bool {
+        matches!(self, ProxyError::Connect(_))
+    }
+
+    /// Seconds for a `Retry-After` header, on the statuses that invite a retry.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            ProxyError::Unavailable(Rejection::NoBackend) => Some(5),
+            ProxyError::Unavailable(Rejection::QueueFull) | ProxyError::Unavailable(Rejection::QueueTimeout) => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Whether the client connection must be closed after the error response (framing unknown).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::HeaderTimeout | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_)
+        )
+    }
+}
+
+/// The small JSON error body: `{"error": "...", "request_id": "..."}`.
+pub fn error_body(message: &str, request_id: &str) -> bytes::Bytes {
+    let v = serde_json::json!({ "error": message, "request_id": request_id });
+    bytes::Bytes::from(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ProxyError::BadRequest("x").status(), 400);
+        assert_eq!(ProxyError::HeaderTimeout.status(), 408);
+        assert_eq!(ProxyError::BodyTooLarge(1).status(), 413);
+        assert_eq!(ProxyError::HeadersTooLarge(1).status(), 431);
+        assert_eq!(ProxyError::Connect("x".into()).status(), 502);
+        assert_eq!(ProxyError::Unavailable(Rejection::QueueFull).status(), 503);
+        assert_eq!(ProxyError::ResponseTimeout(Duration::from_secs(1)).status(), 504);
+        assert_eq!(ProxyError::Unavailable(Rejection::QueueTimeout).retry_after(), Some(1));
+        assert!(ProxyError::Connect("x".into()).retry_safe());
+        assert!(!ProxyError::Upstream("x".into()).retry_safe());
+    }
+
+    #[test]
+    fn body_is_json() {
+        let b = error_body("no \"backend\"", "abc");
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"], "no \"backend\"");
+        assert_eq!(v["request_id"], "abc");
+    }
+}

@@ -1,0 +1,74 @@
+//! The shared runtime state: one [`Snapshot`] of config, routes and pools behind an `ArcSwap`.
+//!
+//! Everything that must change together (routes, pool settings, backend lists) is published in a
+//! single snapshot, so a request sees one consistent view. Per-backend state lives in `Arc`s that
+//! a new snapshot reuses by (pool, address), so counters, in-flight counts and queues carry over.
+
+use crate::admin::metrics::PoolMetrics;
+use crate::backend::Pool;
+use crate::config::{BackendConfig, Config};
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    /// Same order as `config.pools`.
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; `extra[i]` are backends added to pool `i` outside the file (launched
+    /// processes). Backends and queues of `previous` are reused where the address matches.
+    pub fn build(config: Config, extra: &[Vec<BackendConfig>], previous: Option<&Snapshot>) -> Snapshot {
+        let pools = config
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, pc)| {
+                let old = previous.and_then(|p| p.pool(&pc.name));
+                let add = extra.get(i).map(Vec::as_slice).unwrap_or(&[]);
+                Arc::new(Pool::build(pc.clone(), add, old.map(|p| &**p)))
+            })
+            .collect();
+        Snapshot { config: Arc::new(config), pools }
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.config.name == name)
+    }
+
+    /// The pool for a request: first route whose host (if any) and path prefix match.
+    #[inline]
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+        self.config
+            .routes
+            .iter()
+            .find(|r| {
+                r.host.as_deref().is_none_or(|h| host == Some(h)) && path.starts_with(r.path_prefix.as_str())
+            })
+            .and_then(|r| self.pools.get(r.pool))
+    }
+}
+
+pub struct Gateway {
+    current: ArcSwap<Snapshot>,
+    /// Requests answered before any pool was chosen (bad requests, no route).
+    pub unrouted: PoolMetrics,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        Arc::new(Gateway { current: ArcSwap::from_pointee(snapshot), unrouted: PoolMetrics::new("none") })
+    }
+
+    /// The current snapshot (one reference-count increment).
+    #[inline]
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new snapshot atomically.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+    }
+}

@@ -1,0 +1,100 @@
+//! headroom: an elastic L7 gateway for AI model-serving backends.
+//!
+//! The crate by concern:
+pub mod admin; //    metrics, JSON API (off the data path)
+pub mod backend; //  per-backend atomics, pools, the in-flight guard
+pub mod balance; //  pickers: weighted least-conn, round robin, smooth WRR, p2c
+pub mod config; //   TOML → validated runtime config
+pub mod error; //    the one error → status mapping
+pub mod gateway; //  the shared snapshot
+pub mod mock; //     the mock inference server
+pub mod proxy; //    the data path
+pub mod scale; //    admission queue, local backend launcher
+pub mod server; //   client listeners, graceful drain
+
+use config::Config;
+use gateway::{Gateway, Snapshot};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Already-bound listeners (tests bind `127.0.0.1:0` and pass them in).
+pub struct Listeners {
+    pub proxy: Vec<TcpListener>,
+    pub admin: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Launch(#[from] scale::launch::LaunchError),
+}
+
+/// Binds every address in the config.
+pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+    let mut proxy = Vec::new();
+    for &addr in &config.server.listen {
+        proxy.push(TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?);
+    }
+    let addr = config.admin.listen;
+    let admin = TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
+    Ok(Listeners { proxy, admin })
+}
+
+/// Runs the gateway on `listeners` until `shutdown` resolves, then drains and returns.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let prom = admin::metrics::install();
+    let (extra, mut launched) = scale::launch::launch_all(&config).await?;
+    let gateway = Gateway::new(Snapshot::build(config, &extra, None));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners.proxy {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "proxy listening");
+        }
+        tasks.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
+    }
+    if let Ok(addr) = listeners.admin.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, stopped(stop_rx.clone())));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    launched.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Kept so callers can hold the gateway in tests.
+pub type SharedGateway = Arc<Gateway>;

@@ -1,0 +1,140 @@
+//! The `headroom` command line: run the gateway, check a config, or run the mock backend.
+
+use clap::{Parser, Subcommand};
+use headroom::config::{units::parse_duration, Config};
+use headroom::mock::MockOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "headroom", version, about = "An elastic L7 gateway for AI model-serving backends")]
+struct Cli {
+    /// Config file.
+    #[arg(long, short, global = true, default_value = "config/headroom.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print a one-line summary (exit 0), or the error (exit 1).
+    Check,
+    /// Run the built-in mock inference server.
+    MockBackend {
+        /// Address to listen on, e.g. 127.0.0.1:9001.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Requests served at once; the rest queue FIFO.
+        #[arg(long, default_value_t = 8)]
+        capacity: usize,
+        /// Time to first token.
+        #[arg(long, default_value = "50ms", value_parser = duration)]
+        ttft: Duration,
+        /// Time between tokens.
+        #[arg(long, default_value = "20ms", value_parser = duration)]
+        token_interval: Duration,
+        /// Tokens per completion.
+        #[arg(long, default_value_t = 16)]
+        tokens: u32,
+        /// Share of requests answered with 500, 0..=1.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check) => match Config::load(&cli.config) {
+            Ok(c) => {
+                println!("{}: ok: {}", cli.config.display(), c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate }) => {
+            init_logs();
+            if !(0.0..=1.0).contains(&fail_rate) {
+                eprintln!("--fail-rate must be between 0 and 1");
+                return ExitCode::from(64);
+            }
+            let opts = MockOptions { capacity, ttft, token_interval, tokens, fail_rate };
+            let rt = match runtime(Some(1)) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(70);
+                }
+            };
+            rt.block_on(async {
+                match tokio::net::TcpListener::bind(listen).await {
+                    Ok(l) => {
+                        tracing::info!(%listen, capacity, "mock backend listening");
+                        headroom::mock::serve(l, opts, headroom::shutdown_signal()).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cannot listen on {listen}: {e}");
+                        ExitCode::from(69)
+                    }
+                }
+            })
+        }
+        None => {
+            init_logs();
+            let config = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(64);
+                }
+            };
+            let rt = match runtime(config.server.workers) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(70);
+                }
+            };
+            rt.block_on(async move {
+                let listeners = match headroom::bind(&config).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(69);
+                    }
+                };
+                match headroom::run(config, listeners, headroom::shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(70)
+                    }
+                }
+            })
+        }
+    }
+}

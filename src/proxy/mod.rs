@@ -1,0 +1,243 @@
+//! The data path: one client request in, one backend chosen, the response streamed back.
+//!
+//! Per request: check the request (framing, limits) → route → admit (claim a backend slot, or
+//! wait in the pool's queue) → rewrite headers → send upstream → stream the response body back,
+//! holding the slot until the body ends. Every failure becomes a [`ProxyError`] and is answered in
+//! one place. Reads one config snapshot per request and never takes a lock.
+
+pub mod body;
+pub mod conn;
+pub mod headers;
+pub mod upstream;
+
+use crate::backend::Pool;
+use crate::error::{error_body, ProxyError};
+use crate::gateway::{Gateway, Snapshot};
+use crate::scale::queue;
+use body::{RequestBody, ResponseBody, Upstream};
+use conn::{ActiveRequest, ConnShared};
+use headers::{new_request_id, X_REQUEST_ID};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The hyper service for one client connection.
+#[derive(Clone)]
+pub struct ProxyService(Arc<ConnCtx>);
+
+struct ConnCtx {
+    gateway: Arc<Gateway>,
+    client: headers::Client,
+    conn: Arc<ConnShared>,
+}
+
+impl ProxyService {
+    pub fn new(gateway: Arc<Gateway>, client: headers::Client, conn: Arc<ConnShared>) -> Self {
+        ProxyService(Arc::new(ConnCtx { gateway, client, conn }))
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let ctx = self.0.clone();
+        Box::pin(async move { Ok(ctx.handle(req).await) })
+    }
+}
+
+impl ConnCtx {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let mut active = Some(self.conn.start());
+        let snapshot = self.gateway.snapshot();
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) if !v.is_empty() => v.clone(),
+            _ => HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("-")),
+        };
+        let mut pool_used: Option<Arc<Pool>> = None;
+        match self.forward(req, &snapshot, &request_id, &mut active, &mut pool_used, started).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let status = e.status().as_u16();
+                match &pool_used {
+                    Some(p) => p.metrics.record_local(status, started.elapsed().as_secs_f64()),
+                    None => self.gateway.unrouted.record_local(status, started.elapsed().as_secs_f64()),
+                }
+                tracing::debug!(error = %e, status, request_id = ?request_id, "request failed");
+                error_response(&e, &request_id, active.take())
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        snap: &Snapshot,
+        request_id: &HeaderValue,
+        active: &mut Option<ActiveRequest>,
+        pool_used: &mut Option<Arc<Pool>>,
+        started: Instant,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let server = &snap.config.server;
+        let (mut parts, incoming) = req.into_parts();
+
+        // 1. The request itself: framing and limits.
+        let is_h1 = parts.version != Version::HTTP_2;
+        if is_h1 && self.conn.suspicious() {
+            return Err(ProxyError::BadRequest(
+                "ambiguous framing: Content-Length with Transfer-Encoding, or Content-Length twice",
+            ));
+        }
+        let scan = headers::scan(&parts.headers);
+        if scan.bytes > server.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge(server.max_header_bytes));
+        }
+        let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+        let declared = match (lengths.next(), lengths.next()) {
+            (None, _) => None,
+            (Some(v), None) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or(ProxyError::BadRequest("invalid Content-Length"))?,
+            ),
+            (Some(_), Some(_)) => return Err(ProxyError::BadRequest("duplicate Content-Length")),
+        };
+        if declared.is_some_and(|n| n > server.max_request_body) {
+            return Err(ProxyError::BodyTooLarge(server.max_request_body));
+        }
+
+        // 2. Route.
+        let host = request_host(&parts.uri, &parts.headers);
+        let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
+        *pool_used = Some(pool.clone());
+
+        // 3. Admit: a slot on a backend, now or after queueing.
+        let (guard, waited) = queue::admit(&pool).await.map_err(ProxyError::Unavailable)?;
+        if let Some(w) = waited {
+            pool.metrics.queued(w.as_secs_f64());
+        }
+        let backend = guard.backend().clone();
+        let cfg = &pool.config;
+
+        // 4. The upstream request.
+        headers::strip_hop_by_hop(&mut parts.headers, &scan);
+        headers::add_forwarding(&mut parts.headers, &self.client, host.as_deref(), parts.version);
+        if !parts.headers.contains_key(&X_REQUEST_ID) {
+            parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        }
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let (uri, version) = match cfg.protocol {
+            crate::config::Protocol::Http1 => (path.parse::<Uri>(), Version::HTTP_11),
+            crate::config::Protocol::H2c => (format!("http://{}{}", backend.addr, path).parse::<Uri>(), Version::HTTP_2),
+        };
+        parts.uri = uri.map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        parts.version = version;
+        // Bodies of unknown length are counted as they stream; a declared length was checked above
+        // and hyper holds the client to it.
+        let over_limit = declared.is_none().then(|| Arc::new(AtomicBool::new(false)));
+        let body = match &over_limit {
+            None => RequestBody::new(incoming),
+            Some(flag) => RequestBody::limited(incoming, server.max_request_body, flag.clone()),
+        };
+        let upstream_req = Request::from_parts(parts, body);
+
+        // 5. Send, bounded by the response header timeout.
+        let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, upstream_req)).await;
+        let (resp, conn) = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let e = if over_limit.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
+                    ProxyError::BodyTooLarge(server.max_request_body)
+                } else {
+                    e
+                };
+                backend.count_response(e.status().as_u16(), e.status().is_server_error());
+                return Err(e);
+            }
+            Err(_) => {
+                backend.count_response(504, true);
+                return Err(ProxyError::ResponseTimeout(cfg.response_header_timeout));
+            }
+        };
+
+        // 6. Stream the response back; the slot and connection travel with the body.
+        let (mut rparts, rbody) = resp.into_parts();
+        let rscan = headers::scan(&rparts.headers);
+        headers::strip_hop_by_hop(&mut rparts.headers, &rscan);
+        rparts.headers.insert(X_REQUEST_ID, request_id.clone());
+        let status = rparts.status.as_u16();
+        let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout };
+        Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, active.take())))
+    }
+}
+
+/// The host a request is for, lower-case and without port.
+fn request_host(uri: &Uri, headers: &http::HeaderMap) -> Option<String> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => headers.get(header::HOST)?.to_str().ok()?,
+    };
+    let host = match raw.rfind(':') {
+        Some(i) if !raw.ends_with(']') && raw[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &raw[..i],
+        _ => raw,
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// The one shape of every error answer.
+fn error_response(e: &ProxyError, request_id: &HeaderValue, active: Option<ActiveRequest>) -> Response<ResponseBody> {
+    let id = request_id.to_str().unwrap_or("-");
+    let mut resp = Response::new(ResponseBody::full(error_body(&e.to_string(), id), active));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(X_REQUEST_ID, request_id.clone());
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.closes_connection() {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// A plain local response (used by the admin API too).
+pub fn local_response(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body.into(), None));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_without_port() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("API.example:8080"));
+        assert_eq!(request_host(&"/x".parse().unwrap(), &h).as_deref(), Some("api.example"));
+        h.insert(header::HOST, HeaderValue::from_static("[::1]:80"));
+        assert_eq!(request_host(&"/x".parse().unwrap(), &h).as_deref(), Some("[::1]"));
+        let uri: Uri = "http://b.example:1/x".parse().unwrap();
+        assert_eq!(request_host(&uri, &http::HeaderMap::new()).as_deref(), Some("b.example"));
+    }
+}

@@ -1,0 +1,176 @@
+//! Connections to backends: a lock-free pool of idle HTTP/1.1 connections per backend, one shared
+//! multiplexed connection per backend for h2c, and the connect/handshake that fills them.
+//!
+//! Checking out an idle connection is a pop from a lock-free `ArrayQueue`; a connection goes back
+//! only once its response body has been read to the end, so it is clean for the next request.
+
+use super::body::RequestBody;
+use crate::backend::Backend;
+use crate::config::{PoolConfig, Protocol};
+use crate::error::ProxyError;
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+pub type H1Sender = http1::SendRequest<RequestBody>;
+type H2Sender = http2::SendRequest<RequestBody>;
+
+/// Upper bound on idle HTTP/1.1 connections kept per backend.
+const MAX_IDLE_PER_BACKEND: usize = 1024;
+
+/// A backend's upstream connections.
+pub struct Conns {
+    idle: ArrayQueue<H1Sender>,
+    h2: ArcSwapOption<H2Sender>,
+}
+
+impl Conns {
+    pub fn new(max_inflight: u32) -> Self {
+        Conns {
+            idle: ArrayQueue::new((max_inflight as usize).clamp(8, MAX_IDLE_PER_BACKEND)),
+            h2: ArcSwapOption::empty(),
+        }
+    }
+
+    /// Returns a connection whose response was read to the end. Dropped (closed) when the
+    /// pool is full or the connection is already closed.
+    pub fn put_back(&self, conn: H1Sender) {
+        if !conn.is_closed() {
+            let _ = self.idle.push(conn);
+        }
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+/// Sends `req` to `backend`. On success returns the response and, for HTTP/1.1, the connection
+/// to give back once the body is done.
+pub async fn send(
+    backend: &Arc<Backend>,
+    pool: &PoolConfig,
+    req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<H1Sender>), ProxyError> {
+    match pool.protocol {
+        Protocol::Http1 => send_h1(backend, pool, req).await.map(|(r, c)| (r, Some(c))),
+        Protocol::H2c => send_h2(backend, pool, req).await.map(|r| (r, None)),
+    }
+}
+
+async fn send_h1(
+    backend: &Arc<Backend>,
+    pool: &PoolConfig,
+    mut req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, H1Sender), ProxyError> {
+    // A pooled connection can turn out to be closed by the backend at the very moment we use it;
+    // hyper hands the request back when it was never written, and then a fresh connection is safe.
+    let mut fresh_tries = 0;
+    loop {
+        let mut conn = match checkout(&backend.conns).await {
+            Some(c) => c,
+            None => {
+                fresh_tries += 1;
+                connect_h1(backend, pool).await?
+            }
+        };
+        match conn.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, conn)),
+            Err(mut e) => match e.take_message() {
+                Some(back) if fresh_tries < 2 => req = back,
+                _ => return Err(ProxyError::Upstream(error_chain(e.error()))),
+            },
+        }
+    }
+}
+
+/// Pops idle connections until one is usable.
+async fn checkout(conns: &Conns) -> Option<H1Sender> {
+    while let Some(mut c) = conns.idle.pop() {
+        if c.is_closed() {
+            continue;
+        }
+        if c.is_ready() || c.ready().await.is_ok() {
+            return Some(c);
+        }
+    }
+    None
+}
+
+async fn tcp_connect(backend: &Backend, pool: &PoolConfig) -> Result<TcpStream, ProxyError> {
+    let stream = tokio::time::timeout(pool.connect_timeout, TcpStream::connect(backend.addr))
+        .await
+        .map_err(|_| ProxyError::Connect(format!("{}: timed out after {:?}", backend.addr, pool.connect_timeout)))?
+        .map_err(|e| ProxyError::Connect(format!("{}: {e}", backend.addr)))?;
+    let _ = stream.set_nodelay(true);
+    backend.metrics.connected();
+    Ok(stream)
+}
+
+async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, ProxyError> {
+    let stream = tcp_connect(backend, pool).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::Connect(format!("{}: handshake: {e}", backend.addr)))?;
+    let addr = backend.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+async fn send_h2(
+    backend: &Arc<Backend>,
+    pool: &PoolConfig,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let existing = backend.conns.h2.load_full().filter(|s| !s.is_closed());
+    let mut sender = match existing {
+        Some(s) => (*s).clone(),
+        None => {
+            let s = connect_h2(backend, pool).await?;
+            backend.conns.h2.store(Some(Arc::new(s.clone())));
+            s
+        }
+    };
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| ProxyError::Upstream(error_chain(&e)))
+}
+
+async fn connect_h2(backend: &Backend, pool: &PoolConfig) -> Result<H2Sender, ProxyError> {
+    let stream = tcp_connect(backend, pool).await?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::Connect(format!("{}: h2 handshake: {e}", backend.addr)))?;
+    let addr = backend.addr;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(backend = %addr, error = %e, "upstream h2 connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
