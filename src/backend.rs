@@ -154,12 +154,7 @@ impl Backend {
             if current >= max {
                 return None;
             }
-            match self.in_flight.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::SeqCst,
-                Ordering::Relaxed,
-            ) {
+            match self.in_flight.compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => return Some(InflightGuard { backend: self.clone() }),
                 Err(now) => current = now,
             }
@@ -201,11 +196,7 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool from config, reusing `existing` backends (matched by address) and queue.
-    pub fn build(
-        config: PoolConfig,
-        extra: &[BackendConfig],
-        existing: Option<&Pool>,
-    ) -> Pool {
+    pub fn build(config: PoolConfig, extra: &[BackendConfig], existing: Option<&Pool>) -> Pool {
         let queue = match existing {
             Some(old) => {
                 old.queue.set_max_depth(config.queue.max_depth);
@@ -290,9 +281,8 @@ mod tests {
     fn concurrent_acquires_never_exceed_capacity() {
         let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 10));
         let held: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| (0..100).filter_map(|_| b.try_acquire()).collect::<Vec<_>>()))
-                .collect();
+            let hs: Vec<_> =
+                (0..4).map(|_| s.spawn(|| (0..100).filter_map(|_| b.try_acquire()).collect::<Vec<_>>())).collect();
             hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
         assert_eq!(held.len(), 10);

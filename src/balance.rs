@@ -25,9 +25,14 @@ pub enum Balancer {
     LeastConn,
     /// Weighted power of two random choices, the better of two by (in_flight + 1) / weight.
     P2c,
-    RoundRobin { next: AtomicUsize },
+    RoundRobin {
+        next: AtomicUsize,
+    },
     /// Smooth weighted round robin: a precomputed interleaved schedule walked by one counter.
-    WeightedRoundRobin { schedule: Box<[u32]>, next: AtomicUsize },
+    WeightedRoundRobin {
+        schedule: Box<[u32]>,
+        next: AtomicUsize,
+    },
 }
 
 impl Balancer {
@@ -173,12 +178,8 @@ pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
         }
     }
 
-    let mut heap: BinaryHeap<Slot> = ws
-        .iter()
-        .enumerate()
-        .filter(|(_, &w)| w > 0)
-        .map(|(i, &w)| Slot { num: 1, w, idx: i as u32 })
-        .collect();
+    let mut heap: BinaryHeap<Slot> =
+        ws.iter().enumerate().filter(|(_, &w)| w > 0).map(|(i, &w)| Slot { num: 1, w, idx: i as u32 }).collect();
     let mut out = Vec::with_capacity(total as usize);
     while (out.len() as u64) < total {
         let Some(mut s) = heap.pop() else { break };
@@ -214,12 +215,8 @@ mod tests {
             .collect()
     }
 
-    const KINDS: [BalanceKind; 4] = [
-        BalanceKind::LeastConn,
-        BalanceKind::P2c,
-        BalanceKind::RoundRobin,
-        BalanceKind::WeightedRoundRobin,
-    ];
+    const KINDS: [BalanceKind; 4] =
+        [BalanceKind::LeastConn, BalanceKind::P2c, BalanceKind::RoundRobin, BalanceKind::WeightedRoundRobin];
 
     #[test]
     fn smooth_schedule_interleaves() {

@@ -107,7 +107,10 @@ impl ProxyError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::HeaderTimeout | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_)
+            ProxyError::BadRequest(_)
+                | ProxyError::HeaderTimeout
+                | ProxyError::BodyTooLarge(_)
+                | ProxyError::ClientBody(_)
         )
     }
 }

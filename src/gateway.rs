@@ -43,9 +43,7 @@ impl Snapshot {
         self.config
             .routes
             .iter()
-            .find(|r| {
-                r.host.as_deref().is_none_or(|h| host == Some(h)) && path.starts_with(r.path_prefix.as_str())
-            })
+            .find(|r| r.host.as_deref().is_none_or(|h| host == Some(h)) && path.starts_with(r.path_prefix.as_str()))
             .and_then(|r| self.pools.get(r.pool))
     }
 }

@@ -73,9 +73,8 @@ impl Body for TokenStream {
     }
 }
 
-const WORDS: [&str; 12] = [
-    "The", "gateway", "routes", "every", "token", "to", "the", "least", "loaded", "backend", "in", "order.",
-];
+const WORDS: [&str; 12] =
+    ["The", "gateway", "routes", "every", "token", "to", "the", "least", "loaded", "backend", "in", "order."];
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<MockBody> {
     let mut r = Response::new(Either::Left(Full::new(body.into())));
@@ -134,7 +133,11 @@ impl Engine {
             match serde_json::from_slice(&body) {
                 Ok(v) => v,
                 Err(e) => {
-                    return full(StatusCode::BAD_REQUEST, "application/json", json!({"error": format!("invalid JSON: {e}")}).to_string())
+                    return full(
+                        StatusCode::BAD_REQUEST,
+                        "application/json",
+                        json!({"error": format!("invalid JSON: {e}")}).to_string(),
+                    )
                 }
             }
         };
@@ -151,7 +154,9 @@ impl Engine {
             let _w = Count(&self.waiting);
             match self.slots.clone().acquire_owned().await {
                 Ok(p) => p,
-                Err(_) => return full(StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"error":"shutting down"}"#),
+                Err(_) => {
+                    return full(StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"error":"shutting down"}"#)
+                }
             }
         };
         if self.opts.fail_rate > 0.0 && fastrand::f64() < self.opts.fail_rate {
@@ -180,7 +185,8 @@ impl Engine {
             let mut v = chunk(0, true);
             v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
             if chat {
-                v["choices"][0] = json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"});
+                v["choices"][0] =
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"});
             } else {
                 v["choices"][0]["text"] = json!(text);
             }

@@ -16,9 +16,8 @@ pub const QUEUE_DEPTH: &str = "headroom_queue_depth";
 pub const QUEUE_WAIT: &str = "headroom_queue_wait_seconds";
 pub const UPSTREAM_CONNECTS: &str = "headroom_upstream_connects_total";
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -111,9 +110,7 @@ impl PoolMetrics {
 
 #[inline]
 fn count_request(pool: &str, backend: &str, status: u16, cache: &[OnceLock<Counter>; CACHED_CODES.len()]) {
-    let make = || {
-        metrics::counter!(REQUESTS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "code" => status.to_string())
-    };
+    let make = || metrics::counter!(REQUESTS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "code" => status.to_string());
     match CACHED_CODES.iter().position(|&c| c == status) {
         Some(i) => cache[i].get_or_init(make).increment(1),
         None => make().increment(1),

@@ -90,9 +90,7 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
         },
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET, "/api/pools") => {
-            respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string())
-        }
+        (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (_, "/metrics" | "/healthz" | "/api/pools") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
         }

@@ -169,26 +169,16 @@ impl Config {
             column: None,
             message: format!("cannot read config file: {e}"),
         })?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         Self::parse(&text, &base).map_err(|e| e.in_file(path))
     }
 
     /// Parses and validates config text; `base_dir` is where relative paths point.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let raw: file::FileConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .map_or((None, None), |(l, c)| (Some(l), Some(c)));
-            ConfigError {
-                file: None,
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
+            let (line, column) =
+                e.span().map(|s| line_col(text, s.start)).map_or((None, None), |(l, c)| (Some(l), Some(c)));
+            ConfigError { file: None, line, column, message: e.message().trim().to_string() }
         })?;
         validate(raw, text, base_dir)
     }
@@ -196,12 +186,7 @@ impl Config {
     /// One line describing the config, as `headroom check` prints it.
     pub fn summary(&self) -> String {
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
-        let launched: u32 = self
-            .pools
-            .iter()
-            .filter_map(|p| p.launch.as_ref())
-            .map(|l| l.count)
-            .sum();
+        let launched: u32 = self.pools.iter().filter_map(|p| p.launch.as_ref()).map(|l| l.count).sum();
         let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
         format!(
             "listen {}, admin {}, {} route(s), {} pool(s), {} backend(s) + {} launched",
@@ -227,21 +212,11 @@ pub struct ConfigError {
 impl ConfigError {
     pub(crate) fn at(text: &str, span: std::ops::Range<usize>, message: impl Into<String>) -> Self {
         let (line, column) = line_col(text, span.start);
-        ConfigError {
-            file: None,
-            line: Some(line),
-            column: Some(column),
-            message: message.into(),
-        }
+        ConfigError { file: None, line: Some(line), column: Some(column), message: message.into() }
     }
 
     pub(crate) fn nowhere(message: impl Into<String>) -> Self {
-        ConfigError {
-            file: None,
-            line: None,
-            column: None,
-            message: message.into(),
-        }
+        ConfigError { file: None, line: None, column: None, message: message.into() }
     }
 
     fn in_file(mut self, path: &Path) -> Self {
@@ -303,12 +278,8 @@ mod tests {
 
     #[test]
     fn display_is_one_line() {
-        let e = ConfigError {
-            file: Some("x.toml".into()),
-            line: Some(3),
-            column: Some(7),
-            message: "bad\nthing\n".into(),
-        };
+        let e =
+            ConfigError { file: Some("x.toml".into()), line: Some(3), column: Some(7), message: "bad\nthing\n".into() };
         assert_eq!(e.to_string(), "x.toml:3:7: bad; thing");
     }
 }

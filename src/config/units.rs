@@ -15,9 +15,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a byte size such as `"64KiB"`, `"32MiB"`, `"1GB"` or a plain number of bytes.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let value: u64 = digits.parse().map_err(|_| {
         format!("invalid size {text:?}; expected a whole number with an optional unit, e.g. \"64KiB\" or \"32MiB\"")
@@ -30,15 +28,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GB" => 1_000_000_000,
         "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "invalid size unit {other:?} in {text:?}; allowed: B, KB, KiB, MB, MiB, GB, GiB"
-            ))
-        }
+        other => return Err(format!("invalid size unit {other:?} in {text:?}; allowed: B, KB, KiB, MB, MiB, GB, GiB")),
     };
-    value
-        .checked_mul(factor)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    value.checked_mul(factor).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 #[cfg(test)]

@@ -43,8 +43,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         Some(list) => {
             let mut out = Vec::new();
             for a in list.get_ref() {
-                let addr = parse_addr(a.get_ref())
-                    .map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
+                let addr = parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
                 if out.contains(&addr) {
                     return Err(err(a.span(), format!("server.listen: {addr} is listed twice")));
                 }
@@ -68,7 +67,11 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
     };
     let server = ServerConfig {
         listen,
-        request_header_timeout: duration(&s.request_header_timeout, "server.request_header_timeout", Duration::from_secs(10))?,
+        request_header_timeout: duration(
+            &s.request_header_timeout,
+            "server.request_header_timeout",
+            Duration::from_secs(10),
+        )?,
         idle_timeout: duration(&s.idle_timeout, "server.idle_timeout", Duration::from_secs(60))?,
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size(&s.max_request_body, "server.max_request_body", 32 << 20)?,
@@ -84,10 +87,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         },
     };
     if server.listen.contains(&admin.listen) {
-        return Err(ConfigError::nowhere(format!(
-            "admin.listen: {} is also a server.listen address",
-            admin.listen
-        )));
+        return Err(ConfigError::nowhere(format!("admin.listen: {} is also a server.listen address", admin.listen)));
     }
 
     // [pools.*]
@@ -157,14 +157,20 @@ fn validate_pool(
     let balance = match &p.balance {
         None => BalanceKind::LeastConn,
         Some(b) => BalanceKind::parse(b.get_ref()).ok_or_else(|| {
-            err(b.span(), format!("{}: unknown value {:?}; allowed: {}", field("balance"), b.get_ref(), BalanceKind::ALLOWED))
+            err(
+                b.span(),
+                format!("{}: unknown value {:?}; allowed: {}", field("balance"), b.get_ref(), BalanceKind::ALLOWED),
+            )
         })?,
     };
     let protocol = match p.protocol.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
         None | Some(("http1", _)) => Protocol::Http1,
         Some(("h2c", _)) => Protocol::H2c,
         Some((other, span)) => {
-            return Err(err(span, format!("{}: unknown value {other:?}; allowed: {}", field("protocol"), Protocol::ALLOWED)))
+            return Err(err(
+                span,
+                format!("{}: unknown value {other:?}; allowed: {}", field("protocol"), Protocol::ALLOWED),
+            ))
         }
     };
     let max_inflight_per_backend = match &p.max_inflight_per_backend {
@@ -200,7 +206,10 @@ fn validate_pool(
             if !lr.command.get_ref().iter().any(|a| a.contains("{addr}")) {
                 return Err(err(
                     lr.command.span(),
-                    format!("{}: must pass \"{{addr}}\" somewhere so the backend knows where to listen", field("launch.command")),
+                    format!(
+                        "{}: must pass \"{{addr}}\" somewhere so the backend knows where to listen",
+                        field("launch.command")
+                    ),
                 ));
             }
             let count = match &lr.count {
@@ -238,7 +247,11 @@ fn validate_pool(
         protocol,
         max_inflight_per_backend,
         connect_timeout: duration(&p.connect_timeout, &field("connect_timeout"), Duration::from_secs(2))?,
-        response_header_timeout: duration(&p.response_header_timeout, &field("response_header_timeout"), Duration::from_secs(600))?,
+        response_header_timeout: duration(
+            &p.response_header_timeout,
+            &field("response_header_timeout"),
+            Duration::from_secs(600),
+        )?,
         stream_idle_timeout: duration(&p.stream_idle_timeout, &field("stream_idle_timeout"), Duration::from_secs(300))?,
         queue,
         backends,
@@ -254,8 +267,8 @@ fn validate_backend(
     seen_addrs: &mut HashSet<SocketAddr>,
 ) -> Result<BackendConfig, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
-    let addr = parse_addr(b.addr.get_ref())
-        .map_err(|e| err(b.addr.span(), format!("pools.{pool}.backends.addr: {e}")))?;
+    let addr =
+        parse_addr(b.addr.get_ref()).map_err(|e| err(b.addr.span(), format!("pools.{pool}.backends.addr: {e}")))?;
     if !seen_addrs.insert(addr) {
         return Err(err(
             b.addr.span(),
@@ -343,7 +356,8 @@ mod tests {
     fn weight_zero_and_duplicates_are_refused() {
         let w0 = "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\nweight = 0\n";
         assert!(parse(w0).unwrap_err().message.contains("allowed 1..=1000"));
-        let dup = "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n";
+        let dup =
+            "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n[[pools.a.backends]]\naddr = \"127.0.0.1:1\"\n";
         let e = parse(dup).unwrap_err();
         assert!(e.message.contains("duplicate backend"), "{e}");
         assert_eq!(e.line, Some(5));

@@ -87,7 +87,8 @@ pub struct ClientIo {
     closed: bool,
 }
 
-const RESPONSE_408_HEAD: &str = "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n";
+const RESPONSE_408_HEAD: &str =
+    "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n";
 
 impl ClientIo {
     pub fn new(inner: TcpStream, shared: Arc<ConnShared>, header_timeout: Duration, idle_timeout: Duration) -> Self {

@@ -122,7 +122,7 @@ impl ConnCtx {
         *pool_used = Some(pool.clone());
 
         // 3. Admit: a slot on a backend, now or after queueing.
-        let (guard, waited) = queue::admit(&pool).await.map_err(ProxyError::Unavailable)?;
+        let (guard, waited) = queue::admit(pool).await.map_err(ProxyError::Unavailable)?;
         if let Some(w) = waited {
             pool.metrics.queued(w.as_secs_f64());
         }
@@ -145,7 +145,9 @@ impl ConnCtx {
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let (uri, version) = match cfg.protocol {
             crate::config::Protocol::Http1 => (path.parse::<Uri>(), Version::HTTP_11),
-            crate::config::Protocol::H2c => (format!("http://{}{}", backend.addr, path).parse::<Uri>(), Version::HTTP_2),
+            crate::config::Protocol::H2c => {
+                (format!("http://{}{}", backend.addr, path).parse::<Uri>(), Version::HTTP_2)
+            }
         };
         parts.uri = uri.map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         parts.version = version;
@@ -219,7 +221,11 @@ fn error_response(e: &ProxyError, request_id: &HeaderValue, active: Option<Activ
 }
 
 /// A plain local response (used by the admin API too).
-pub fn local_response(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+pub fn local_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body.into(), None));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -141,10 +141,7 @@ async fn send_h2(
             s
         }
     };
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| ProxyError::Upstream(error_chain(&e)))
+    sender.send_request(req).await.map_err(|e| ProxyError::Upstream(error_chain(&e)))
 }
 
 async fn connect_h2(backend: &Backend, pool: &PoolConfig) -> Result<H2Sender, ProxyError> {

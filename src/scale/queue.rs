@@ -7,10 +7,12 @@
 //! saturated (joining, leaving, or a slot freeing while someone waits): that is the overload path,
 //! where every request is already waiting for a backend, never the request fast path.
 
+// The one lock of the crate, on the overload path only (see above).
+#![allow(clippy::disallowed_types)]
+
 use crate::backend::{InflightGuard, Pool};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-#[allow(clippy::disallowed_types)] // overload path only; see the module docs
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -36,7 +38,6 @@ pub struct AdmissionQueue {
     depth: AtomicUsize,
     max_depth: AtomicUsize,
     next_id: AtomicU64,
-    #[allow(clippy::disallowed_types)]
     waiters: Mutex<VecDeque<Waiter>>,
 }
 
@@ -86,10 +87,7 @@ impl AdmissionQueue {
             if cur >= max {
                 return Err(Rejection::QueueFull);
             }
-            match self
-                .depth
-                .compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match self.depth.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => break,
                 Err(now) => cur = now,
             }

@@ -1,0 +1,262 @@
+//! The `headroom` binary: `check`, `mock-backend`, the embedded default config, and graceful
+//! shutdown on SIGTERM. These run the real executable as a child process.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::BodyExt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_headroom");
+const T: Duration = Duration::from_secs(15);
+
+fn check(text: &str) -> (i32, String) {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(f.path()).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+#[test]
+fn check_accepts_the_default_config() {
+    let out = Command::new(BIN).args(["check", "--config", "config/headroom.toml"]).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1);
+    assert!(stdout.contains(": ok: listen 127.0.0.1:8080"), "{stdout}");
+}
+
+#[test]
+fn check_reports_broken_configs_on_one_line_with_position() {
+    let backend = "[pools.default]\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
+    let cases: [(&str, String, &str, &str); 5] = [
+        ("syntax error", "[server\nlisten = [\"127.0.0.1:8080\"]\n".into(), ":1:8:", "unclosed table"),
+        (
+            "unknown key",
+            format!("[server]\nlisten_addr = \"127.0.0.1:1\"\n{backend}"),
+            ":2:1:",
+            "unknown field `listen_addr`",
+        ),
+        (
+            "unknown pool",
+            format!("{backend}[[routes]]\npath_prefix = \"/\"\npool = \"gpu\"\n"),
+            ":6:8:",
+            "unknown pool \"gpu\"",
+        ),
+        ("weight 0", format!("{backend}weight = 0\n"), ":4:10:", "allowed 1..=1000"),
+        (
+            "duplicate backend",
+            format!("{backend}[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n"),
+            ":5:8:",
+            "duplicate backend address 127.0.0.1:9001",
+        ),
+    ];
+    for (what, text, position, message) in cases {
+        let (code, out) = check(&text);
+        assert_eq!(code, 1, "{what}: exit code; output {out}");
+        assert_eq!(out.lines().count(), 1, "{what}: not one line: {out:?}");
+        assert!(out.contains(".toml") && out.contains(position), "{what}: no {position} in {out:?}");
+        assert!(out.contains(message), "{what}: no {message:?} in {out:?}");
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    Proc(Command::new(BIN).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    poll_until(T, "process listening", || async move { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
+}
+
+/// POSTs a streaming chat completion; returns the events with their arrival times.
+async fn stream_chat(url: &str) -> (u16, Vec<(Duration, String)>) {
+    let body = r#"{"model":"mock-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let started = Instant::now();
+    let resp = client()
+        .request(Request::post(url).header("content-type", "application/json").body(full(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut events = Vec::new();
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            pending.push_str(std::str::from_utf8(&data).unwrap());
+            while let Some(i) = pending.find("\n\n") {
+                events.push((started.elapsed(), pending[..i].to_string()));
+                pending.drain(..i + 2);
+            }
+        }
+    }
+    (status, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_backend_speaks_openai_and_streams_tokens_as_made() {
+    let addr = free_addr();
+    let a = addr.to_string();
+    let _mock =
+        spawn(&["mock-backend", "--listen", &a, "--ttft", "50ms", "--token-interval", "100ms", "--tokens", "5"]);
+    wait_listening(addr).await;
+
+    let (status, events) = stream_chat(&format!("http://{a}/v1/chat/completions")).await;
+    assert_eq!(status, 200);
+    assert_eq!(events.len(), 6, "{events:?}");
+    assert_eq!(events.last().unwrap().1, "data: [DONE]");
+    let first: serde_json::Value = serde_json::from_str(events[0].1.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert!(first["choices"][0]["delta"]["content"].is_string());
+    // Tokens arrive as they are made: the first one 400 ms before the last.
+    assert!(events[4].0 - events[0].0 >= Duration::from_millis(300), "{events:?}");
+
+    let (status, body) = get(&format!("http://{a}/v1/models")).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("mock-model"));
+    let (_, metrics) = get(&format!("http://{a}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("vllm:num_requests_running 0") && metrics.contains("vllm:num_requests_waiting 0"),
+        "{metrics}"
+    );
+    assert_eq!(get(&format!("http://{a}/health")).await.0, 200);
+
+    let resp = client()
+        .request(
+            Request::post(format!("http://{a}/v1/completions"))
+                .body(full(Bytes::from_static(br#"{"prompt":"x"}"#)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_backend_queues_beyond_capacity_and_injects_failures() {
+    let addr = free_addr();
+    let a = addr.to_string();
+    let _mock = spawn(&["mock-backend", "--listen", &a, "--capacity", "1", "--ttft", "300ms", "--tokens", "1"]);
+    wait_listening(addr).await;
+    let url = format!("http://{a}/v1/completions");
+    let reqs: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r =
+                    client().request(Request::post(url).body(full(Bytes::from_static(b"{}"))).unwrap()).await.unwrap();
+                r.into_body().collect().await.unwrap();
+            })
+        })
+        .collect();
+    poll_until(T, "one running, one waiting", || {
+        let m = format!("http://{a}/metrics");
+        async move {
+            let text = String::from_utf8_lossy(&get(&m).await.1).into_owned();
+            text.contains("vllm:num_requests_running 1") && text.contains("vllm:num_requests_waiting 1")
+        }
+    })
+    .await;
+    for r in reqs {
+        r.await.unwrap();
+    }
+
+    let addr = free_addr();
+    let a = addr.to_string();
+    let _failing = spawn(&["mock-backend", "--listen", &a, "--fail-rate", "1", "--ttft", "1ms"]);
+    wait_listening(addr).await;
+    let r = client()
+        .request(Request::post(format!("http://{a}/v1/completions")).body(full(Bytes::from_static(b"{}"))).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+}
+
+/// The embedded default config, on free ports: launches its mock backends and streams through.
+fn default_config_on_free_ports() -> (tempfile::NamedTempFile, SocketAddr, SocketAddr) {
+    let text = std::fs::read_to_string("config/headroom.toml").unwrap();
+    let (proxy, admin) = (free_addr(), free_addr());
+    let text = text.replace("127.0.0.1:8080", &proxy.to_string()).replace("127.0.0.1:9901", &admin.to_string());
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    (f, proxy, admin)
+}
+
+fn sigterm(p: &Proc) {
+    let ok = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_config_streams_a_chat_completion_and_drains_on_sigterm() {
+    let (file, proxy, admin) = default_config_on_free_ports();
+    let mut hr = spawn(&["--config", file.path().to_str().unwrap()]);
+    wait_listening(proxy).await;
+
+    let url = format!("http://{proxy}/v1/chat/completions");
+    let (status, events) = stream_chat(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().unwrap().1, "data: [DONE]");
+    assert!(events.len() >= 10, "{events:?}");
+    // Unbuffered through the proxy: the first token long before the last.
+    let spread = events[events.len() - 2].0 - events[0].0;
+    assert!(spread >= Duration::from_millis(500), "events arrived together: {spread:?}");
+
+    let pools: serde_json::Value = serde_json::from_slice(&get(&format!("http://{admin}/api/pools")).await.1).unwrap();
+    assert_eq!(pools["pools"][0]["backends"].as_array().unwrap().len(), 2);
+
+    // A stream in flight when SIGTERM arrives still finishes; then the process exits 0.
+    let in_flight = tokio::spawn(async move { stream_chat(&url).await });
+    poll_until(T, "stream in flight", || async move {
+        let v: serde_json::Value = serde_json::from_slice(&get(&format!("http://{admin}/api/pools")).await.1).unwrap();
+        v["pools"][0]["in_flight"].as_u64() == Some(1)
+    })
+    .await;
+    sigterm(&hr);
+    let (status, events) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(events.last().unwrap().1, "data: [DONE]", "stream cut by shutdown");
+    let deadline = Instant::now() + T;
+    let code = loop {
+        if let Some(s) = hr.0.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "headroom did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    // New connections are refused once it is gone.
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
+}
+
+#[test]
+fn bad_config_exits_64_with_one_line() {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(b"[pools.default]\n").unwrap();
+    let out = Command::new(BIN).arg("--config").arg(f.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("no backends"), "{err}");
+}

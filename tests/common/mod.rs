@@ -1,0 +1,288 @@
+//! Test harness: real hyper backends on ephemeral loopback ports, a real headroom in-process on
+//! its own listeners, and real clients. No fixed ports, no fixed sleeps: `poll_until` waits for a
+//! condition with a deadline.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use headroom::config::Config;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// A body fed by a channel: each message is one frame, sent when the test says so.
+pub fn channel_body() -> (mpsc::Sender<Bytes>, Body) {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    (tx, ChannelBody(rx).boxed())
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A real backend: hyper (HTTP/1.1 and h2c) on 127.0.0.1:0, answering with `handler`.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    /// TCP connections accepted so far.
+    pub connections: Arc<AtomicU64>,
+    /// Requests received so far.
+    pub hits: Arc<AtomicU64>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl TestBackend {
+    pub async fn start<F, Fut>(handler: F) -> TestBackend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, handler)
+    }
+
+    pub fn serve<F, Fut>(listener: TcpListener, handler: F) -> TestBackend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = oneshot::channel();
+        let handler = Arc::new(handler);
+        let (c, h) = (connections.clone(), hits.clone());
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stopped => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                let h = h.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        TestBackend { addr, connections, hits, stop: Some(stop) }
+    }
+
+    /// Answers 200 with `X-Backend: addr` and a small body.
+    pub async fn ok() -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        Self::serve(listener, move |_req| {
+            let addr = addr.clone();
+            async move { Response::builder().header("x-backend", addr).body(full("hello from backend")).unwrap() }
+        })
+    }
+
+    /// Answers with a JSON echo of what it received: method, path, headers and body length.
+    pub async fn echo() -> TestBackend {
+        Self::start(|req: Request<Incoming>| async move {
+            let (parts, body) = req.into_parts();
+            let len = match body.collect().await {
+                Ok(b) => b.to_bytes().len() as i64,
+                Err(_) => -1,
+            };
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .keys()
+                .map(|k| {
+                    let vals: Vec<String> = parts
+                        .headers
+                        .get_all(k)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    (k.as_str().to_string(), serde_json::Value::String(vals.join(" | ")))
+                })
+                .collect();
+            let v = serde_json::json!({
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "version": format!("{:?}", parts.version),
+                "headers": headers,
+                "body_len": len,
+            });
+            Response::builder().header("content-type", "application/json").body(full(v.to_string())).unwrap()
+        })
+        .await
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A headroom instance running in-process on ephemeral ports.
+pub struct Headroom {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Headroom {
+    /// Starts headroom with this config text (its listen addresses are ignored).
+    pub async fn start(toml: &str) -> Headroom {
+        let config = Config::parse(toml, Path::new(".")).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let listeners = headroom::Listeners { proxy: vec![proxy], admin };
+            headroom::run(config, listeners, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Headroom { addr, admin: admin_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `GET /api/pools` from the admin listener.
+    pub async fn pools(&self) -> serde_json::Value {
+        let (status, body) = get(&format!("http://{}/api/pools", self.admin)).await;
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// The pool's backends as (addr, in_flight) pairs.
+    pub async fn in_flight(&self) -> Vec<(String, u64)> {
+        let v = self.pools().await;
+        v["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["addr"].as_str().unwrap().to_string(), b["in_flight"].as_u64().unwrap()))
+            .collect()
+    }
+
+    pub async fn queue_depth(&self) -> u64 {
+        self.pools().await["pools"][0]["queue_depth"].as_u64().unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Headroom {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A pool config listing these backends with these weights; `pool_extra` goes into the pool
+/// table and `server_extra` into `[server]`.
+pub fn config(backends: &[(SocketAddr, u32)], pool_extra: &str, server_extra: &str) -> String {
+    let mut s = format!("[server]\n{server_extra}\n[pools.default]\n{pool_extra}\n");
+    for (addr, w) in backends {
+        s.push_str(&format!("[[pools.default.backends]]\naddr = \"{addr}\"\nweight = {w}\n"));
+    }
+    s
+}
+
+pub fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET and collect: (status, body).
+pub async fn get(url: &str) -> (StatusCode, Bytes) {
+    let resp = client().request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, body)
+}
+
+/// Waits until `cond` holds, checking every 10 ms, for at most `limit`.
+pub async fn poll_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns what came back until the server closed
+/// (or `limit` passed).
+pub async fn raw(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A loopback address nothing listens on.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}

@@ -1,0 +1,462 @@
+//! The data path end to end: real backends, real headroom, real clients.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Holds every request until released; the backends' own hit counters give the in-flight split.
+async fn holding_backend(release: watch::Receiver<bool>) -> TestBackend {
+    TestBackend::start(move |_req| {
+        let mut release = release.clone();
+        async move {
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("done"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_least_conn_splits_in_flight_by_weight() {
+    let (release, rx) = watch::channel(false);
+    let b1 = holding_backend(rx.clone()).await;
+    let b2 = holding_backend(rx.clone()).await;
+    let b3 = holding_backend(rx.clone()).await;
+    let hr =
+        Headroom::start(&config(&[(b1.addr, 1), (b2.addr, 2), (b3.addr, 3)], "max_inflight_per_backend = 100", ""))
+            .await;
+
+    let client = client();
+    let mut reqs = Vec::new();
+    for _ in 0..60 {
+        let c = client.clone();
+        let url = hr.url("/slow");
+        reqs.push(tokio::spawn(async move {
+            let r = c.request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
+            r.status()
+        }));
+    }
+    let hits = |b: &TestBackend| b.hits.load(Ordering::SeqCst);
+    poll_until(T, "60 requests in flight", || async { hits(&b1) + hits(&b2) + hits(&b3) == 60 }).await;
+    let split = [hits(&b1), hits(&b2), hits(&b3)];
+    for (got, want) in split.iter().zip([10u64, 20, 30]) {
+        assert!(got.abs_diff(want) * 10 <= want, "in-flight split {split:?}, want 10:20:30 within 10%");
+    }
+    // headroom's own view agrees with the backends'.
+    let view: Vec<u64> = hr.in_flight().await.into_iter().map(|(_, n)| n).collect();
+    assert_eq!(view, split.to_vec());
+
+    release.send(true).unwrap();
+    for r in reqs {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    poll_until(T, "in-flight back to zero", || async { hr.in_flight().await.iter().all(|(_, n)| *n == 0) }).await;
+}
+
+/// A backend whose response body is driven by the test through the returned channel.
+async fn streaming_backend() -> (TestBackend, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let b = TestBackend::start(move |_req| {
+        let tx = tx.clone();
+        async move {
+            let (events, body) = channel_body();
+            let _ = tx.send(events);
+            Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
+        }
+    })
+    .await;
+    (b, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_unbuffered_and_slot_is_held_to_end_of_body() {
+    let (backend, mut streams) = streaming_backend().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+
+    let resp =
+        client().request(Request::get(hr.url("/v1/chat/completions")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = streams.recv().await.unwrap();
+    let mut body = resp.into_body();
+
+    // The first event reaches the client while the backend has not produced the second.
+    events.send(Bytes::from_static(b"data: one\n\n")).await.unwrap();
+    let first = tokio::time::timeout(T, body.frame()).await.expect("first event was buffered").unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: one\n\n");
+
+    // Headers were sent long ago, yet the backend's slot is still held.
+    assert_eq!(hr.in_flight().await[0].1, 1);
+
+    events.send(Bytes::from_static(b"data: [DONE]\n\n")).await.unwrap();
+    drop(events);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: [DONE]\n\n");
+    poll_until(T, "slot released at end of body", || async { hr.in_flight().await[0].1 == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_stream_cancels_upstream() {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let flag = cancelled.clone();
+    let backend = TestBackend::start(move |_req| {
+        let flag = flag.clone();
+        async move {
+            let (events, body) = channel_body();
+            tokio::spawn(async move {
+                // Produce tokens until nobody listens any more (bounded: 30 s).
+                for _ in 0..1500 {
+                    if events.send(Bytes::from_static(b"data: tok\n\n")).await.is_err() {
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            Response::new(body)
+        }
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+
+    let resp = client().request(Request::get(hr.url("/stream")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    poll_until(T, "backend sees the stream cancelled", || async { cancelled.load(Ordering::SeqCst) }).await;
+    poll_until(T, "slot released", || async { hr.in_flight().await[0].1 == 0 }).await;
+}
+
+/// Sets a flag when dropped: shows a handler future was cancelled.
+struct DropFlag(Arc<AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_before_response_cancels_upstream() {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let flag = cancelled.clone();
+    let backend = TestBackend::start(move |_req| {
+        let guard = DropFlag(flag.clone());
+        async move {
+            // A backend still "thinking": it would answer after a minute.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(guard);
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let url = hr.url("/think");
+    let req = tokio::spawn(async move { client().request(Request::get(url).body(full(Bytes::new())).unwrap()).await });
+    poll_until(T, "request reached backend", || async { backend.hits.load(Ordering::SeqCst) == 1 }).await;
+    req.abort(); // the client gives up, dropping its connection
+    poll_until(T, "backend request cancelled", || async { cancelled.load(Ordering::SeqCst) }).await;
+    poll_until(T, "slot released", || async { hr.in_flight().await[0].1 == 0 }).await;
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    // A chunked response carries its size lines around the JSON.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |i| i + 1);
+    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let req = "GET /echo?x=1 HTTP/1.1\r\nHost: api.example:8080\r\nConnection: close, x-custom\r\nX-Custom: secret\r\n\
+               Keep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: x-t\r\nProxy-Authorization: Basic abc\r\n\
+               Proxy-Connection: keep-alive\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: my-id-1\r\nAccept: */*\r\n\r\n";
+    let resp = raw(hr.addr, req.as_bytes(), T).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("x-request-id: my-id-1"), "{resp}");
+    let seen = json_of(&resp);
+    let h = &seen["headers"];
+    for gone in ["connection", "x-custom", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the backend: {h}");
+    }
+    assert_eq!(seen["uri"], "/echo?x=1");
+    assert_eq!(h["host"], "api.example:8080");
+    assert_eq!(h["accept"], "*/*");
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "api.example");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"api.example\"");
+    assert_eq!(h["via"], "1.1 headroom");
+    assert_eq!(h["x-request-id"], "my-id-1");
+
+    // Without an id, one is made up and passed both ways.
+    let resp = client().request(Request::get(hr.url("/echo")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    let seen: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(seen["headers"]["x-request-id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_stripped() {
+    let backend = TestBackend::start(|_req: Request<Incoming>| async {
+        Response::builder()
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("trailer", "x-t")
+            .header("upgrade", "h2c")
+            .header("x-kept", "yes")
+            .body(full("ok"))
+            .unwrap()
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let resp = client().request(Request::get(hr.url("/")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let h = resp.headers();
+    for gone in ["keep-alive", "proxy-authenticate", "trailer", "upgrade"] {
+        assert!(!h.contains_key(gone), "{gone} reached the client");
+    }
+    assert_eq!(h["x-kept"], "yes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_shapes_are_refused_and_not_forwarded() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let shapes: [&[u8]; 4] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    ];
+    for shape in shapes {
+        let resp = raw(hr.addr, shape, T).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{:?} got {resp}", String::from_utf8_lossy(shape));
+    }
+    assert_eq!(backend.hits.load(Ordering::SeqCst), 0, "a refused request reached the backend");
+
+    // The same connection shapes without the ambiguity are fine.
+    let ok =
+        raw(hr.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello", T).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(json_of(&ok)["body_len"], 5);
+    let chunked = raw(
+        hr.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert_eq!(json_of(&chunked)["body_len"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_timeouts_give_408_413_431() {
+    let backend = TestBackend::echo().await;
+    let server = "max_request_body = \"1KiB\"\nmax_header_bytes = \"2KiB\"\nrequest_header_timeout = \"300ms\"";
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", server)).await;
+
+    // 413 by declared length: refused before anything is forwarded.
+    let big = vec![b'x'; 2000];
+    let mut req = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    req.extend_from_slice(&big);
+    let resp = raw(hr.addr, &req, T).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert_eq!(backend.hits.load(Ordering::SeqCst), 0);
+    assert!(json_of(&resp)["request_id"].is_string());
+
+    // 413 for a chunked body that grows past the limit while streaming.
+    let mut req = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'y'; 512]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw(hr.addr, &req, T).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+
+    // 431: a head over max_header_bytes (checked by headroom) and one over hyper's buffer.
+    for size in [3_000, 40_000] {
+        let req = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "z".repeat(size));
+        let resp = raw(hr.addr, req.as_bytes(), T).await;
+        assert!(resp.starts_with("HTTP/1.1 431"), "{size}: {resp}");
+    }
+
+    // 408: a head that never completes.
+    let started = std::time::Instant::now();
+    let resp = raw(hr.addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow:", T).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(json_of(&resp)["error"], "request header timeout");
+
+    // And a request within every limit still goes through.
+    let ok = raw(hr.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", T).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed_quietly() {
+    let backend = TestBackend::ok().await;
+    let server = "idle_timeout = \"300ms\"\nrequest_header_timeout = \"5s\"";
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", server)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then silence: the connection is closed after the idle timeout, without a 408.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    assert!(rest.is_empty(), "unexpected bytes on idle close: {:?}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backend_is_502_and_silent_backend_is_504() {
+    let dead = dead_addr().await;
+    let hr = Headroom::start(&config(&[(dead, 1)], "connect_timeout = \"1s\"", "")).await;
+    let (status, body) = get(&hr.url("/")).await;
+    assert_eq!(status, 502);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("cannot connect"), "{v}");
+    assert_eq!(v["request_id"].as_str().unwrap().len(), 32);
+    hr.stop().await;
+
+    let stall = TestBackend::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(stall.addr, 1)], "response_header_timeout = \"300ms\"", "")).await;
+    let started = std::time::Instant::now();
+    let (status, _) = get(&hr.url("/")).await;
+    assert_eq!(status, 504);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    poll_until(T, "slot released after 504", || async { hr.in_flight().await[0].1 == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let backend = TestBackend::ok().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let c = client();
+    for _ in 0..50 {
+        let r = c.request(Request::get(hr.url("/")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.into_body().collect().await.unwrap();
+    }
+    assert_eq!(backend.hits.load(Ordering::SeqCst), 50);
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1, "each request opened a new upstream connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_and_h2c_backends_work() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+
+    // An h2c client (prior knowledge) to an HTTP/1.1 pool.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    for _ in 0..3 {
+        let resp = h2.request(Request::get(hr.url("/h2?q=1")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let seen: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(seen["version"], "HTTP/1.1");
+        assert_eq!(seen["uri"], "/h2?q=1");
+        assert_eq!(seen["headers"]["via"], "2 headroom");
+        assert_eq!(seen["headers"]["host"], hr.addr.to_string());
+    }
+    hr.stop().await;
+
+    // An h2c pool: headroom speaks HTTP/2 to the backend.
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "protocol = \"h2c\"", "")).await;
+    for _ in 0..3 {
+        let (status, body) = get(&hr.url("/up")).await;
+        assert_eq!(status, 200);
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(seen["version"], "HTTP/2.0");
+        assert_eq!(seen["uri"], format!("http://{}/up", backend.addr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_pools_by_host_and_path() {
+    let a = TestBackend::ok().await;
+    let b = TestBackend::ok().await;
+    let toml = format!(
+        "[[routes]]\nhost = \"b.example\"\npool = \"b\"\n[[routes]]\npath_prefix = \"/v1/\"\npool = \"b\"\n[[routes]]\npool = \"a\"\n\
+         [pools.a]\n[[pools.a.backends]]\naddr = \"{}\"\n[pools.b]\n[[pools.b.backends]]\naddr = \"{}\"\n",
+        a.addr, b.addr
+    );
+    let hr = Headroom::start(&toml).await;
+    let backend_of = |host: &'static str, path: &'static str| {
+        let url = hr.url(path);
+        async move {
+            let r = client()
+                .request(Request::get(url).header("host", host).body(full(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            r.headers()["x-backend"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(backend_of("a.example", "/x").await, a.addr.to_string());
+    assert_eq!(backend_of("B.example:80", "/x").await, b.addr.to_string());
+    assert_eq!(backend_of("a.example", "/v1/models").await, b.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_admin_api_report_traffic() {
+    let backend = TestBackend::ok().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 3)], "", "")).await;
+    for _ in 0..5 {
+        assert_eq!(get(&hr.url("/")).await.0, 200);
+    }
+    let pools = hr.pools().await;
+    let b = &pools["pools"][0]["backends"][0];
+    assert_eq!(b["addr"], backend.addr.to_string());
+    assert_eq!(b["weight"], 3);
+    assert_eq!(b["state"], "healthy");
+    assert_eq!(b["max_inflight"], 64);
+    assert!(b["requests"].as_u64().unwrap() >= 5);
+    assert_eq!(pools["pools"][0]["queue_depth"], 0);
+
+    let (status, text) = get(&format!("http://{}/metrics", hr.admin)).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let label = format!("backend=\"{}\"", backend.addr);
+    for name in [
+        "headroom_requests_total",
+        "headroom_request_duration_seconds_bucket",
+        "headroom_backend_inflight",
+        "headroom_queue_depth",
+        "headroom_upstream_connects_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("headroom_requests_total") && l.contains(&label) && l.contains("code=\"200\""))
+        .unwrap_or_else(|| panic!("no request counter for {label}:\n{text}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 5.0, "{line}");
+    assert_eq!(get(&format!("http://{}/healthz", hr.admin)).await.0, 200);
+}
