@@ -44,8 +44,21 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
     Ok(Listeners { proxy, admin })
 }
 
-/// Runs the gateway on `listeners` until `shutdown` resolves, then drains and returns.
+/// Runs the gateway on `listeners` until `shutdown` resolves, then drains and returns. Everything
+/// runs on the calling runtime.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_workers(config, listeners, shutdown, 1).await
+}
+
+/// Like [`run`], with `workers - 1` more threads accepting on the same listeners, each with its
+/// own single-threaded runtime: a connection and its upstream work stay on one thread, with no
+/// work-stealing scheduler between them. Shared state stays lock-free (atomics, `ArcSwap`).
+pub async fn run_with_workers(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    workers: usize,
+) -> Result<(), RunError> {
     let prom = admin::metrics::install();
     let (extra, mut launched) = scale::launch::launch_all(&config).await?;
     let gateway = Gateway::new(Snapshot::build(config, &extra, None));
@@ -55,9 +68,36 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let mut threads = Vec::new();
     for l in listeners.proxy {
         if let Ok(addr) = l.local_addr() {
-            tracing::info!(%addr, "proxy listening");
+            tracing::info!(%addr, workers, "proxy listening");
+        }
+        for worker in 1..workers.max(1) {
+            match clone_listener(&l) {
+                Ok(std_listener) => {
+                    let (gateway, stop) = (gateway.clone(), stopped(stop_rx.clone()));
+                    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                    let spawned =
+                        std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
+                            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                                Ok(rt) => rt.block_on(async move {
+                                    match TcpListener::from_std(std_listener) {
+                                        Ok(l) => server::serve(l, gateway, stop).await,
+                                        Err(e) => tracing::error!(error = %e, "worker cannot use the listener"),
+                                    }
+                                }),
+                                Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+                            }
+                            let _ = done_tx.send(());
+                        });
+                    match spawned {
+                        Ok(_) => threads.push(done_rx),
+                        Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot share the listener with a worker"),
+            }
         }
         tasks.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
     }
@@ -70,8 +110,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
+    for done in threads {
+        let _ = done.await;
+    }
     launched.shutdown().await;
     Ok(())
+}
+
+/// A second handle on the same listening socket, for another worker's runtime.
+fn clone_listener(l: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    let fd = socket2::SockRef::from(l).try_clone()?;
+    let std_listener: std::net::TcpListener = fd.into();
+    std_listener.set_nonblocking(true)?;
+    Ok(std_listener)
 }
 
 /// Resolves on SIGTERM or SIGINT.

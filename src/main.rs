@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+// The proxy allocates small, short-lived objects per request (headers, bodies, futures) across
+// threads; mimalloc's per-thread free lists serve that pattern better than the system allocator.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "headroom", version, about = "An elastic L7 gateway for AI model-serving backends")]
 struct Cli {
@@ -54,12 +59,18 @@ fn init_logs() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n);
-    }
-    b.enable_all().build()
+/// Worker threads: `[server] workers`, else `TOKIO_WORKER_THREADS`, else one per core.
+fn worker_count(configured: Option<usize>) -> usize {
+    configured
+        .or_else(|| std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.parse().ok()))
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The main thread's runtime; more workers get their own (see `headroom::run_with_workers`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 fn main() -> ExitCode {
@@ -82,7 +93,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(64);
             }
             let opts = MockOptions { capacity, ttft, token_interval, tokens, fail_rate };
-            let rt = match runtime(Some(1)) {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -112,7 +123,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            let rt = match runtime(config.server.workers) {
+            let workers = worker_count(config.server.workers);
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -127,7 +139,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(69);
                     }
                 };
-                match headroom::run(config, listeners, headroom::shutdown_signal()).await {
+                match headroom::run_with_workers(config, listeners, headroom::shutdown_signal(), workers).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("{e}");

@@ -23,6 +23,9 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // header timer would close silently and also fire on idle keep-alive connections.
         .header_read_timeout(None)
         .keep_alive(true)
+        // One flattened write per response instead of writev of head and body: measurably
+        // cheaper for the small responses that dominate request rates.
+        .writev(false)
         .max_headers(256)
         // A head that does not fit the read buffer gets 431 from hyper; heads that fit but
         // exceed max_header_bytes get 431 from the proxy.

@@ -291,7 +291,7 @@ async fn limits_and_timeouts_give_408_413_431() {
 
     // 431: a head over max_header_bytes (checked by headroom) and one over hyper's buffer.
     for size in [3_000, 40_000] {
-        let req = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "z".repeat(size));
+        let req = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "z".repeat(size));
         let resp = raw(hr.addr, req.as_bytes(), T).await;
         assert!(resp.starts_with("HTTP/1.1 431"), "{size}: {resp}");
     }

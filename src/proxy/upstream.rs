@@ -115,6 +115,7 @@ async fn tcp_connect(backend: &Backend, pool: &PoolConfig) -> Result<TcpStream, 
 async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, ProxyError> {
     let stream = tcp_connect(backend, pool).await?;
     let (sender, conn) = http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ProxyError::Connect(format!("{}: handshake: {e}", backend.addr)))?;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Starts headroom in the "ours" slot of a side-by-side peer benchmark (nginx, HAProxy, ...).
+# Reads the harness's PB_* environment (listen address, backends, weights, workers, run dir),
+# writes a config there and execs the release binary in the foreground. Build it first:
+#   cargo build --release
+#   OURS_CMD='exec <repo>/benches/peer-ours.sh' peerbench -w "fast infer"
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cfg="${PB_RUN_DIR:?}/headroom.toml"
+IFS=, read -ra backends <<< "${PB_BACKENDS:?}"
+IFS=, read -ra weights <<< "${PB_WEIGHTS:-}"
+{
+  echo "[server]"
+  echo "listen = [\"${PB_LISTEN:?}\"]"
+  echo "workers = ${PB_WORKERS:-1}"
+  echo "[admin]"
+  echo "listen = \"127.0.0.1:$(( ${PB_PORT:?} + 1000 ))\""
+  echo "[pools.default]"
+  echo "balance = \"${HEADROOM_BALANCE:-least_conn}\""
+  echo "max_inflight_per_backend = 100000"
+  for i in "${!backends[@]}"; do
+    echo "[[pools.default.backends]]"
+    echo "addr = \"${backends[$i]}\""
+    echo "weight = ${weights[$i]:-1}"
+  done
+} > "$cfg"
+RUST_LOG="${RUST_LOG:-warn}" exec "$repo/target/release/headroom" --config "$cfg"
