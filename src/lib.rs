@@ -60,6 +60,7 @@ pub async fn run_with_workers(
     workers: usize,
 ) -> Result<(), RunError> {
     let prom = admin::metrics::install();
+    proxy::upstream::set_worker_count(workers);
     let (extra, mut launched) = scale::launch::launch_all(&config).await?;
     let gateway = Gateway::new(Snapshot::build(config, &extra, None));
 
@@ -69,36 +70,47 @@ pub async fn run_with_workers(
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut threads = Vec::new();
-    for l in listeners.proxy {
+    for l in &listeners.proxy {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, workers, "proxy listening");
         }
-        for worker in 1..workers.max(1) {
-            match clone_listener(&l) {
-                Ok(std_listener) => {
-                    let (gateway, stop) = (gateway.clone(), stopped(stop_rx.clone()));
-                    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                    let spawned =
-                        std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
-                            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                                Ok(rt) => rt.block_on(async move {
-                                    match TcpListener::from_std(std_listener) {
-                                        Ok(l) => server::serve(l, gateway, stop).await,
-                                        Err(e) => tracing::error!(error = %e, "worker cannot use the listener"),
-                                    }
-                                }),
-                                Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
-                            }
-                            let _ = done_tx.send(());
-                        });
-                    match spawned {
-                        Ok(_) => threads.push(done_rx),
-                        Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot share the listener with a worker"),
+    }
+    for worker in 1..workers.max(1) {
+        let shared: std::io::Result<Vec<_>> = listeners.proxy.iter().map(clone_listener).collect();
+        let shared = match shared {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listeners with a worker");
+                break;
             }
+        };
+        let (gateway, stop_rx) = (gateway.clone(), stop_rx.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
+            proxy::upstream::set_current_worker(worker);
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(async move {
+                    let mut serving = tokio::task::JoinSet::new();
+                    for std_listener in shared {
+                        match TcpListener::from_std(std_listener) {
+                            Ok(l) => {
+                                serving.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
+                            }
+                            Err(e) => tracing::error!(error = %e, "worker cannot use a listener"),
+                        }
+                    }
+                    while serving.join_next().await.is_some() {}
+                }),
+                Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+            }
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => threads.push(done_rx),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
+    }
+    for l in listeners.proxy {
         tasks.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
     }
     if let Ok(addr) = listeners.admin.local_addr() {

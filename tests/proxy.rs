@@ -196,8 +196,8 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
     assert_eq!(h["accept"], "*/*");
     assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert_eq!(h["x-forwarded-host"], "api.example");
-    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"api.example\"");
+    assert_eq!(h["x-forwarded-host"], "api.example:8080");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"api.example:8080\"");
     assert_eq!(h["via"], "1.1 headroom");
     assert_eq!(h["x-request-id"], "my-id-1");
 
@@ -459,4 +459,34 @@ async fn metrics_and_admin_api_report_traffic() {
     let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 5.0, "{line}");
     assert_eq!(get(&format!("http://{}/healthz", hr.admin)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_share_the_listener_and_reuse_connections() {
+    let backend = TestBackend::ok().await;
+    let hr = Headroom::start_with_workers(&config(&[(backend.addr, 1)], "", ""), 3).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let url = hr.url("/");
+        clients.push(tokio::spawn(async move {
+            // One client, one keep-alive connection, 25 requests on it.
+            let c = client();
+            for _ in 0..25 {
+                let r = c.request(Request::get(url.as_str()).body(full(Bytes::new())).unwrap()).await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.into_body().collect().await.unwrap();
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(backend.hits.load(Ordering::SeqCst), 200);
+    // At most one upstream connection per concurrent client connection.
+    assert!(
+        backend.connections.load(Ordering::SeqCst) <= 8,
+        "{} upstream connections",
+        backend.connections.load(Ordering::SeqCst)
+    );
+    hr.stop().await;
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -75,6 +75,8 @@ pub struct ClientIo {
     header_timeout: Duration,
     idle_timeout: Duration,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with.
+    timer_waker: Option<Waker>,
     opened_ms: u64,
     /// `None` until the first bytes show whether this is HTTP/2 (prior knowledge) or HTTP/1.
     h2: Option<bool>,
@@ -98,6 +100,7 @@ impl ClientIo {
             header_timeout,
             idle_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout.min(idle_timeout))),
+            timer_waker: None,
             opened_ms: now_ms(),
             h2: None,
             seen_finished: 0,
@@ -152,8 +155,14 @@ impl ClientIo {
 
     /// Polls the timer; returns true when the connection should be closed now.
     fn poll_timeout(&mut self, cx: &mut Context<'_>) -> bool {
+        // Reads go pending after every request; the timer already holds this task's waker, so
+        // unless it fired there is nothing to do.
+        if !self.timer.is_elapsed() && self.timer_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
+                self.timer_waker = Some(cx.waker().clone());
                 return false;
             }
             match self.next_deadline() {
@@ -174,7 +183,8 @@ impl ClientIo {
     /// Best-effort 408 on a half-received request head, written straight to the socket (hyper
     /// is not in the middle of writing anything: no request is active).
     fn send_408(&self) {
-        let body = crate::error::error_body("request header timeout", &crate::proxy::headers::new_request_id());
+        let id = crate::proxy::headers::new_request_id();
+        let body = crate::error::error_body("request header timeout", id.to_str().unwrap_or("-"));
         let msg = format!("{RESPONSE_408_HEAD}content-length: {}\r\n\r\n", body.len());
         let mut out = msg.into_bytes();
         out.extend_from_slice(&body);

@@ -1,7 +1,8 @@
 //! Header hygiene for both directions: hop-by-hop headers out, forwarding headers in.
 //!
-//! One pass over the header names finds the hop-by-hop ones (and measures the head for the 431
-//! limit); removal only happens when one is present, which for most requests is never.
+//! One pass over the header names ([`scan`]) measures the head (for the 431 limit) and records
+//! which hop-by-hop and forwarding headers are present, so the rewrite afterwards touches only
+//! what exists: for most requests that is a few inserts of pre-built values and no removal.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -14,78 +15,159 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// A fresh request id: 32 hex digits.
-pub fn new_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 15) as usize];
+        n >>= 4;
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
+// Bits of `Scan::found`.
+const CONNECTION: u32 = 1;
+const TE: u32 = 1 << 1;
+const TRAILER: u32 = 1 << 2;
+const TRANSFER_ENCODING: u32 = 1 << 3;
+const UPGRADE: u32 = 1 << 4;
+const KEEPALIVE: u32 = 1 << 5;
+const PROXY_ANY: u32 = 1 << 6;
+const HOP_BY_HOP: u32 = CONNECTION | TE | TRAILER | TRANSFER_ENCODING | UPGRADE | KEEPALIVE | PROXY_ANY;
+const XFF: u32 = 1 << 8;
+const XFP: u32 = 1 << 9;
+const XFH: u32 = 1 << 10;
+const FORWARDED: u32 = 1 << 11;
+const VIA: u32 = 1 << 12;
+const REQUEST_ID: u32 = 1 << 13;
+
 /// What one pass over a header map found.
+#[derive(Debug, Clone, Copy)]
 pub struct Scan {
     /// Approximate size of the header block in bytes (names, values, separators).
     pub bytes: usize,
-    hop_by_hop: bool,
+    found: u32,
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name.as_str().starts_with("proxy-")
+impl Scan {
+    pub fn has_request_id(&self) -> bool {
+        self.found & REQUEST_ID != 0
+    }
+}
+
+fn classify(name: &HeaderName) -> u32 {
+    // Standard names compare by pointer-sized tag; only custom names reach the string compare.
+    if name == header::CONNECTION {
+        CONNECTION
+    } else if name == header::TE {
+        TE
+    } else if name == header::TRAILER {
+        TRAILER
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        UPGRADE
+    } else if name == header::FORWARDED {
+        FORWARDED
+    } else if name == header::VIA {
+        VIA
+    } else if name == header::PROXY_AUTHORIZATION || name == header::PROXY_AUTHENTICATE {
+        PROXY_ANY
+    } else {
+        match name.as_str() {
+            "keep-alive" => KEEPALIVE,
+            "x-forwarded-for" => XFF,
+            "x-forwarded-proto" => XFP,
+            "x-forwarded-host" => XFH,
+            "x-request-id" => REQUEST_ID,
+            s if s.starts_with("proxy-") => PROXY_ANY,
+            _ => 0,
+        }
+    }
 }
 
 pub fn scan(headers: &HeaderMap) -> Scan {
     let mut bytes = 0;
-    let mut hop_by_hop = false;
+    let mut found = 0;
     for (name, value) in headers {
         bytes += name.as_str().len() + value.len() + 4;
-        hop_by_hop |= is_hop_by_hop(name);
+        found |= classify(name);
     }
-    Scan { bytes, hop_by_hop }
+    Scan { bytes, found }
 }
 
 /// Removes the hop-by-hop headers: Connection and every header it names, Keep-Alive, TE,
 /// Trailer, Transfer-Encoding, Upgrade and Proxy-*.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
-    if !scan.hop_by_hop {
+    if scan.found & HOP_BY_HOP == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if scan.found & CONNECTION != 0 {
+        // Tokens naming headers that go anyway (keep-alive, close, upgrade, te) need no lookup.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !["keep-alive", "close", "upgrade", "te", ""].iter().any(|k| t.eq_ignore_ascii_case(k)))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    let doomed: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    for name in doomed {
-        headers.remove(name);
+    for (bit, name) in [
+        (TE, header::TE),
+        (TRAILER, header::TRAILER),
+        (TRANSFER_ENCODING, header::TRANSFER_ENCODING),
+        (UPGRADE, header::UPGRADE),
+        (KEEPALIVE, KEEP_ALIVE),
+    ] {
+        if scan.found & bit != 0 {
+            headers.remove(name);
+        }
+    }
+    if scan.found & PROXY_ANY != 0 {
+        let doomed: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with("proxy-")).cloned().collect();
+        for name in doomed {
+            headers.remove(name);
+        }
     }
 }
 
-/// Appends `value` to a comma-separated header, or sets it.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(old) if !old.is_empty() => format!("{old}, {value}"),
-        _ => value.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
+/// Appends `value` to a comma-separated header that is present.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &[u8]) {
+    let Some(old) = headers.get(&name) else { return };
+    let mut joined = Vec::with_capacity(old.len() + 2 + value.len());
+    joined.extend_from_slice(old.as_bytes());
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(value);
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, v);
     }
 }
 
-/// Per-connection facts used to build the forwarding headers.
+/// Sets `name` to `value`, or appends to it when `present`.
+fn set_or_append(headers: &mut HeaderMap, present: bool, name: HeaderName, value: &HeaderValue) {
+    if present {
+        append(headers, name, value.as_bytes());
+    } else {
+        headers.insert(name, value.clone());
+    }
+}
+
+/// Per-connection facts used to build the forwarding headers, computed once per connection.
 pub struct Client {
     pub ip: IpAddr,
-    /// The client IP as a header value, computed once per connection.
-    pub ip_value: HeaderValue,
-    /// The `for=` parameter of `Forwarded` (IPv6 quoted and bracketed).
-    pub forwarded_for: String,
-    pub proto: &'static str,
+    /// The client IP as a header value.
+    ip_value: HeaderValue,
+    /// The `for=` and `proto=` parameters of `Forwarded` (IPv6 quoted and bracketed).
+    forwarded: String,
+    proto: HeaderValue,
 }
 
 impl Client {
@@ -96,36 +178,45 @@ impl Client {
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
         let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        Client { ip, ip_value, forwarded_for, proto }
+        Client {
+            ip,
+            ip_value,
+            forwarded: format!("for={forwarded_for};proto={proto}"),
+            proto: HeaderValue::from_static(proto),
+        }
     }
 }
 
-/// Adds X-Forwarded-For/-Proto/-Host, Forwarded and Via to a request going upstream.
-/// `host` is the host the client asked for (Host header or :authority).
-pub fn add_forwarding(headers: &mut HeaderMap, client: &Client, host: Option<&str>, version: Version) {
-    match headers.get(&X_FORWARDED_FOR) {
-        None => {
-            headers.insert(X_FORWARDED_FOR, client.ip_value.clone());
-        }
-        Some(_) => append(headers, X_FORWARDED_FOR, &client.ip.to_string()),
-    }
-    append(headers, X_FORWARDED_PROTO, client.proto);
-    let mut forwarded = format!("for={};proto={}", client.forwarded_for, client.proto);
+/// Adds X-Forwarded-For/-Proto/-Host, Forwarded and Via to a request going upstream. `host` is
+/// the Host the client asked for (header or :authority), as sent.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    scan: &Scan,
+    client: &Client,
+    host: Option<&HeaderValue>,
+    version: Version,
+) {
+    set_or_append(headers, scan.found & XFF != 0, X_FORWARDED_FOR, &client.ip_value);
+    set_or_append(headers, scan.found & XFP != 0, X_FORWARDED_PROTO, &client.proto);
+    let mut forwarded = Vec::with_capacity(client.forwarded.len() + 32);
+    forwarded.extend_from_slice(client.forwarded.as_bytes());
     if let Some(h) = host {
-        append(headers, X_FORWARDED_HOST, h);
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(h);
-        forwarded.push('"');
+        set_or_append(headers, scan.found & XFH != 0, X_FORWARDED_HOST, h);
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(h.as_bytes());
+        forwarded.push(b'"');
     }
-    append(headers, header::FORWARDED, &forwarded);
-    let via = match version {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
+        set_or_append(headers, scan.found & FORWARDED != 0, header::FORWARDED, &v);
+    }
+    let via = HeaderValue::from_static(match version {
         Version::HTTP_09 => "0.9 headroom",
         Version::HTTP_10 => "1.0 headroom",
         Version::HTTP_2 => "2 headroom",
         Version::HTTP_3 => "3 headroom",
         _ => "1.1 headroom",
-    };
-    append(headers, header::VIA, via);
+    });
+    set_or_append(headers, scan.found & VIA != 0, header::VIA, &via);
 }
 
 #[cfg(test)]
@@ -162,14 +253,24 @@ mod tests {
     #[test]
     fn clean_map_is_untouched() {
         let h = map(&[("content-type", "a"), ("authorization", "b")]);
-        assert!(!scan(&h).hop_by_hop);
+        assert_eq!(scan(&h).found & HOP_BY_HOP, 0);
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_ne!(a, b);
     }
 
     #[test]
     fn forwarding_headers_append() {
         let mut h = map(&[("x-forwarded-for", "10.1.1.1"), ("via", "1.1 edge")]);
         let c = Client::new("127.0.0.1".parse().unwrap(), "http");
-        add_forwarding(&mut h, &c, Some("api.example"), Version::HTTP_11);
+        let s = scan(&h);
+        add_forwarding(&mut h, &s, &c, Some(&HeaderValue::from_static("api.example")), Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
@@ -177,7 +278,8 @@ mod tests {
         assert_eq!(h["via"], "1.1 edge, 1.1 headroom");
         let c6 = Client::new("::1".parse().unwrap(), "http");
         let mut h6 = HeaderMap::new();
-        add_forwarding(&mut h6, &c6, None, Version::HTTP_2);
+        let s6 = scan(&h6);
+        add_forwarding(&mut h6, &s6, &c6, None, Version::HTTP_2);
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h6["via"], "2 headroom");
     }

@@ -61,7 +61,7 @@ impl ConnCtx {
         let snapshot = self.gateway.snapshot();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if !v.is_empty() => v.clone(),
-            _ => HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("-")),
+            _ => new_request_id(),
         };
         let mut pool_used: Option<Arc<Pool>> = None;
         match self.forward(req, &snapshot, &request_id, &mut active, &mut pool_used, started).await {
@@ -117,7 +117,11 @@ impl ConnCtx {
         }
 
         // 2. Route.
-        let host = request_host(&parts.uri, &parts.headers);
+        let host_value = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
         *pool_used = Some(pool.clone());
 
@@ -131,26 +135,33 @@ impl ConnCtx {
 
         // 4. The upstream request.
         headers::strip_hop_by_hop(&mut parts.headers, &scan);
-        headers::add_forwarding(&mut parts.headers, &self.client, host.as_deref(), parts.version);
-        if !parts.headers.contains_key(&X_REQUEST_ID) {
+        headers::add_forwarding(&mut parts.headers, &scan, &self.client, host_value.as_ref(), parts.version);
+        if !scan.has_request_id() {
             parts.headers.insert(X_REQUEST_ID, request_id.clone());
         }
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
+        if parts.uri.authority().is_some() && !parts.headers.contains_key(header::HOST) {
+            if let Some(h) = host_value {
+                parts.headers.insert(header::HOST, h);
             }
         }
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let (uri, version) = match cfg.protocol {
-            crate::config::Protocol::Http1 => (path.parse::<Uri>(), Version::HTTP_11),
-            crate::config::Protocol::H2c => {
-                (format!("http://{}{}", backend.addr, path).parse::<Uri>(), Version::HTTP_2)
+        // HTTP/1.1 upstream wants origin-form (rebuilt only if the client sent absolute-form or
+        // came over h2); h2c wants the absolute form.
+        match cfg.protocol {
+            crate::config::Protocol::Http1 => {
+                if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    parts.uri = path.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                }
+                parts.version = Version::HTTP_11;
             }
-        };
-        parts.uri = uri.map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-        parts.version = version;
+            crate::config::Protocol::H2c => {
+                let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                parts.uri = format!("http://{}{}", backend.addr, path)
+                    .parse::<Uri>()
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                parts.version = Version::HTTP_2;
+            }
+        }
         // Bodies of unknown length are counted as they stream; a declared length was checked above
         // and hyper holds the client to it.
         let over_limit = declared.is_none().then(|| Arc::new(AtomicBool::new(false)));
@@ -190,17 +201,13 @@ impl ConnCtx {
     }
 }
 
-/// The host a request is for, lower-case and without port.
-fn request_host(uri: &Uri, headers: &http::HeaderMap) -> Option<String> {
-    let raw = match uri.host() {
-        Some(h) => h,
-        None => headers.get(header::HOST)?.to_str().ok()?,
-    };
+/// A Host value without its port, lower-case.
+fn host_without_port(raw: &str) -> String {
     let host = match raw.rfind(':') {
         Some(i) if !raw.ends_with(']') && raw[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &raw[..i],
         _ => raw,
     };
-    Some(host.to_ascii_lowercase())
+    host.to_ascii_lowercase()
 }
 
 /// The one shape of every error answer.
@@ -237,13 +244,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_without_port() {
-        let mut h = http::HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("API.example:8080"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &h).as_deref(), Some("api.example"));
-        h.insert(header::HOST, HeaderValue::from_static("[::1]:80"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &h).as_deref(), Some("[::1]"));
-        let uri: Uri = "http://b.example:1/x".parse().unwrap();
-        assert_eq!(request_host(&uri, &http::HeaderMap::new()).as_deref(), Some("b.example"));
+    fn host_without_port_strips_ports_only() {
+        assert_eq!(host_without_port("API.example:8080"), "api.example");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("b.example"), "b.example");
     }
 }

@@ -14,39 +14,62 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
 pub type H1Sender = http1::SendRequest<RequestBody>;
 type H2Sender = http2::SendRequest<RequestBody>;
 
-/// Upper bound on idle HTTP/1.1 connections kept per backend.
-const MAX_IDLE_PER_BACKEND: usize = 1024;
+/// Upper bound on idle HTTP/1.1 connections kept per backend and worker.
+const MAX_IDLE_PER_WORKER: usize = 1024;
+
+static WORKER_SLOTS: AtomicUsize = AtomicUsize::new(1);
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Declares how many worker runtimes there are (before backends are built).
+pub fn set_worker_count(n: usize) {
+    WORKER_SLOTS.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Marks the calling thread as worker `id`. Connections opened on a worker's runtime are
+/// driven by that runtime's reactor, so each worker reuses its own.
+pub fn set_current_worker(id: usize) {
+    WORKER.with(|w| w.set(id));
+}
 
 /// A backend's upstream connections.
 pub struct Conns {
-    idle: ArrayQueue<H1Sender>,
+    /// Idle HTTP/1.1 connections, one lock-free queue per worker.
+    idle: Box<[ArrayQueue<H1Sender>]>,
     h2: ArcSwapOption<H2Sender>,
 }
 
 impl Conns {
     pub fn new(max_inflight: u32) -> Self {
-        Conns {
-            idle: ArrayQueue::new((max_inflight as usize).clamp(8, MAX_IDLE_PER_BACKEND)),
-            h2: ArcSwapOption::empty(),
-        }
+        let per_worker = (max_inflight as usize).clamp(4, MAX_IDLE_PER_WORKER);
+        let slots = WORKER_SLOTS.load(Ordering::Relaxed).max(1);
+        Conns { idle: (0..slots).map(|_| ArrayQueue::new(per_worker)).collect(), h2: ArcSwapOption::empty() }
+    }
+
+    fn local(&self) -> &ArrayQueue<H1Sender> {
+        &self.idle[WORKER.with(Cell::get) % self.idle.len()]
     }
 
     /// Returns a connection whose response was read to the end. Dropped (closed) when the
     /// pool is full or the connection is already closed.
     pub fn put_back(&self, conn: H1Sender) {
         if !conn.is_closed() {
-            let _ = self.idle.push(conn);
+            let _ = self.local().push(conn);
         }
     }
 
+    /// Idle HTTP/1.1 connections over all workers.
     pub fn idle(&self) -> usize {
-        self.idle.len()
+        self.idle.iter().map(ArrayQueue::len).sum()
     }
 }
 
@@ -91,7 +114,7 @@ async fn send_h1(
 
 /// Pops idle connections until one is usable.
 async fn checkout(conns: &Conns) -> Option<H1Sender> {
-    while let Some(mut c) = conns.idle.pop() {
+    while let Some(mut c) = conns.local().pop() {
         if c.is_closed() {
             continue;
         }

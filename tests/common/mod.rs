@@ -169,6 +169,11 @@ pub struct Headroom {
 impl Headroom {
     /// Starts headroom with this config text (its listen addresses are ignored).
     pub async fn start(toml: &str) -> Headroom {
+        Self::start_with_workers(toml, 1).await
+    }
+
+    /// Starts headroom with `workers` accepting threads (each with its own runtime).
+    pub async fn start_with_workers(toml: &str, workers: usize) -> Headroom {
         let config = Config::parse(toml, Path::new(".")).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -177,9 +182,14 @@ impl Headroom {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let listeners = headroom::Listeners { proxy: vec![proxy], admin };
-            headroom::run(config, listeners, async {
-                let _ = stopped.await;
-            })
+            headroom::run_with_workers(
+                config,
+                listeners,
+                async {
+                    let _ = stopped.await;
+                },
+                workers,
+            )
             .await
             .unwrap();
         });
