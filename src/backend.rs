@@ -42,15 +42,22 @@ impl BackendState {
     }
 }
 
+/// What every pick reads, together on one cache line of its own (a scan touches one line per
+/// backend, and counters written per response don't share it).
+#[repr(C, align(64))]
+struct Hot {
+    in_flight: AtomicU32,
+    max_inflight: AtomicU32,
+    weight: AtomicU32,
+    state: AtomicU8,
+}
+
 /// One upstream server.
 pub struct Backend {
+    hot: Hot,
     pub addr: SocketAddr,
     /// `addr` as text, for labels and JSON.
     pub label: Arc<str>,
-    weight: AtomicU32,
-    max_inflight: AtomicU32,
-    in_flight: AtomicU32,
-    state: AtomicU8,
     requests: AtomicU64,
     errors: AtomicU64,
     /// The admission queue of the pool this backend belongs to, woken when a slot frees.
@@ -66,10 +73,12 @@ impl Backend {
             addr: cfg.addr,
             metrics: BackendMetrics::new(pool, &label),
             label,
-            weight: AtomicU32::new(cfg.weight.max(1)),
-            max_inflight: AtomicU32::new(cfg.max_inflight.max(1)),
-            in_flight: AtomicU32::new(0),
-            state: AtomicU8::new(BackendState::Healthy as u8),
+            hot: Hot {
+                in_flight: AtomicU32::new(0),
+                max_inflight: AtomicU32::new(cfg.max_inflight.max(1)),
+                weight: AtomicU32::new(cfg.weight.max(1)),
+                state: AtomicU8::new(BackendState::Healthy as u8),
+            },
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             queue,
@@ -85,32 +94,32 @@ impl Backend {
 
     #[inline]
     pub fn weight(&self) -> u32 {
-        self.weight.load(Ordering::Relaxed)
+        self.hot.weight.load(Ordering::Relaxed)
     }
 
     #[inline]
     pub fn max_inflight(&self) -> u32 {
-        self.max_inflight.load(Ordering::Relaxed)
+        self.hot.max_inflight.load(Ordering::Relaxed)
     }
 
     #[inline]
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.hot.in_flight.load(Ordering::Relaxed)
     }
 
     #[inline]
     pub fn state(&self) -> BackendState {
-        BackendState::from_u8(self.state.load(Ordering::Relaxed))
+        BackendState::from_u8(self.hot.state.load(Ordering::Relaxed))
     }
 
     pub fn set_state(&self, state: BackendState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+        self.hot.state.store(state as u8, Ordering::Relaxed);
     }
 
     /// Applies new settings from config (the backend keeps its counters and connections).
     pub fn update(&self, cfg: &BackendConfig) {
-        self.weight.store(cfg.weight.max(1), Ordering::Relaxed);
-        self.max_inflight.store(cfg.max_inflight.max(1), Ordering::Relaxed);
+        self.hot.weight.store(cfg.weight.max(1), Ordering::Relaxed);
+        self.hot.max_inflight.store(cfg.max_inflight.max(1), Ordering::Relaxed);
     }
 
     /// Takes new requests at all (ignoring capacity).
@@ -122,7 +131,20 @@ impl Backend {
     /// Takes new requests now: serving and below capacity.
     #[inline]
     pub fn is_eligible(&self) -> bool {
-        self.is_serving() && self.in_flight() < self.max_inflight()
+        self.load_score().is_some()
+    }
+
+    /// `Some((in_flight + 1, weight))` when eligible, reading each atomic once; pickers compare
+    /// these as fractions.
+    #[inline]
+    pub fn load_score(&self) -> Option<(u64, u64)> {
+        let in_flight = self.hot.in_flight.load(Ordering::Relaxed);
+        if self.hot.state.load(Ordering::Relaxed) != BackendState::Healthy as u8
+            || in_flight >= self.hot.max_inflight.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        Some((in_flight as u64 + 1, self.hot.weight.load(Ordering::Relaxed).max(1) as u64))
     }
 
     pub fn requests(&self) -> u64 {
@@ -149,12 +171,12 @@ impl Backend {
             return None;
         }
         let max = self.max_inflight();
-        let mut current = self.in_flight.load(Ordering::Relaxed);
+        let mut current = self.hot.in_flight.load(Ordering::Relaxed);
         loop {
             if current >= max {
                 return None;
             }
-            match self.in_flight.compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::Relaxed) {
+            match self.hot.in_flight.compare_exchange_weak(current, current + 1, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => return Some(InflightGuard { backend: self.clone() }),
                 Err(now) => current = now,
             }
@@ -178,7 +200,7 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         // SeqCst pairs with the queue: a waiter increments the depth and then re-checks capacity,
         // we decrement in-flight and then check the depth, so one of us always sees the other.
-        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.backend.hot.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.backend.queue.depth() > 0 {
             self.backend.queue.wake_one();
         }

@@ -61,13 +61,13 @@ impl Balancer {
         match self {
             Balancer::LeastConn => {
                 if n > EXACT_SCAN_MAX {
-                    if let Some(i) = two_choices(backends, &ok) {
+                    if let Some(i) = two_choices(backends, &exclude) {
                         return Some(i);
                     }
                 }
-                least_loaded(backends, &ok)
+                least_loaded(backends, &exclude)
             }
-            Balancer::P2c => two_choices(backends, &ok).or_else(|| least_loaded(backends, &ok)),
+            Balancer::P2c => two_choices(backends, &exclude).or_else(|| least_loaded(backends, &exclude)),
             Balancer::RoundRobin { next } => {
                 let start = next.fetch_add(1, Ordering::Relaxed) % n;
                 first_from(start, n, &ok)
@@ -91,33 +91,33 @@ impl Balancer {
     }
 }
 
-/// (load + 1) / weight, compared exactly by cross-multiplication.
-#[inline]
-fn score(b: &Backend) -> (u64, u64) {
-    (b.in_flight() as u64 + 1, b.weight().max(1) as u64)
-}
-
+/// Whether score `a` = (load + 1) / weight is lower than `b`, compared exactly by
+/// cross-multiplication.
 #[inline]
 fn better(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 * b.1 < b.0 * a.1
 }
 
+/// The score of backend `i` if it is eligible and not excluded.
+#[inline]
+fn candidate(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool, i: usize) -> Option<(u64, u64)> {
+    backends[i].load_score().filter(|_| !exclude(i))
+}
+
 /// Exact scan for the lowest (in_flight + 1) / weight. The scan starts at a random index, so
 /// requests that tie (say, an idle pool) spread instead of all landing on the first backend.
 #[inline]
-fn least_loaded(backends: &[Arc<Backend>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
+fn least_loaded(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool) -> Option<usize> {
     let n = backends.len();
     let start = if n > 1 { fastrand::usize(..n) } else { 0 };
     let mut best: Option<(usize, (u64, u64))> = None;
-    for k in 0..n {
-        let mut i = start + k;
-        if i >= n {
-            i -= n;
-        }
-        if !ok(i) {
+    for (i, b) in
+        backends[start..].iter().enumerate().map(|(k, b)| (start + k, b)).chain(backends[..start].iter().enumerate())
+    {
+        let Some(s) = b.load_score() else { continue };
+        if exclude(i) {
             continue;
         }
-        let s = score(&backends[i]);
         match best {
             Some((_, bs)) if !better(s, bs) => {}
             _ => best = Some((i, s)),
@@ -129,16 +129,17 @@ fn least_loaded(backends: &[Arc<Backend>], ok: &impl Fn(usize) -> bool) -> Optio
 /// Two random eligible candidates, the better one wins. `None` when sampling finds none (the
 /// caller then scans), so a mostly-ineligible pool still gets an exact answer.
 #[inline]
-fn two_choices(backends: &[Arc<Backend>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
+fn two_choices(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool) -> Option<usize> {
     let n = backends.len();
-    let sample = || (0..4).map(|_| fastrand::usize(..n)).find(|&i| ok(i));
-    let a = sample()?;
-    let Some(b) = sample() else { return Some(a) };
-    if better(score(&backends[b]), score(&backends[a])) {
-        Some(b)
-    } else {
-        Some(a)
-    }
+    let sample = || {
+        (0..4).find_map(|_| {
+            let i = fastrand::usize(..n);
+            candidate(backends, exclude, i).map(|s| (i, s))
+        })
+    };
+    let (a, sa) = sample()?;
+    let Some((b, sb)) = sample() else { return Some(a) };
+    Some(if better(sb, sa) { b } else { a })
 }
 
 #[inline]
