@@ -1,24 +1,28 @@
-//! Client-facing listeners: accept, wrap the socket in [`ClientIo`], serve HTTP/1.1 and h2c
-//! (prior knowledge) on it with hyper-util's `auto` builder, and drain on shutdown.
+//! Client-facing listeners: accept, tell HTTP/1.1 from h2c (prior knowledge) by peeking at the
+//! first bytes, wrap the socket in [`ClientIo`], serve it with hyper, and drain on shutdown.
 
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::proxy::conn::{ClientIo, ConnShared};
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// hyper's connection settings, derived from `[server]`.
-fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+struct Builders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+fn builders(cfg: &ServerConfig) -> Builders {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         // Our ClientIo enforces the header and idle timeouts (and answers 408); hyper's own
         // header timer would close silently and also fire on idle keep-alive connections.
         .header_read_timeout(None)
@@ -30,8 +34,8 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // A head that does not fit the read buffer gets 431 from hyper; heads that fit but
         // exceed max_header_bytes get 431 from the proxy.
         .max_buf_size((cfg.max_header_bytes + 8 * 1024).max(16 * 1024));
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(256)
         // Rapid-reset defences: bound streams reset by the client before we accepted them, and
@@ -40,14 +44,32 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    b
+    Builders { http1: h1, http2: h2 }
+}
+
+/// Whether the client opens with the HTTP/2 preface (h2c prior knowledge). Peeks, so the bytes
+/// stay for hyper; done once per connection instead of wrapping every read.
+async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8; 4] = b"PRI ";
+    let mut buf = [0u8; 4];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface so far: wait briefly for the rest (bounded by the caller).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Serves one listener until `shutdown` resolves, then lets open connections finish for up to
 /// `server.shutdown_timeout`.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
     let cfg = gateway.snapshot().config.server.clone();
-    let builder = builder(&cfg);
+    let builders = Arc::new(builders(&cfg));
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
@@ -67,13 +89,25 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let _ = stream.set_nodelay(true);
         // Timeouts come from the current snapshot, so a reload applies to new connections.
         let server = &gateway.snapshot().config.server;
-        let shared = ConnShared::new();
-        let io = ClientIo::new(stream, shared.clone(), server.request_header_timeout, server.idle_timeout);
-        let service = ProxyService::new(gateway.clone(), Client::new(peer.ip(), "http"), shared);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (header_timeout, idle_timeout) = (server.request_header_timeout, server.idle_timeout);
+        let gateway = gateway.clone();
+        let builders = builders.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // A client that sends nothing (or only part of the preface) in time is closed quietly.
+            let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
+                Ok(Ok(h2)) => h2,
+                _ => return,
+            };
+            let shared = ConnShared::new();
+            let io = TokioIo::new(ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout));
+            let service = ProxyService::new(gateway, Client::new(peer.ip(), "http"), shared);
+            let result = if h2 {
+                watcher.watch(builders.http2.serve_connection(io, service)).await
+            } else {
+                watcher.watch(builders.http1.serve_connection(io, service)).await
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
         });
