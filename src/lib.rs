@@ -15,7 +15,6 @@ pub mod server; //   client listeners, graceful drain
 use config::Config;
 use gateway::{Gateway, Snapshot};
 use std::future::Future;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -158,6 +157,3 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
 }
-
-/// Kept so callers can hold the gateway in tests.
-pub type SharedGateway = Arc<Gateway>;

@@ -336,6 +336,13 @@ async fn unreachable_backend_is_502_and_silent_backend_is_504() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(v["error"].as_str().unwrap().contains("cannot connect"), "{v}");
     assert_eq!(v["request_id"].as_str().unwrap().len(), 32);
+    // Counted once, against the backend that failed.
+    let (_, text) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let counted: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("headroom_requests_total") && l.contains("code=\"502\"")).collect();
+    assert_eq!(counted.len(), 1, "{counted:?}");
+    assert!(counted[0].contains(&format!("backend=\"{dead}\"")) && counted[0].ends_with(" 1"), "{counted:?}");
     hr.stop().await;
 
     let stall = TestBackend::start(|_req| async {

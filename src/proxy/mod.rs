@@ -54,26 +54,39 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+/// What a request leaves behind for its answer, whichever way it ends.
+struct Tracking {
+    /// Marks the connection busy until the response body is done.
+    active: Option<ActiveRequest>,
+    /// The pool chosen, once routed.
+    pool: Option<Arc<Pool>>,
+    /// Whether the outcome was already counted against a backend.
+    counted_on_backend: bool,
+}
+
 impl ConnCtx {
     async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        let mut active = Some(self.conn.start());
+        let mut track = Tracking { active: Some(self.conn.start()), pool: None, counted_on_backend: false };
         let snapshot = self.gateway.snapshot();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if !v.is_empty() => v.clone(),
             _ => new_request_id(),
         };
-        let mut pool_used: Option<Arc<Pool>> = None;
-        match self.forward(req, &snapshot, &request_id, &mut active, &mut pool_used, started).await {
+        match self.forward(req, &snapshot, &request_id, &mut track, started).await {
             Ok(resp) => resp,
             Err(e) => {
                 let status = e.status().as_u16();
-                match &pool_used {
-                    Some(p) => p.metrics.record_local(status, started.elapsed().as_secs_f64()),
-                    None => self.gateway.unrouted.record_local(status, started.elapsed().as_secs_f64()),
+                let seconds = started.elapsed().as_secs_f64();
+                // Failures after a backend was chosen were counted against that backend.
+                if !track.counted_on_backend {
+                    match &track.pool {
+                        Some(p) => p.metrics.record_local(status, seconds),
+                        None => self.gateway.unrouted.record_local(status, seconds),
+                    }
                 }
                 tracing::debug!(error = %e, status, request_id = ?request_id, "request failed");
-                error_response(&e, &request_id, active.take())
+                error_response(&e, &request_id, track.active.take())
             }
         }
     }
@@ -83,8 +96,7 @@ impl ConnCtx {
         req: Request<Incoming>,
         snap: &Snapshot,
         request_id: &HeaderValue,
-        active: &mut Option<ActiveRequest>,
-        pool_used: &mut Option<Arc<Pool>>,
+        track: &mut Tracking,
         started: Instant,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let server = &snap.config.server;
@@ -123,7 +135,7 @@ impl ConnCtx {
         };
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
-        *pool_used = Some(pool.clone());
+        track.pool = Some(pool.clone());
 
         // 3. Admit: a slot on a backend, now or after queueing.
         let (guard, waited) = queue::admit(pool).await.map_err(ProxyError::Unavailable)?;
@@ -181,11 +193,16 @@ impl ConnCtx {
                 } else {
                     e
                 };
-                backend.count_response(e.status().as_u16(), e.status().is_server_error());
+                let status = e.status().as_u16();
+                backend.count_response(status, e.status().is_server_error());
+                backend.metrics.observe(status, started.elapsed().as_secs_f64());
+                track.counted_on_backend = true;
                 return Err(e);
             }
             Err(_) => {
                 backend.count_response(504, true);
+                backend.metrics.observe(504, started.elapsed().as_secs_f64());
+                track.counted_on_backend = true;
                 return Err(ProxyError::ResponseTimeout(cfg.response_header_timeout));
             }
         };
@@ -197,7 +214,7 @@ impl ConnCtx {
         rparts.headers.insert(X_REQUEST_ID, request_id.clone());
         let status = rparts.status.as_u16();
         let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout };
-        Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, active.take())))
+        Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
     }
 }
 
