@@ -231,12 +231,9 @@ pub async fn serve(listener: TcpListener, opts: MockOptions, shutdown: impl Futu
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, _) = tokio::select! {
             _ = &mut shutdown => return,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(20)).await; continue; }
-            },
+            accepted = crate::server::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let engine = engine.clone();

@@ -65,6 +65,20 @@ async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+/// Accepts the next connection. Errors (out of file descriptors and the like) are logged and
+/// retried after a short pause instead of spinning.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// Serves one listener until `shutdown` resolves, then lets open connections finish for up to
 /// `server.shutdown_timeout`.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
@@ -76,15 +90,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         // Timeouts come from the current snapshot, so a reload applies to new connections.

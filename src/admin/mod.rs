@@ -109,14 +109,7 @@ pub async fn serve(
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut shutdown => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            accepted = crate::server::accept(&listener) => accepted,
         };
         let gateway = gateway.clone();
         let prom = prom.clone();
