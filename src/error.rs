@@ -16,6 +16,9 @@ pub enum ProxyError {
     /// The request head was not complete within `request_header_timeout`.
     #[error("request header timeout")]
     HeaderTimeout,
+    /// The client sent no request body data for `idle_timeout` in the middle of the body.
+    #[error("request body timeout: nothing received for {0:?}")]
+    BodyTimeout(Duration),
     /// The request body is larger than `max_request_body`.
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
@@ -63,7 +66,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeaderTimeout | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
@@ -81,6 +84,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::ClientBody(_)
             | ProxyError::HeaderTimeout
+            | ProxyError::BodyTimeout(_)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::HeadersTooLarge(_) => Source::Client,
             ProxyError::NoRoute | ProxyError::Unavailable(_) => Source::Gateway,

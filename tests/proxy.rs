@@ -497,3 +497,16 @@ async fn several_workers_share_the_listener_and_reuse_connections() {
     );
     hr.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_body_gets_408_and_frees_the_slot() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "idle_timeout = \"300ms\"")).await;
+    // Ten of the hundred declared bytes, then silence.
+    let started = std::time::Instant::now();
+    let resp = raw(hr.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789", T).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(json_of(&resp)["error"].as_str().unwrap().contains("request body timeout"), "{resp}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    poll_until(T, "slot released", || async { hr.in_flight().await[0].1 == 0 }).await;
+}

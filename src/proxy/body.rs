@@ -15,36 +15,54 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The client's request body on its way upstream.
+/// How a request body ended early, as seen by the proxy after the upstream send failed.
+pub mod outcome {
+    pub const TOO_LARGE: u8 = 1;
+    pub const IDLE: u8 = 2;
+}
+
+/// The client's request body on its way upstream. It fails (aborting the upstream request) when
+/// more than `limit` bytes arrive, or when the client sends nothing for `idle_timeout`; the
+/// shared `outcome` says which, so the caller answers 413 or 408 rather than 502.
 pub struct RequestBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
-    /// Set when the limit was crossed, so the caller can answer 413 rather than 502.
-    over_limit: Option<Arc<AtomicBool>>,
+    idle_timeout: Duration,
+    idle: Option<Pin<Box<Sleep>>>,
+    outcome: Option<Arc<AtomicU8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("request body larger than {0} bytes")]
-pub struct BodyTooLarge(pub u64);
+pub enum RequestBodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("client sent no request body data for {0:?}")]
+    Idle(Duration),
+}
 
 impl RequestBody {
-    /// Forwards `inner` as is; its declared Content-Length was already checked.
-    pub fn new(inner: Incoming) -> Self {
-        RequestBody { inner, limit: u64::MAX, seen: 0, over_limit: None }
+    /// Wraps `inner`. `limit` is enforced on what streams through (a declared length was checked
+    /// before). `outcome` is only needed, and only allocated, for requests that have a body.
+    pub fn new(inner: Incoming, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
+        let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
+        let body = RequestBody { inner, limit, seen: 0, idle_timeout, idle: None, outcome: outcome.clone() };
+        (body, outcome)
     }
 
-    /// Forwards `inner`, failing it once more than `limit` bytes went through.
-    pub fn limited(inner: Incoming, limit: u64, flag: Arc<AtomicBool>) -> Self {
-        RequestBody { inner, limit, seen: 0, over_limit: Some(flag) }
+    fn fail(&self, code: u8, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(o) = &self.outcome {
+            o.store(code, Ordering::Relaxed);
+        }
+        Poll::Ready(Some(Err(Box::new(e))))
     }
 }
 
@@ -54,21 +72,30 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
-                        if let Some(f) = &this.over_limit {
-                            f.store(true, Ordering::Relaxed);
-                        }
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+                        return this.fail(outcome::TOO_LARGE, RequestBodyError::TooLarge(this.limit));
                     }
+                }
+                if let Some(sleep) = &mut this.idle {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-            None => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                // Armed only once the body actually has to wait for the client.
+                let timeout = this.idle_timeout;
+                let sleep = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return this.fail(outcome::IDLE, RequestBodyError::Idle(timeout));
+                }
+                Poll::Pending
+            }
         }
     }
 

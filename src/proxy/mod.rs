@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -174,13 +173,9 @@ impl ConnCtx {
                 parts.version = Version::HTTP_2;
             }
         }
-        // Bodies of unknown length are counted as they stream; a declared length was checked above
-        // and hyper holds the client to it.
-        let over_limit = declared.is_none().then(|| Arc::new(AtomicBool::new(false)));
-        let body = match &over_limit {
-            None => RequestBody::new(incoming),
-            Some(flag) => RequestBody::limited(incoming, server.max_request_body, flag.clone()),
-        };
+        // A declared length was checked above and hyper holds the client to it; bodies of unknown
+        // length are counted as they stream.
+        let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
         let upstream_req = Request::from_parts(parts, body);
 
         // 5. Send, bounded by the response header timeout.
@@ -188,10 +183,10 @@ impl ConnCtx {
         let (resp, conn) = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                let e = if over_limit.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
-                    ProxyError::BodyTooLarge(server.max_request_body)
-                } else {
-                    e
+                let e = match body_outcome.map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
+                    Some(body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
+                    Some(body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
+                    _ => e,
                 };
                 let status = e.status().as_u16();
                 backend.count_response(status, e.status().is_server_error());
