@@ -510,3 +510,27 @@ async fn stalled_request_body_gets_408_and_frees_the_slot() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     poll_until(T, "slot released", || async { hr.in_flight().await[0].1 == 0 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_once_and_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
+    s.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    let seen = json_of(&rest);
+    assert_eq!(seen["body_len"], 5);
+    assert!(seen["headers"].get("expect").is_none(), "Expect reached the backend");
+}

@@ -42,6 +42,7 @@ const XFH: u32 = 1 << 10;
 const FORWARDED: u32 = 1 << 11;
 const VIA: u32 = 1 << 12;
 const REQUEST_ID: u32 = 1 << 13;
+const EXPECT: u32 = 1 << 14;
 
 /// What one pass over a header map found.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,14 @@ pub struct Scan {
 impl Scan {
     pub fn has_request_id(&self) -> bool {
         self.found & REQUEST_ID != 0
+    }
+}
+
+/// Removes `Expect`: the client's `100-continue` is answered by headroom itself when it starts
+/// reading the body, so the backend must not send a second interim response.
+pub fn strip_expect(headers: &mut HeaderMap, scan: &Scan) {
+    if scan.found & EXPECT != 0 {
+        headers.remove(header::EXPECT);
     }
 }
 
@@ -73,6 +82,8 @@ fn classify(name: &HeaderName) -> u32 {
         FORWARDED
     } else if name == header::VIA {
         VIA
+    } else if name == header::EXPECT {
+        EXPECT
     } else if name == header::PROXY_AUTHORIZATION || name == header::PROXY_AUTHENTICATE {
         PROXY_ANY
     } else {

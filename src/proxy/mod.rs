@@ -146,6 +146,7 @@ impl ConnCtx {
 
         // 4. The upstream request.
         headers::strip_hop_by_hop(&mut parts.headers, &scan);
+        headers::strip_expect(&mut parts.headers, &scan);
         headers::add_forwarding(&mut parts.headers, &scan, &self.client, host_value.as_ref(), parts.version);
         if !scan.has_request_id() {
             parts.headers.insert(X_REQUEST_ID, request_id.clone());
