@@ -32,6 +32,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         queue: QueueConfig { max_depth: 0, timeout: Duration::from_secs(1) },
         backends,
         launch: None,
+        health: None,
     };
     let p = Pool::build(cfg, &[], None);
     // Some standing load, so scores differ and the picker has real work to do.

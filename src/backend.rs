@@ -24,12 +24,18 @@ pub enum BackendState {
     Healthy = 0,
     /// Takes no new requests; in-flight ones finish.
     Draining = 1,
+    /// New, waiting for its first passing health check (when the pool gates new backends).
+    Starting = 2,
+    /// Failed `unhealthy_threshold` active checks in a row.
+    Unhealthy = 3,
 }
 
 impl BackendState {
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Self::Healthy,
+            2 => Self::Starting,
+            3 => Self::Unhealthy,
             _ => Self::Draining,
         }
     }
@@ -38,6 +44,8 @@ impl BackendState {
         match self {
             Self::Healthy => "healthy",
             Self::Draining => "draining",
+            Self::Starting => "starting",
+            Self::Unhealthy => "unhealthy",
         }
     }
 }
@@ -60,6 +68,9 @@ pub struct Backend {
     pub label: Arc<str>,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Consecutive passing / failing active health checks.
+    pub(crate) health_passes: AtomicU32,
+    pub(crate) health_failures: AtomicU32,
     /// The admission queue of the pool this backend belongs to, woken when a slot frees.
     queue: Arc<AdmissionQueue>,
     pub(crate) conns: Conns,
@@ -81,6 +92,8 @@ impl Backend {
             },
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            health_passes: AtomicU32::new(0),
+            health_failures: AtomicU32::new(0),
             queue,
             conns: Conns::new(cfg.max_inflight),
         }
@@ -114,6 +127,12 @@ impl Backend {
 
     pub fn set_state(&self, state: BackendState) {
         self.hot.state.store(state as u8, Ordering::Relaxed);
+        if state == BackendState::Healthy {
+            // Requests may be queued for exactly this capacity.
+            for _ in 0..self.max_inflight().min(self.queue.depth() as u32) {
+                self.queue.wake_one();
+            }
+        }
     }
 
     /// Applies new settings from config (the backend keeps its counters and connections).
@@ -237,7 +256,13 @@ impl Pool {
                         old.update(b);
                         old.clone()
                     }
-                    None => Arc::new(Backend::new(&config.name, b, queue.clone())),
+                    None => {
+                        let fresh = Arc::new(Backend::new(&config.name, b, queue.clone()));
+                        if config.health.as_ref().is_some_and(|h| h.gate_new_backends) {
+                            fresh.set_state(BackendState::Starting);
+                        }
+                        fresh
+                    }
                 }
             })
             .collect();
@@ -265,9 +290,9 @@ impl Pool {
         None
     }
 
-    /// Whether any backend takes traffic at all (full or not).
+    /// Whether any backend takes traffic, or is about to (`starting`): worth queueing for.
     pub fn any_serving(&self) -> bool {
-        self.backends.iter().any(|b| b.is_serving())
+        self.backends.iter().any(|b| matches!(b.state(), BackendState::Healthy | BackendState::Starting))
     }
 
     /// Whether some backend has a free slot right now.

@@ -7,6 +7,7 @@ pub mod balance; //  pickers: weighted least-conn, round robin, smooth WRR, p2c
 pub mod config; //   TOML → validated runtime config
 pub mod error; //    the one error → status mapping
 pub mod gateway; //  the shared snapshot
+pub mod health; //   active health checks (off the data path)
 pub mod mock; //     the mock inference server
 pub mod proxy; //    the data path
 pub mod scale; //    admission queue, local backend launcher
@@ -116,6 +117,9 @@ pub async fn run_with_workers(
         tracing::info!(%addr, "admin listening");
     }
     tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, stopped(stop_rx.clone())));
+    for pool in gateway.snapshot().pools.iter().filter(|p| p.config.health.is_some()) {
+        tasks.spawn(health::run_pool(gateway.clone(), pool.config.name.clone(), stopped(stop_rx.clone())));
+    }
 
     shutdown.await;
     tracing::info!("shutting down");

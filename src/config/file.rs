@@ -58,6 +58,19 @@ pub struct FilePool {
     #[serde(default)]
     pub backends: Vec<FileBackend>,
     pub launch: Option<Spanned<FileLaunch>>,
+    pub health: Option<FileHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy_threshold: Option<Spanned<u32>>,
+    pub unhealthy_threshold: Option<Spanned<u32>>,
+    pub expect_status: Option<Spanned<String>>,
+    pub gate_new_backends: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

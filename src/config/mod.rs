@@ -126,6 +126,27 @@ pub struct PoolConfig {
     pub queue: QueueConfig,
     pub backends: Vec<BackendConfig>,
     pub launch: Option<LaunchConfig>,
+    /// Active health checks; `None` (no `[pools.X.health]`) means none.
+    pub health: Option<HealthConfig>,
+}
+
+/// `[pools.X.health]`: active HTTP health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Default `/health`.
+    pub path: String,
+    /// Default 2s, with ±10% jitter.
+    pub interval: Duration,
+    /// Default 1s.
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy (rise). Default 2.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy (fall). Default 3.
+    pub unhealthy_threshold: u32,
+    /// Passing statuses, inclusive. Default 200-299.
+    pub expect_status: (u16, u16),
+    /// A new backend takes traffic only after its first passing check. Default true.
+    pub gate_new_backends: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

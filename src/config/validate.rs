@@ -241,7 +241,44 @@ fn validate_pool(
         ));
     }
 
+    let health = match &p.health {
+        None => None,
+        Some(h) => {
+            let path = match &h.path {
+                None => "/health".to_string(),
+                Some(v) if !v.get_ref().starts_with('/') => {
+                    return Err(err(v.span(), format!("{}: must start with '/'", field("health.path"))))
+                }
+                Some(v) => v.get_ref().clone(),
+            };
+            let threshold = |v: &Option<Spanned<u32>>, f: &str, default: u32| match v {
+                None => Ok(default),
+                Some(t) if (1..=100).contains(t.get_ref()) => Ok(*t.get_ref()),
+                Some(t) => Err(err(t.span(), format!("{}: allowed range is 1..=100", field(f)))),
+            };
+            let expect_status = match &h.expect_status {
+                None => (200, 299),
+                Some(v) => parse_status_range(v.get_ref()).ok_or_else(|| {
+                    err(
+                        v.span(),
+                        format!("{}: expected a status or a range such as \"200-299\"", field("health.expect_status")),
+                    )
+                })?,
+            };
+            Some(HealthConfig {
+                path,
+                interval: duration(&h.interval, &field("health.interval"), Duration::from_secs(2))?,
+                timeout: duration(&h.timeout, &field("health.timeout"), Duration::from_secs(1))?,
+                healthy_threshold: threshold(&h.healthy_threshold, "health.healthy_threshold", 2)?,
+                unhealthy_threshold: threshold(&h.unhealthy_threshold, "health.unhealthy_threshold", 3)?,
+                expect_status,
+                gate_new_backends: h.gate_new_backends.unwrap_or(true),
+            })
+        }
+    };
+
     Ok(PoolConfig {
+        health,
         name: name.to_string(),
         balance,
         protocol,
@@ -304,6 +341,18 @@ fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, Conf
     }
 }
 
+/// `"200"` or `"200-299"`, within 100..=599.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = text.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
 /// Parses `ip:port`, or resolves `host:port` once.
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
@@ -361,6 +410,21 @@ mod tests {
         let e = parse(dup).unwrap_err();
         assert!(e.message.contains("duplicate backend"), "{e}");
         assert_eq!(e.line, Some(5));
+    }
+
+    #[test]
+    fn health_section() {
+        let t = format!("{MINIMAL}[pools.default.health]\ninterval = \"50ms\"\nexpect_status = \"200-204\"\n");
+        let h = parse(&t).unwrap().pools[0].health.clone().unwrap();
+        assert_eq!(h.path, "/health");
+        assert_eq!(h.interval, Duration::from_millis(50));
+        assert_eq!(h.expect_status, (200, 204));
+        assert_eq!((h.healthy_threshold, h.unhealthy_threshold, h.gate_new_backends), (2, 3, true));
+        assert!(parse(MINIMAL).unwrap().pools[0].health.is_none());
+        let bad = format!("{MINIMAL}[pools.default.health]\nexpect_status = \"299-200\"\n");
+        assert!(parse(&bad).unwrap_err().message.contains("expect_status"));
+        let bad = format!("{MINIMAL}[pools.default.health]\nunhealthy_threshold = 0\n");
+        assert!(parse(&bad).unwrap_err().message.contains("1..=100"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 /// Why a request could not be admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// No backend of the pool takes traffic at all.
+    /// No backend of the pool takes traffic, and none is starting.
     NoBackend,
     /// The queue was full.
     QueueFull,

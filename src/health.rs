@@ -1,0 +1,160 @@
+//! Active health checks: one task per pool probes every backend's `health.path` once per
+//! `interval` (±10% jitter), the probes spread evenly over the interval so a large pool never
+//! wakes all at once. Each probe is bounded by `health.timeout`.
+//!
+//! Results move a backend between states with rise/fall thresholds: `starting` becomes `healthy`
+//! on its first pass, `unhealthy` becomes `healthy` after `healthy_threshold` passes in a row, and
+//! `healthy` becomes `unhealthy` after `unhealthy_threshold` failures in a row. `draining` is
+//! never changed here. Off the request path: the data path only reads the state atomic.
+
+use crate::backend::{Backend, BackendState};
+use crate::config::HealthConfig;
+use crate::gateway::Gateway;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Checks pool `name` until `shutdown` resolves. Reads the current snapshot every round, so it
+/// follows the pool's backends and settings as they change.
+pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut probes = tokio::task::JoinSet::new();
+    loop {
+        let snapshot = gateway.snapshot();
+        let Some(pool) = snapshot.pool(&name).cloned() else { return };
+        drop(snapshot);
+        let Some(cfg) = pool.config.health.clone() else { return };
+        let interval = jittered(cfg.interval);
+        let start = Instant::now();
+        let n = pool.backends.len().max(1) as u32;
+        for (i, backend) in pool.backends.iter().enumerate() {
+            let at = start + interval * i as u32 / n;
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            let (backend, cfg) = (backend.clone(), cfg.clone());
+            probes.spawn(async move {
+                let pass = probe(&backend, &cfg).await;
+                apply(&backend, &cfg, pass);
+            });
+            while probes.try_join_next().is_some() {}
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep_until(start + interval) => {}
+        }
+    }
+}
+
+/// `interval` ± 10%.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
+/// One check: `GET path` on a fresh connection; passes on an expected status within the timeout.
+async fn probe(backend: &Backend, cfg: &HealthConfig) -> bool {
+    let check = async {
+        let stream = tokio::net::TcpStream::connect(backend.addr).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get(cfg.path.as_str())
+            .header(http::header::HOST, backend.label.as_ref())
+            .header(http::header::USER_AGENT, "headroom-health-check")
+            .body(Empty::new())
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        Some(resp.status().as_u16())
+    };
+    match tokio::time::timeout(cfg.timeout, check).await {
+        Ok(Some(status)) => (cfg.expect_status.0..=cfg.expect_status.1).contains(&status),
+        _ => false,
+    }
+}
+
+/// Applies one result to the backend's streaks and state.
+pub(crate) fn apply(backend: &Backend, cfg: &HealthConfig, pass: bool) {
+    let state = backend.state();
+    if state == BackendState::Draining {
+        return;
+    }
+    if pass {
+        backend.health_failures.store(0, Ordering::Relaxed);
+        let passes = backend.health_passes.fetch_add(1, Ordering::Relaxed) + 1;
+        let rises = match state {
+            BackendState::Starting => true,
+            BackendState::Unhealthy => passes >= cfg.healthy_threshold,
+            _ => false,
+        };
+        if rises {
+            tracing::info!(backend = %backend.addr, from = state.as_str(), "backend is healthy");
+            backend.set_state(BackendState::Healthy);
+        }
+    } else {
+        backend.health_passes.store(0, Ordering::Relaxed);
+        let failures = backend.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if state == BackendState::Healthy && failures >= cfg.unhealthy_threshold {
+            tracing::warn!(backend = %backend.addr, failures, "backend is unhealthy");
+            backend.set_state(BackendState::Unhealthy);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HealthConfig {
+        HealthConfig {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expect_status: (200, 299),
+            gate_new_backends: true,
+        }
+    }
+
+    #[test]
+    fn rise_and_fall_thresholds() {
+        let b = Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 1);
+        let c = cfg();
+        b.set_state(BackendState::Starting);
+        apply(&b, &c, true);
+        assert_eq!(b.state(), BackendState::Healthy, "a starting backend rises on its first pass");
+        apply(&b, &c, false);
+        apply(&b, &c, false);
+        assert_eq!(b.state(), BackendState::Healthy);
+        apply(&b, &c, true); // a pass resets the failure streak
+        for _ in 0..2 {
+            apply(&b, &c, false);
+        }
+        assert_eq!(b.state(), BackendState::Healthy);
+        apply(&b, &c, false);
+        assert_eq!(b.state(), BackendState::Unhealthy);
+        apply(&b, &c, true);
+        assert_eq!(b.state(), BackendState::Unhealthy);
+        apply(&b, &c, true);
+        assert_eq!(b.state(), BackendState::Healthy);
+        b.set_state(BackendState::Draining);
+        for _ in 0..5 {
+            apply(&b, &c, true);
+        }
+        assert_eq!(b.state(), BackendState::Draining, "health checks never undo a drain");
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..1000 {
+            let j = jittered(Duration::from_millis(1000));
+            assert!(j >= Duration::from_millis(900) && j <= Duration::from_millis(1100), "{j:?}");
+        }
+    }
+}

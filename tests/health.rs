@@ -1,0 +1,131 @@
+//! Active health checks with real backends: gating, fall, rise, killed backends, and traffic
+//! following the states.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A backend answering `/health` with 200 or 503 as the flag says, and anything else with
+/// `X-Backend: addr`.
+async fn backend(healthy: Arc<AtomicBool>) -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    TestBackend::serve(listener, move |req: Request<hyper::body::Incoming>| {
+        let (addr, healthy) = (addr.clone(), healthy.clone());
+        async move {
+            if req.uri().path() == "/health" {
+                let status = if healthy.load(Ordering::SeqCst) { 200 } else { 503 };
+                return Response::builder().status(status).body(full("")).unwrap();
+            }
+            Response::builder().header("x-backend", addr).body(full("ok")).unwrap()
+        }
+    })
+}
+
+const HEALTH: &str = "[pools.default.health]\ninterval = \"50ms\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
+
+async fn states(hr: &Headroom) -> Vec<(String, String)> {
+    hr.pools().await["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["addr"].as_str().unwrap().to_string(), b["state"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+async fn state_of(hr: &Headroom, addr: &str) -> String {
+    states(hr).await.into_iter().find(|(a, _)| a == addr).unwrap().1
+}
+
+async fn served_by(hr: &Headroom, n: usize) -> Vec<String> {
+    let c = client();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = c.request(Request::get(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        out.push(r.headers()["x-backend"].to_str().unwrap().to_string());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_is_ejected_and_readmitted() {
+    let a_ok = Arc::new(AtomicBool::new(true));
+    let a = backend(a_ok.clone()).await;
+    let b = backend(Arc::new(AtomicBool::new(true))).await;
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
+
+    poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+    let both = served_by(&hr, 20).await;
+    assert!(both.contains(&a_addr) && both.contains(&b_addr));
+
+    a_ok.store(false, Ordering::SeqCst);
+    poll_until(T, "a unhealthy", || async { state_of(&hr, &a_addr).await == "unhealthy" }).await;
+    assert!(served_by(&hr, 20).await.iter().all(|x| *x == b_addr), "traffic went to an unhealthy backend");
+
+    a_ok.store(true, Ordering::SeqCst);
+    poll_until(T, "a healthy again", || async { state_of(&hr, &a_addr).await == "healthy" }).await;
+    poll_until(T, "a serves again", || async { served_by(&hr, 10).await.contains(&a_addr) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_turns_unhealthy_and_all_down_is_503() {
+    let mut a = backend(Arc::new(AtomicBool::new(true))).await;
+    let b_ok = Arc::new(AtomicBool::new(true));
+    let b = backend(b_ok.clone()).await;
+    let a_addr = a.addr.to_string();
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
+    poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+
+    a.stop(); // the listener goes away: probes are refused
+    poll_until(T, "killed backend unhealthy", || async { state_of(&hr, &a_addr).await == "unhealthy" }).await;
+
+    b_ok.store(false, Ordering::SeqCst);
+    poll_until(T, "all unhealthy", || async { states(&hr).await.iter().all(|(_, s)| s == "unhealthy") }).await;
+    let started = std::time::Instant::now();
+    let (status, body) = get(&hr.url("/x")).await;
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("no backend available"));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at once, not after queueing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_backends_wait_for_their_first_passing_check() {
+    let a = backend(Arc::new(AtomicBool::new(false))).await; // never passes
+    let b = backend(Arc::new(AtomicBool::new(true))).await;
+    let (a_addr, b_addr) = (a.addr.to_string(), b.addr.to_string());
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
+    // Before any check has passed, nothing is served by a gated backend.
+    assert_eq!(state_of(&hr, &a_addr).await, "starting");
+    poll_until(T, "b admitted", || async { state_of(&hr, &b_addr).await == "healthy" }).await;
+    // Several rounds later a is still gated and has served nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&hr, &a_addr).await, "starting");
+    assert!(served_by(&hr, 20).await.iter().all(|x| *x == b_addr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_in_the_queue_while_every_backend_is_starting() {
+    let ok = Arc::new(AtomicBool::new(false));
+    let a = backend(ok.clone()).await;
+    let hr = Headroom::start(&format!(
+        "{}{HEALTH}",
+        config(&[(a.addr, 1)], "queue = { max_depth = 8, timeout = \"10s\" }", "")
+    ))
+    .await;
+    let url = hr.url("/x");
+    let waiting = tokio::spawn(async move { get(&url).await.0 });
+    poll_until(T, "request queued", || async { hr.queue_depth().await == 1 }).await;
+    assert_eq!(state_of(&hr, &a.addr.to_string()).await, "starting");
+    ok.store(true, Ordering::SeqCst);
+    assert_eq!(waiting.await.unwrap(), 200, "served once the backend passed its first check");
+}
