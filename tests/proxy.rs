@@ -534,3 +534,54 @@ async fn expect_100_continue_is_answered_once_and_not_forwarded() {
     assert_eq!(seen["body_len"], 5);
     assert!(seen["headers"].get("expect").is_none(), "Expect reached the backend");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_backend_finishes_its_stream_and_takes_no_new_requests() {
+    let (streaming, mut streams) = streaming_backend().await;
+    let other = TestBackend::ok().await;
+    let hr = Headroom::start(&config(&[(streaming.addr, 1000), (other.addr, 1)], "", "")).await;
+    // The heavy weight sends the first request to the streaming backend.
+    let resp = client().request(Request::get(hr.url("/stream")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let events = streams.recv().await.unwrap();
+    let mut body = resp.into_body();
+    events.send(Bytes::from_static(b"data: one\n\n")).await.unwrap();
+    body.frame().await.unwrap().unwrap();
+
+    let drain = |path: String| async move {
+        let r = client().request(Request::post(path).body(full(Bytes::new())).unwrap()).await.unwrap();
+        let status = r.status();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&r.into_body().collect().await.unwrap().to_bytes()).unwrap(),
+        )
+    };
+    let (status, v) = drain(format!("http://{}/api/pools/default/backends/{}/drain", hr.admin, streaming.addr)).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["state"], "draining");
+    assert_eq!(v["in_flight"], 1);
+    let (status, _) = drain(format!("http://{}/api/pools/default/backends/127.0.0.1:1/drain", hr.admin)).await;
+    assert_eq!(status, 404);
+    let (status, _) = drain(format!("http://{}/api/pools/nope/backends/{}/drain", hr.admin, streaming.addr)).await;
+    assert_eq!(status, 404);
+
+    // New requests go elsewhere despite the weight; the open stream still completes.
+    for _ in 0..10 {
+        let r = client().request(Request::get(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(r.headers()["x-backend"], other.addr.to_string());
+    }
+    events.send(Bytes::from_static(b"data: [DONE]\n\n")).await.unwrap();
+    drop(events);
+    assert_eq!(body.collect().await.unwrap().to_bytes(), "data: [DONE]\n\n");
+    poll_until(T, "drained backend idle", || async {
+        let pools = hr.pools().await;
+        let b = pools["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["addr"] == streaming.addr.to_string())
+            .cloned()
+            .unwrap();
+        b["state"] == "draining" && b["in_flight"] == 0
+    })
+    .await;
+}

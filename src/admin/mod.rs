@@ -1,11 +1,12 @@
 //! The admin listener: Prometheus metrics, a liveness probe and the JSON API.
 //!
-//! Off the data path: it reads the same snapshot and atomics the proxy uses, and never changes
-//! them (this issue's API is read-only).
+//! Off the data path: it reads the same snapshot and atomics the proxy uses; the only write is a
+//! backend's state (drain).
 //!
 //! - `GET /metrics`: Prometheus text.
 //! - `GET /healthz`: `ok` while the process serves.
 //! - `GET /api/pools`: pools, their queue depth and backends.
+//! - `POST /api/pools/{pool}/backends/{addr}/drain`: stop sending new requests to a backend.
 
 pub mod metrics;
 
@@ -91,11 +92,39 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         },
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
+        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
         (_, "/metrics" | "/healthz" | "/api/pools") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
         }
         _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
     }
+}
+
+/// `POST /api/pools/{pool}/backends/{addr}/drain`: the backend takes no new requests; in-flight
+/// ones finish. Answers with its state and how many requests are left.
+fn drain(gateway: &Gateway, path: &str) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
+    let [pool_name, "backends", addr, "drain"] = parts.as_slice() else {
+        return respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#);
+    };
+    let snap = gateway.snapshot();
+    let Some(pool) = snap.pool(pool_name) else {
+        let body = json!({ "error": format!("no pool {pool_name:?}") });
+        return respond(StatusCode::NOT_FOUND, "application/json", body.to_string());
+    };
+    let Some(backend) = pool.backends.iter().find(|b| b.label.as_ref() == *addr) else {
+        let body = json!({ "error": format!("pool {pool_name:?} has no backend {addr:?}") });
+        return respond(StatusCode::NOT_FOUND, "application/json", body.to_string());
+    };
+    backend.set_state(crate::backend::BackendState::Draining);
+    tracing::info!(pool = %pool_name, backend = %addr, in_flight = backend.in_flight(), "draining backend");
+    let body = json!({
+        "pool": pool_name,
+        "addr": addr,
+        "state": backend.state().as_str(),
+        "in_flight": backend.in_flight(),
+    });
+    respond(StatusCode::OK, "application/json", body.to_string())
 }
 
 /// Serves the admin API until `shutdown` resolves.
