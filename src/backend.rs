@@ -279,10 +279,17 @@ impl Pool {
     /// Picks a backend and claims a slot on it; `None` when nothing eligible is left.
     #[inline]
     pub fn try_acquire(&self) -> Option<InflightGuard> {
+        self.try_acquire_except(|_| false)
+    }
+
+    /// Like [`Pool::try_acquire`], never choosing a backend whose index `exclude` names
+    /// (failover: "not that one again").
+    #[inline]
+    pub fn try_acquire_except(&self, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
         // A pick can lose a race for the last slot of a backend; try a few times, then give up
         // (the caller queues, and is woken when a slot frees).
         for _ in 0..4 {
-            let i = self.balancer.pick(&self.backends, |_| false)?;
+            let i = self.balancer.pick(&self.backends, &exclude)?;
             if let Some(g) = self.backends[i].try_acquire() {
                 return Some(g);
             }
@@ -298,6 +305,11 @@ impl Pool {
     /// Whether some backend has a free slot right now.
     pub fn has_capacity(&self) -> bool {
         self.backends.iter().any(|b| b.is_eligible())
+    }
+
+    /// The index of `backend` in this pool.
+    pub fn index_of(&self, backend: &Arc<Backend>) -> Option<usize> {
+        self.backends.iter().position(|b| Arc::ptr_eq(b, backend))
     }
 
     pub fn in_flight(&self) -> u64 {

@@ -26,6 +26,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// How many other backends a request that never reached its backend may be sent to.
+const MAX_FAILOVER: usize = 2;
+
 /// The hyper service for one client connection.
 #[derive(Clone)]
 pub struct ProxyService(Arc<ConnCtx>);
@@ -156,51 +159,55 @@ impl ConnCtx {
                 parts.headers.insert(header::HOST, h);
             }
         }
-        // HTTP/1.1 upstream wants origin-form (rebuilt only if the client sent absolute-form or
-        // came over h2); h2c wants the absolute form.
-        match cfg.protocol {
-            crate::config::Protocol::Http1 => {
-                if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-                    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                    parts.uri = path.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-                }
-                parts.version = Version::HTTP_11;
-            }
-            crate::config::Protocol::H2c => {
-                let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                parts.uri = format!("http://{}{}", backend.addr, path)
-                    .parse::<Uri>()
-                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-                parts.version = Version::HTTP_2;
-            }
+        // Upstream requests are origin-form (the h2c sender makes its own absolute form).
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            parts.uri = path.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         }
+        parts.version = Version::HTTP_11;
         // A declared length was checked above and hyper holds the client to it; bodies of unknown
         // length are counted as they stream.
         let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
         let upstream_req = Request::from_parts(parts, body);
 
-        // 5. Send, bounded by the response header timeout.
-        let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, upstream_req)).await;
-        let (resp, conn) = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let e = match body_outcome.map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
-                    Some(body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
-                    Some(body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
-                    _ => e,
-                };
-                let status = e.status().as_u16();
-                backend.count_response(status, e.status().is_server_error());
-                backend.metrics.observe(status, started.elapsed().as_secs_f64());
-                track.counted_on_backend = true;
-                return Err(e);
-            }
-            Err(_) => {
-                backend.count_response(504, true);
-                backend.metrics.observe(504, started.elapsed().as_secs_f64());
-                track.counted_on_backend = true;
-                return Err(ProxyError::ResponseTimeout(cfg.response_header_timeout));
-            }
+        // 5. Send, bounded by the response header timeout. A request that never reached its
+        //    backend (no connection) goes to another one, up to MAX_FAILOVER times.
+        let mut guard = guard;
+        let mut backend = backend;
+        let mut req = upstream_req;
+        let mut tried: Vec<usize> = Vec::new();
+        let (resp, conn) = loop {
+            let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, req)).await;
+            let e = match sent {
+                Ok(Ok(r)) => break r,
+                Ok(Err(upstream::SendError { error, unsent: Some(back) })) if tried.len() < MAX_FAILOVER => {
+                    tried.extend(pool.index_of(&backend));
+                    match pool.try_acquire_except(|i| tried.contains(&i)) {
+                        Some(next) => {
+                            backend.count_response(error.status().as_u16(), true);
+                            tracing::debug!(failed = %backend.addr, next = %next.backend().addr, error = %error, "failing over");
+                            guard = next;
+                            backend = guard.backend().clone();
+                            req = back;
+                            continue;
+                        }
+                        None => error,
+                    }
+                }
+                Ok(Err(upstream::SendError { error, .. })) => {
+                    match body_outcome.as_ref().map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
+                        Some(body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
+                        Some(body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
+                        _ => error,
+                    }
+                }
+                Err(_) => ProxyError::ResponseTimeout(cfg.response_header_timeout),
+            };
+            let status = e.status().as_u16();
+            backend.count_response(status, e.status().is_server_error());
+            backend.metrics.observe(status, started.elapsed().as_secs_f64());
+            track.counted_on_backend = true;
+            return Err(e);
         };
 
         // 6. Stream the response back; the slot and connection travel with the body.

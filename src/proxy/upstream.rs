@@ -73,13 +73,31 @@ impl Conns {
     }
 }
 
+/// A failed send. `unsent` holds the request when it certainly never reached the backend (no
+/// connection could be made, or hyper handed it back unwritten): only then is trying another
+/// backend safe for any method and body.
+pub struct SendError {
+    pub error: ProxyError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    fn unsent(error: ProxyError, req: Request<RequestBody>) -> Self {
+        SendError { error, unsent: Some(req) }
+    }
+
+    fn sent(error: ProxyError) -> Self {
+        SendError { error, unsent: None }
+    }
+}
+
 /// Sends `req` to `backend`. On success returns the response and, for HTTP/1.1, the connection
 /// to give back once the body is done.
 pub async fn send(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Option<H1Sender>), ProxyError> {
+) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
     match pool.protocol {
         Protocol::Http1 => send_h1(backend, pool, req).await.map(|(r, c)| (r, Some(c))),
         Protocol::H2c => send_h2(backend, pool, req).await.map(|r| (r, None)),
@@ -90,7 +108,7 @@ async fn send_h1(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     mut req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, H1Sender), ProxyError> {
+) -> Result<(Response<Incoming>, H1Sender), SendError> {
     // A pooled connection can turn out to be closed by the backend at the very moment we use it;
     // hyper hands the request back when it was never written, and then a fresh connection is safe.
     let mut fresh_tries = 0;
@@ -99,15 +117,22 @@ async fn send_h1(
             Some(c) => c,
             None => {
                 fresh_tries += 1;
-                connect_h1(backend, pool).await?
+                match connect_h1(backend, pool).await {
+                    Ok(c) => c,
+                    Err(e) => return Err(SendError::unsent(e, req)),
+                }
             }
         };
         match conn.try_send_request(req).await {
             Ok(resp) => return Ok((resp, conn)),
-            Err(mut e) => match e.take_message() {
-                Some(back) if fresh_tries < 2 => req = back,
-                _ => return Err(ProxyError::Upstream(error_chain(e.error()))),
-            },
+            Err(mut e) => {
+                let error = ProxyError::Upstream(error_chain(e.error()));
+                match e.take_message() {
+                    Some(back) if fresh_tries < 2 => req = back,
+                    Some(back) => return Err(SendError::unsent(error, back)),
+                    None => return Err(SendError::sent(error)),
+                }
+            }
         }
     }
 }
@@ -154,18 +179,33 @@ async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, Pr
 async fn send_h2(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
-    req: Request<RequestBody>,
-) -> Result<Response<Incoming>, ProxyError> {
+    mut req: Request<RequestBody>,
+) -> Result<Response<Incoming>, SendError> {
+    // h2 wants the absolute form, naming this backend.
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    match format!("http://{}{}", backend.addr, path).parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return Err(SendError::sent(ProxyError::BadRequest("invalid request target"))),
+    }
+    *req.version_mut() = http::Version::HTTP_2;
     let existing = backend.conns.h2.load_full().filter(|s| !s.is_closed());
     let mut sender = match existing {
         Some(s) => (*s).clone(),
-        None => {
-            let s = connect_h2(backend, pool).await?;
-            backend.conns.h2.store(Some(Arc::new(s.clone())));
-            s
-        }
+        None => match connect_h2(backend, pool).await {
+            Ok(s) => {
+                backend.conns.h2.store(Some(Arc::new(s.clone())));
+                s
+            }
+            Err(e) => return Err(SendError::unsent(e, req)),
+        },
     };
-    sender.send_request(req).await.map_err(|e| ProxyError::Upstream(error_chain(&e)))
+    sender.try_send_request(req).await.map_err(|mut e| {
+        let error = ProxyError::Upstream(error_chain(e.error()));
+        match e.take_message() {
+            Some(back) => SendError::unsent(error, back),
+            None => SendError::sent(error),
+        }
+    })
 }
 
 async fn connect_h2(backend: &Backend, pool: &PoolConfig) -> Result<H2Sender, ProxyError> {
