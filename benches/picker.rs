@@ -33,6 +33,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         backends,
         launch: None,
         health: None,
+        outlier: None,
     };
     let p = Pool::build(cfg, &[], None);
     // Some standing load, so scores differ and the picker has real work to do.

@@ -10,7 +10,7 @@
 
 use crate::admin::metrics::BackendMetrics;
 use crate::balance::Balancer;
-use crate::config::{BackendConfig, PoolConfig};
+use crate::config::{BackendConfig, OutlierConfig, PoolConfig};
 use crate::proxy::upstream::Conns;
 use crate::scale::queue::AdmissionQueue;
 use std::net::SocketAddr;
@@ -28,6 +28,8 @@ pub enum BackendState {
     Starting = 2,
     /// Failed `unhealthy_threshold` active checks in a row.
     Unhealthy = 3,
+    /// Taken out by passive ejection until a time.
+    Ejected = 4,
 }
 
 impl BackendState {
@@ -36,6 +38,7 @@ impl BackendState {
             0 => Self::Healthy,
             2 => Self::Starting,
             3 => Self::Unhealthy,
+            4 => Self::Ejected,
             _ => Self::Draining,
         }
     }
@@ -46,6 +49,7 @@ impl BackendState {
             Self::Draining => "draining",
             Self::Starting => "starting",
             Self::Unhealthy => "unhealthy",
+            Self::Ejected => "ejected",
         }
     }
 }
@@ -71,6 +75,12 @@ pub struct Backend {
     /// Consecutive passing / failing active health checks.
     pub(crate) health_passes: AtomicU32,
     pub(crate) health_failures: AtomicU32,
+    /// Consecutive failed responses (passive ejection), times ejected, and until when (`now_ms`).
+    outlier_failures: AtomicU32,
+    ejections: AtomicU32,
+    pub(crate) ejected_until_ms: AtomicU64,
+    /// State shared by the backends of one pool (passive ejection settings and count).
+    pool_state: Arc<PoolState>,
     /// The admission queue of the pool this backend belongs to, woken when a slot frees.
     queue: Arc<AdmissionQueue>,
     pub(crate) conns: Conns,
@@ -78,7 +88,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(pool: &str, cfg: &BackendConfig, queue: Arc<AdmissionQueue>) -> Self {
+    pub fn new(pool: &str, cfg: &BackendConfig, queue: Arc<AdmissionQueue>, pool_state: Arc<PoolState>) -> Self {
         let label: Arc<str> = Arc::from(cfg.addr.to_string());
         Backend {
             addr: cfg.addr,
@@ -94,6 +104,10 @@ impl Backend {
             errors: AtomicU64::new(0),
             health_passes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
+            outlier_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            pool_state,
             queue,
             conns: Conns::new(cfg.max_inflight),
         }
@@ -102,7 +116,7 @@ impl Backend {
     /// A backend outside any pool, for benches and tests of the pickers.
     pub fn standalone(addr: SocketAddr, weight: u32, max_inflight: u32) -> Self {
         let cfg = BackendConfig { addr, weight, max_inflight };
-        Self::new("standalone", &cfg, Arc::new(AdmissionQueue::new(0)))
+        Self::new("standalone", &cfg, Arc::new(AdmissionQueue::new(0)), Arc::new(PoolState::default()))
     }
 
     #[inline]
@@ -180,6 +194,55 @@ impl Backend {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.metrics.record(status);
+        self.observe_outcome(failed || status >= 500);
+    }
+
+    /// Passive ejection: enough failures in a row take the backend out for a while.
+    #[inline]
+    fn observe_outcome(&self, failed: bool) {
+        if !failed {
+            if self.outlier_failures.load(Ordering::Relaxed) != 0 {
+                self.outlier_failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let guard = self.pool_state.outlier.load();
+        let Some(cfg) = guard.as_ref() else { return };
+        let failures = self.outlier_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= cfg.consecutive_failures && self.state() == BackendState::Healthy {
+            self.eject(cfg);
+        }
+    }
+
+    fn eject(&self, cfg: &OutlierConfig) {
+        let size = self.pool_state.size.load(Ordering::Relaxed);
+        let allowed = size * cfg.max_ejected_percent / 100;
+        let ejected = &self.pool_state.ejected;
+        let mut cur = ejected.load(Ordering::Relaxed);
+        loop {
+            if cur >= allowed {
+                return;
+            }
+            match ejected.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        let taken = self.hot.state.compare_exchange(
+            BackendState::Healthy as u8,
+            BackendState::Ejected as u8,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        if taken.is_err() {
+            ejected.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = cfg.base_ejection.saturating_mul(times).min(cfg.max_ejection);
+        self.ejected_until_ms.store(crate::proxy::conn::now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+        self.outlier_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(backend = %self.addr, times, ?duration, "backend ejected after consecutive failures");
     }
 
     /// Claims one unit of capacity, unless the backend is full or not serving.
@@ -226,12 +289,24 @@ impl Drop for InflightGuard {
     }
 }
 
+/// State shared by the backends of one pool and carried across snapshots.
+#[derive(Default)]
+pub struct PoolState {
+    /// Passive ejection settings; `None` when the pool has none.
+    pub outlier: arc_swap::ArcSwapOption<OutlierConfig>,
+    /// Backends in the pool (for the ejection cap).
+    pub size: AtomicU32,
+    /// Backends ejected right now.
+    pub ejected: AtomicU32,
+}
+
 /// A pool of interchangeable backends, immutable once built (one per config snapshot).
 pub struct Pool {
     pub config: PoolConfig,
     pub backends: Vec<Arc<Backend>>,
     pub balancer: Balancer,
     pub queue: Arc<AdmissionQueue>,
+    pub state: Arc<PoolState>,
     pub metrics: crate::admin::metrics::PoolMetrics,
 }
 
@@ -245,6 +320,8 @@ impl Pool {
             }
             None => Arc::new(AdmissionQueue::new(config.queue.max_depth)),
         };
+        let state = existing.map(|old| old.state.clone()).unwrap_or_default();
+        state.outlier.store(config.outlier.clone().map(Arc::new));
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
@@ -257,7 +334,7 @@ impl Pool {
                         old.clone()
                     }
                     None => {
-                        let fresh = Arc::new(Backend::new(&config.name, b, queue.clone()));
+                        let fresh = Arc::new(Backend::new(&config.name, b, queue.clone(), state.clone()));
                         if config.health.as_ref().is_some_and(|h| h.gate_new_backends) {
                             fresh.set_state(BackendState::Starting);
                         }
@@ -266,6 +343,7 @@ impl Pool {
                 }
             })
             .collect();
+        state.size.store(backends.len() as u32, Ordering::Relaxed);
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         Pool {
             balancer: Balancer::new(config.balance, &weights),
@@ -273,6 +351,7 @@ impl Pool {
             config,
             backends,
             queue,
+            state,
         }
     }
 

@@ -6,6 +6,9 @@
 //! on its first pass, `unhealthy` becomes `healthy` after `healthy_threshold` passes in a row, and
 //! `healthy` becomes `unhealthy` after `unhealthy_threshold` failures in a row. `draining` is
 //! never changed here. Off the request path: the data path only reads the state atomic.
+//!
+//! Passive ejection happens on the data path (`Backend::count_response`); this module owns the
+//! clock that returns ejected backends to service when their time is up.
 
 use crate::backend::{Backend, BackendState};
 use crate::config::HealthConfig;
@@ -48,6 +51,38 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep_until(start + interval) => {}
+        }
+    }
+}
+
+/// Returns pool `name`'s ejected backends to service when their ejection ends, and keeps the
+/// pool's ejected count exact (a drain of an ejected backend, say, is accounted for here). The
+/// count can briefly lag by one between ticks, so a racing ejection may exceed the cap by one.
+pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let snapshot = gateway.snapshot();
+        let Some(pool) = snapshot.pool(&name).cloned() else { return };
+        drop(snapshot);
+        let Some(cfg) = pool.config.outlier.clone() else { return };
+        let now = crate::proxy::conn::now_ms();
+        let mut still_ejected = 0;
+        for b in &pool.backends {
+            if b.state() != BackendState::Ejected {
+                continue;
+            }
+            if now >= b.ejected_until_ms.load(Ordering::Relaxed) {
+                tracing::info!(backend = %b.addr, "ejection over; backend back in service");
+                b.set_state(BackendState::Healthy);
+            } else {
+                still_ejected += 1;
+            }
+        }
+        pool.state.ejected.store(still_ejected, Ordering::Relaxed);
+        let tick = (cfg.base_ejection / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(tick) => {}
         }
     }
 }

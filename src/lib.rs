@@ -117,8 +117,14 @@ pub async fn run_with_workers(
         tracing::info!(%addr, "admin listening");
     }
     tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, stopped(stop_rx.clone())));
-    for pool in gateway.snapshot().pools.iter().filter(|p| p.config.health.is_some()) {
-        tasks.spawn(health::run_pool(gateway.clone(), pool.config.name.clone(), stopped(stop_rx.clone())));
+    for pool in gateway.snapshot().pools.iter() {
+        let name = pool.config.name.clone();
+        if pool.config.health.is_some() {
+            tasks.spawn(health::run_pool(gateway.clone(), name.clone(), stopped(stop_rx.clone())));
+        }
+        if pool.config.outlier.is_some() {
+            tasks.spawn(health::readmit_pool(gateway.clone(), name, stopped(stop_rx.clone())));
+        }
     }
 
     shutdown.await;

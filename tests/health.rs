@@ -129,3 +129,60 @@ async fn requests_wait_in_the_queue_while_every_backend_is_starting() {
     ok.store(true, Ordering::SeqCst);
     assert_eq!(waiting.await.unwrap(), 200, "served once the backend passed its first check");
 }
+
+/// Answers every request with `status` and `X-Backend`.
+async fn answering(status: u16) -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    TestBackend::serve(listener, move |_req| {
+        let addr = addr.clone();
+        async move { Response::builder().status(status).header("x-backend", addr).body(full("")).unwrap() }
+    })
+}
+
+const OUTLIER: &str = "[pools.default.outlier]\nconsecutive_failures = 3\nbase_ejection = \"300ms\"\nmax_ejection = \"2s\"\nmax_ejected_percent = 50\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_is_ejected_by_real_traffic_and_readmitted() {
+    let bad = answering(500).await;
+    let good = answering(200).await;
+    let bad_addr = bad.addr.to_string();
+    let hr = Headroom::start(&format!("{}{OUTLIER}", config(&[(bad.addr, 1), (good.addr, 1)], "", ""))).await;
+
+    // Traffic until the bad backend has failed three times in a row.
+    let c = client();
+    poll_until(T, "bad backend ejected", || {
+        let (c, url) = (c.clone(), hr.url("/x"));
+        let hr = &hr;
+        let bad_addr = bad_addr.clone();
+        async move {
+            let _ = c.request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
+            state_of(hr, &bad_addr).await == "ejected"
+        }
+    })
+    .await;
+    let hits_before = bad.hits.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        let (status, _) = get(&hr.url("/x")).await;
+        assert_eq!(status, 200, "an ejected backend was used");
+    }
+    assert_eq!(bad.hits.load(Ordering::SeqCst), hits_before);
+    // Readmitted after base_ejection, without any health check.
+    poll_until(T, "readmitted", || async { state_of(&hr, &bad_addr).await == "healthy" }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_never_takes_more_than_the_allowed_share() {
+    let a = answering(500).await;
+    let b = answering(500).await;
+    let hr = Headroom::start(&format!("{}{OUTLIER}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
+    let mut saw_ejection = false;
+    for _ in 0..20 {
+        let (status, _) = get(&hr.url("/x")).await;
+        assert_eq!(status, 500);
+        let ejected = states(&hr).await.iter().filter(|(_, s)| s == "ejected").count();
+        assert!(ejected <= 1, "more than 50% of the pool ejected");
+        saw_ejection |= ejected == 1;
+    }
+    assert!(saw_ejection, "nothing was ejected at all");
+}

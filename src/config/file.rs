@@ -59,6 +59,16 @@ pub struct FilePool {
     pub backends: Vec<FileBackend>,
     pub launch: Option<Spanned<FileLaunch>>,
     pub health: Option<FileHealth>,
+    pub outlier: Option<FileOutlier>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOutlier {
+    pub consecutive_failures: Option<Spanned<u32>>,
+    pub base_ejection: Option<Spanned<String>>,
+    pub max_ejection: Option<Spanned<String>>,
+    pub max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -128,6 +128,21 @@ pub struct PoolConfig {
     pub launch: Option<LaunchConfig>,
     /// Active health checks; `None` (no `[pools.X.health]`) means none.
     pub health: Option<HealthConfig>,
+    /// Passive ejection; `None` (no `[pools.X.outlier]`) means none.
+    pub outlier: Option<OutlierConfig>,
+}
+
+/// `[pools.X.outlier]`: ejection on failures seen in real traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect errors, 5xx, timeouts) that eject a backend. Default 5.
+    pub consecutive_failures: u32,
+    /// Ejection time, multiplied by the number of times ejected. Default 30s.
+    pub base_ejection: Duration,
+    /// Cap on the ejection time. Default 300s.
+    pub max_ejection: Duration,
+    /// At most this share of the pool is ejected at once. Default 50.
+    pub max_ejected_percent: u32,
 }
 
 /// `[pools.X.health]`: active HTTP health checks.

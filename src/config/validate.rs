@@ -277,8 +277,37 @@ fn validate_pool(
         }
     };
 
+    let outlier = match &p.outlier {
+        None => None,
+        Some(o) => Some(OutlierConfig {
+            consecutive_failures: match &o.consecutive_failures {
+                None => 5,
+                Some(v) if (1..=1000).contains(v.get_ref()) => *v.get_ref(),
+                Some(v) => {
+                    return Err(err(
+                        v.span(),
+                        format!("{}: allowed range is 1..=1000", field("outlier.consecutive_failures")),
+                    ))
+                }
+            },
+            base_ejection: duration(&o.base_ejection, &field("outlier.base_ejection"), Duration::from_secs(30))?,
+            max_ejection: duration(&o.max_ejection, &field("outlier.max_ejection"), Duration::from_secs(300))?,
+            max_ejected_percent: match &o.max_ejected_percent {
+                None => 50,
+                Some(v) if *v.get_ref() <= 100 => *v.get_ref(),
+                Some(v) => {
+                    return Err(err(
+                        v.span(),
+                        format!("{}: allowed range is 0..=100", field("outlier.max_ejected_percent")),
+                    ))
+                }
+            },
+        }),
+    };
+
     Ok(PoolConfig {
         health,
+        outlier,
         name: name.to_string(),
         balance,
         protocol,
