@@ -6,6 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,4 +186,60 @@ async fn ejection_never_takes_more_than_the_allowed_share() {
         saw_ejection |= ejected == 1;
     }
     assert!(saw_ejection, "nothing was ejected at all");
+}
+
+/// A body that sends one event, then fails 50 ms later (after it went out on the wire).
+struct BreaksLater {
+    sent: bool,
+    later: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for BreaksLater {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        if !self.sent {
+            self.sent = true;
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"data: partial\n\n")))));
+        }
+        match self.later.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(std::io::Error::other("backend crashed")))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_by_the_backend_is_never_passed_off_as_complete() {
+    let backend = TestBackend::start(|_req| async {
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(
+                BreaksLater { sent: false, later: Box::pin(tokio::time::sleep(Duration::from_millis(50))) }
+                    .map_err(|e| Box::new(e) as BoxError)
+                    .boxed(),
+            )
+            .unwrap()
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+
+    // HTTP/1.1: the chunked response is cut without its final chunk.
+    let raw_resp = raw(hr.addr, b"GET /s HTTP/1.1\r\nHost: a\r\n\r\n", T).await;
+    assert!(raw_resp.starts_with("HTTP/1.1 200"), "{raw_resp}");
+    assert!(raw_resp.contains("data: partial"), "{raw_resp}");
+    assert!(!raw_resp.ends_with("0\r\n\r\n"), "a broken stream ended like a complete one: {raw_resp:?}");
+
+    // A client library sees an error, not a short but valid body; over h2 as well (RST_STREAM).
+    let r = client().request(Request::get(hr.url("/s")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert!(r.into_body().collect().await.is_err());
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    let r = h2.request(Request::get(hr.url("/s")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert!(r.into_body().collect().await.is_err());
 }

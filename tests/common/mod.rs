@@ -21,16 +21,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-pub type Body = BoxBody<Bytes, Infallible>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies of test backends and clients; the error lets a backend fail a body on purpose.
+pub type Body = BoxBody<Bytes, BoxError>;
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).boxed()
+    Full::new(b.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 /// A body fed by a channel: each message is one frame, sent when the test says so.
 pub fn channel_body() -> (mpsc::Sender<Bytes>, Body) {
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    (tx, ChannelBody(rx).boxed())
+    (tx, ChannelBody(rx).map_err(|never: Infallible| match never {}).boxed())
 }
 
 struct ChannelBody(mpsc::Receiver<Bytes>);
