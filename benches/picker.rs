@@ -19,6 +19,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
             addr: format!("10.{}.{}.{}:8000", i >> 16, (i >> 8) & 255, i & 255).parse().unwrap(),
             weight: 1 + (i % 4) as u32,
             max_inflight: 1_000_000,
+            backup: false,
         })
         .collect();
     let cfg = PoolConfig {

@@ -14,7 +14,7 @@ use crate::config::{BackendConfig, OutlierConfig, PoolConfig};
 use crate::proxy::upstream::Conns;
 use crate::scale::queue::AdmissionQueue;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Lifecycle state of a backend. Only `Healthy` takes new requests.
@@ -72,6 +72,8 @@ pub struct Backend {
     pub label: Arc<str>,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// A backup backend: used only when no primary of its pool is up.
+    backup: AtomicBool,
     /// Consecutive passing / failing active health checks.
     pub(crate) health_passes: AtomicU32,
     pub(crate) health_failures: AtomicU32,
@@ -102,6 +104,7 @@ impl Backend {
             },
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            backup: AtomicBool::new(cfg.backup),
             health_passes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
             outlier_failures: AtomicU32::new(0),
@@ -115,7 +118,7 @@ impl Backend {
 
     /// A backend outside any pool, for benches and tests of the pickers.
     pub fn standalone(addr: SocketAddr, weight: u32, max_inflight: u32) -> Self {
-        let cfg = BackendConfig { addr, weight, max_inflight };
+        let cfg = BackendConfig { addr, weight, max_inflight, backup: false };
         Self::new("standalone", &cfg, Arc::new(AdmissionQueue::new(0)), Arc::new(PoolState::default()))
     }
 
@@ -150,7 +153,12 @@ impl Backend {
     }
 
     /// Applies new settings from config (the backend keeps its counters and connections).
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
     pub fn update(&self, cfg: &BackendConfig) {
+        self.backup.store(cfg.backup, Ordering::Relaxed);
         self.hot.weight.store(cfg.weight.max(1), Ordering::Relaxed);
         self.hot.max_inflight.store(cfg.max_inflight.max(1), Ordering::Relaxed);
     }
@@ -307,6 +315,8 @@ pub struct Pool {
     pub balancer: Balancer,
     pub queue: Arc<AdmissionQueue>,
     pub state: Arc<PoolState>,
+    /// Whether any backend is a backup (the pickers only look at tiers when so).
+    has_backups: bool,
     pub metrics: crate::admin::metrics::PoolMetrics,
 }
 
@@ -348,6 +358,7 @@ impl Pool {
         Pool {
             balancer: Balancer::new(config.balance, &weights),
             metrics: crate::admin::metrics::PoolMetrics::new(&config.name),
+            has_backups: backends.iter().any(|b| b.is_backup()),
             config,
             backends,
             queue,
@@ -365,10 +376,13 @@ impl Pool {
     /// (failover: "not that one again").
     #[inline]
     pub fn try_acquire_except(&self, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
+        // Only the tier in use is eligible: primaries while any is up, else the backups.
+        let backups = self.has_backups && self.using_backups();
+        let exclude = |i: usize| exclude(i) || (self.has_backups && self.backends[i].is_backup() != backups);
         // A pick can lose a race for the last slot of a backend; try a few times, then give up
         // (the caller queues, and is woken when a slot frees).
         for _ in 0..4 {
-            let i = self.balancer.pick(&self.backends, &exclude)?;
+            let i = self.balancer.pick(&self.backends, exclude)?;
             if let Some(g) = self.backends[i].try_acquire() {
                 return Some(g);
             }
@@ -381,9 +395,15 @@ impl Pool {
         self.backends.iter().any(|b| matches!(b.state(), BackendState::Healthy | BackendState::Starting))
     }
 
-    /// Whether some backend has a free slot right now.
+    /// Whether some backend of the tier in use has a free slot right now.
     pub fn has_capacity(&self) -> bool {
-        self.backends.iter().any(|b| b.is_eligible())
+        let backups = self.has_backups && self.using_backups();
+        self.backends.iter().any(|b| b.is_eligible() && (!self.has_backups || b.is_backup() == backups))
+    }
+
+    /// True when no primary backend is healthy, so the backups serve.
+    pub fn using_backups(&self) -> bool {
+        !self.backends.iter().any(|b| !b.is_backup() && b.state() == BackendState::Healthy)
     }
 
     /// The index of `backend` in this pool.

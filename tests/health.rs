@@ -243,3 +243,26 @@ async fn a_stream_broken_by_the_backend_is_never_passed_off_as_complete() {
     let r = h2.request(Request::get(hr.url("/s")).body(full(Bytes::new())).unwrap()).await.unwrap();
     assert!(r.into_body().collect().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_backends_serve_only_while_no_primary_is_up() {
+    let primary_ok = Arc::new(AtomicBool::new(true));
+    let primary = backend(primary_ok.clone()).await;
+    let backup = backend(Arc::new(AtomicBool::new(true))).await;
+    let (p_addr, b_addr) = (primary.addr.to_string(), backup.addr.to_string());
+    let toml = format!(
+        "[pools.default]\nmax_inflight_per_backend = 4\n[[pools.default.backends]]\naddr = \"{p_addr}\"\n\
+         [[pools.default.backends]]\naddr = \"{b_addr}\"\nbackup = true\n{HEALTH}"
+    );
+    let hr = Headroom::start(&toml).await;
+    poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+    assert!(served_by(&hr, 20).await.iter().all(|x| *x == p_addr), "a backup served while the primary was up");
+
+    primary_ok.store(false, Ordering::SeqCst);
+    poll_until(T, "primary unhealthy", || async { state_of(&hr, &p_addr).await == "unhealthy" }).await;
+    assert!(served_by(&hr, 20).await.iter().all(|x| *x == b_addr), "the backup did not take over");
+
+    primary_ok.store(true, Ordering::SeqCst);
+    poll_until(T, "primary back", || async { state_of(&hr, &p_addr).await == "healthy" }).await;
+    assert!(served_by(&hr, 20).await.iter().all(|x| *x == p_addr), "traffic did not return to the primary");
+}

@@ -96,6 +96,7 @@ pub struct FileBackend {
     pub addr: Spanned<String>,
     pub weight: Option<Spanned<u32>>,
     pub max_inflight: Option<Spanned<u32>>,
+    pub backup: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -179,6 +179,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// The backend's capacity (in-flight requests).
     pub max_inflight: u32,
+    /// Used only when no primary (non-backup) backend of the pool is up. Default false.
+    pub backup: bool,
 }
 
 /// Backends headroom starts itself as local processes.

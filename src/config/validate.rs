@@ -349,7 +349,7 @@ fn validate_backend(
         None => default_capacity,
         Some(v) => check_capacity(v, &format!("pools.{pool}.backends.max_inflight"), text)?,
     };
-    Ok(BackendConfig { addr, weight, max_inflight })
+    Ok(BackendConfig { addr, weight, max_inflight, backup: b.backup.unwrap_or(false) })
 }
 
 fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {

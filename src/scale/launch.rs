@@ -74,7 +74,7 @@ pub async fn launch_all(config: &Config) -> Result<(Vec<Vec<BackendConfig>>, Lau
                         source,
                     })?;
                 launched.children.push(child);
-                added.push(BackendConfig { addr, weight: l.weight, max_inflight: l.max_inflight });
+                added.push(BackendConfig { addr, weight: l.weight, max_inflight: l.max_inflight, backup: false });
             }
             let n = launched.children.len();
             let first = n - added.len();
