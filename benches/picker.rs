@@ -30,6 +30,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         connect_timeout: Duration::from_secs(1),
         response_header_timeout: Duration::from_secs(1),
         stream_idle_timeout: Duration::from_secs(1),
+        panic_threshold: 0.0,
         queue: QueueConfig { max_depth: 0, timeout: Duration::from_secs(1) },
         backends,
         launch: None,

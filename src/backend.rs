@@ -253,6 +253,14 @@ impl Backend {
         tracing::warn!(backend = %self.addr, times, ?duration, "backend ejected after consecutive failures");
     }
 
+    /// Claims one unit of capacity on any backend that is not draining (panic mode).
+    fn try_acquire_in_panic(self: &Arc<Self>) -> Option<InflightGuard> {
+        if self.state() == BackendState::Draining {
+            return None;
+        }
+        self.claim()
+    }
+
     /// Claims one unit of capacity, unless the backend is full or not serving.
     /// A compare-and-swap loop, so two racing picks can never push it past `max_inflight`.
     #[inline]
@@ -260,6 +268,11 @@ impl Backend {
         if !self.is_serving() {
             return None;
         }
+        self.claim()
+    }
+
+    #[inline]
+    fn claim(self: &Arc<Self>) -> Option<InflightGuard> {
         let max = self.max_inflight();
         let mut current = self.hot.in_flight.load(Ordering::Relaxed);
         loop {
@@ -376,6 +389,9 @@ impl Pool {
     /// (failover: "not that one again").
     #[inline]
     pub fn try_acquire_except(&self, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
+        if self.config.panic_threshold > 0.0 && self.in_panic() {
+            return self.acquire_in_panic(&exclude);
+        }
         // Only the tier in use is eligible: primaries while any is up, else the backups.
         let backups = self.has_backups && self.using_backups();
         let exclude = |i: usize| exclude(i) || (self.has_backups && self.backends[i].is_backup() != backups);
@@ -392,13 +408,52 @@ impl Pool {
 
     /// Whether any backend takes traffic, or is about to (`starting`): worth queueing for.
     pub fn any_serving(&self) -> bool {
+        if self.config.panic_threshold > 0.0 && self.in_panic() {
+            return self.backends.iter().any(|b| b.state() != BackendState::Draining);
+        }
         self.backends.iter().any(|b| matches!(b.state(), BackendState::Healthy | BackendState::Starting))
     }
 
     /// Whether some backend of the tier in use has a free slot right now.
     pub fn has_capacity(&self) -> bool {
+        if self.config.panic_threshold > 0.0 && self.in_panic() {
+            return self
+                .backends
+                .iter()
+                .any(|b| b.state() != BackendState::Draining && b.in_flight() < b.max_inflight());
+        }
         let backups = self.has_backups && self.using_backups();
         self.backends.iter().any(|b| b.is_eligible() && (!self.has_backups || b.is_backup() == backups))
+    }
+
+    /// Whether the healthy share of the pool is below `panic_threshold`.
+    pub fn in_panic(&self) -> bool {
+        let healthy = self.backends.iter().filter(|b| b.state() == BackendState::Healthy).count();
+        (healthy as f64) < self.config.panic_threshold * self.backends.len() as f64
+    }
+
+    /// Panic mode: the least loaded backend that is not draining, whatever its health.
+    fn acquire_in_panic(&self, exclude: &impl Fn(usize) -> bool) -> Option<InflightGuard> {
+        for _ in 0..4 {
+            // From a random start, so ties (an idle pool) spread over the backends.
+            let n = self.backends.len();
+            let start = if n > 1 { fastrand::usize(..n) } else { 0 };
+            let best = (0..n)
+                .map(|k| ((start + k) % n, &self.backends[(start + k) % n]))
+                .filter(|(i, b)| {
+                    !exclude(*i) && b.state() != BackendState::Draining && b.in_flight() < b.max_inflight()
+                })
+                .min_by(|(_, a), (_, b)| {
+                    let (la, wa) = (a.in_flight() as u64 + 1, a.weight().max(1) as u64);
+                    let (lb, wb) = (b.in_flight() as u64 + 1, b.weight().max(1) as u64);
+                    (la * wb).cmp(&(lb * wa))
+                })
+                .map(|(i, _)| i)?;
+            if let Some(g) = self.backends[best].try_acquire_in_panic() {
+                return Some(g);
+            }
+        }
+        None
     }
 
     /// True when no primary backend is healthy, so the backups serve.

@@ -266,3 +266,29 @@ async fn backup_backends_serve_only_while_no_primary_is_up() {
     poll_until(T, "primary back", || async { state_of(&hr, &p_addr).await == "healthy" }).await;
     assert!(served_by(&hr, 20).await.iter().all(|x| *x == p_addr), "traffic did not return to the primary");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_fails_open_when_too_few_backends_are_healthy() {
+    let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(true))).collect();
+    let mut backends = Vec::new();
+    for f in &flags {
+        backends.push(backend(f.clone()).await);
+    }
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&list, "panic_threshold = 0.5", ""))).await;
+    poll_until(T, "all healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+
+    // One unhealthy of three: 2/3 healthy is above the threshold, the unhealthy one gets nothing.
+    flags[0].store(false, Ordering::SeqCst);
+    poll_until(T, "first unhealthy", || async { state_of(&hr, &addrs[0]).await == "unhealthy" }).await;
+    assert!(!served_by(&hr, 30).await.contains(&addrs[0]));
+
+    // Two of three: 1/3 is below 0.5, so traffic goes to every backend again (fail open).
+    flags[1].store(false, Ordering::SeqCst);
+    poll_until(T, "second unhealthy", || async { state_of(&hr, &addrs[1]).await == "unhealthy" }).await;
+    let served = served_by(&hr, 30).await;
+    for a in &addrs {
+        assert!(served.contains(a), "{a} got no traffic in panic mode: {served:?}");
+    }
+}

@@ -54,6 +54,7 @@ pub struct FilePool {
     pub connect_timeout: Option<Spanned<String>>,
     pub response_header_timeout: Option<Spanned<String>>,
     pub stream_idle_timeout: Option<Spanned<String>>,
+    pub panic_threshold: Option<Spanned<f64>>,
     pub queue: Option<FileQueue>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,

@@ -123,6 +123,9 @@ pub struct PoolConfig {
     pub response_header_timeout: Duration,
     /// Default 300s: the longest silence allowed inside a response body once it has started.
     pub stream_idle_timeout: Duration,
+    /// Below this share of healthy backends, route to every non-draining backend (fail open).
+    /// Default 0: off.
+    pub panic_threshold: f64,
     pub queue: QueueConfig,
     pub backends: Vec<BackendConfig>,
     pub launch: Option<LaunchConfig>,

@@ -305,7 +305,14 @@ fn validate_pool(
         }),
     };
 
+    let panic_threshold = match &p.panic_threshold {
+        None => 0.0,
+        Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => return Err(err(v.span(), format!("{}: allowed range is 0.0..=1.0", field("panic_threshold")))),
+    };
+
     Ok(PoolConfig {
+        panic_threshold,
         health,
         outlier,
         name: name.to_string(),
