@@ -55,7 +55,9 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
     }
 }
 
-/// Returns pool `name`'s ejected backends to service when their ejection ends, and keeps the
+/// Returns pool `name`'s ejected backends to service when their ejection ends (straight to
+/// `healthy` without active checks, else to `unhealthy`, from which `healthy_threshold` passing
+/// checks bring it back), and keeps the
 /// pool's ejected count exact (a drain of an ejected backend, say, is accounted for here). The
 /// count can briefly lag by one between ticks, so a racing ejection may exceed the cap by one.
 pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
@@ -72,8 +74,15 @@ pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Fu
                 continue;
             }
             if now >= b.ejected_until_ms.load(Ordering::Relaxed) {
-                tracing::info!(backend = %b.addr, "ejection over; backend back in service");
-                b.set_state(BackendState::Healthy);
+                if pool.config.health.is_some() {
+                    // With active checks it must earn its way back: healthy_threshold passes.
+                    tracing::info!(backend = %b.addr, "ejection over; back after passing health checks");
+                    b.health_passes.store(0, Ordering::Relaxed);
+                    b.set_state(BackendState::Unhealthy);
+                } else {
+                    tracing::info!(backend = %b.addr, "ejection over; backend back in service");
+                    b.set_state(BackendState::Healthy);
+                }
             } else {
                 still_ejected += 1;
             }

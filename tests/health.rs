@@ -292,3 +292,46 @@ async fn panic_mode_fails_open_when_too_few_backends_are_healthy() {
         assert!(served.contains(a), "{a} got no traffic in panic mode: {served:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_health_checks_an_ejected_backend_returns_only_after_passing_them() {
+    // Its requests fail (500) but its health endpoint passes once allowed to.
+    let health_ok = Arc::new(AtomicBool::new(false));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad_addr = listener.local_addr().unwrap().to_string();
+    let flag = health_ok.clone();
+    let _bad = TestBackend::serve(listener, move |req: Request<hyper::body::Incoming>| {
+        let flag = flag.clone();
+        async move {
+            let status = match req.uri().path() {
+                "/health" if flag.load(Ordering::SeqCst) => 200,
+                "/health" => 503,
+                _ => 500,
+            };
+            Response::builder().status(status).body(full("")).unwrap()
+        }
+    });
+    let good = answering(200).await;
+    let toml = format!(
+        "[pools.default]\n[[pools.default.backends]]\naddr = \"{bad_addr}\"\n[[pools.default.backends]]\naddr = \"{}\"\n\
+         [pools.default.health]\ninterval = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 100\ngate_new_backends = false\n{OUTLIER}",
+        good.addr
+    );
+    let hr = Headroom::start(&toml).await;
+    let c = client();
+    poll_until(T, "ejected by traffic", || {
+        let (c, url, hr, bad_addr) = (c.clone(), hr.url("/x"), &hr, bad_addr.clone());
+        async move {
+            let _ = c.request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
+            state_of(hr, &bad_addr).await == "ejected"
+        }
+    })
+    .await;
+    // The ejection (300 ms) ends, but failing checks keep it out...
+    poll_until(T, "ejection over", || async { state_of(&hr, &bad_addr).await == "unhealthy" }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(state_of(&hr, &bad_addr).await, "unhealthy");
+    // ...until its checks pass.
+    health_ok.store(true, Ordering::SeqCst);
+    poll_until(T, "back after passing checks", || async { state_of(&hr, &bad_addr).await == "healthy" }).await;
+}
