@@ -33,6 +33,8 @@ pub enum BackendState {
 }
 
 impl BackendState {
+    pub const ALL: [BackendState; 5] = [Self::Healthy, Self::Starting, Self::Unhealthy, Self::Ejected, Self::Draining];
+
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Self::Healthy,
@@ -250,6 +252,7 @@ impl Backend {
         let duration = cfg.base_ejection.saturating_mul(times).min(cfg.max_ejection);
         self.ejected_until_ms.store(crate::proxy::conn::now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
         self.outlier_failures.store(0, Ordering::Relaxed);
+        self.metrics.ejected();
         tracing::warn!(backend = %self.addr, times, ?duration, "backend ejected after consecutive failures");
     }
 

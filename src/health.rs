@@ -44,6 +44,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
             let (backend, cfg) = (backend.clone(), cfg.clone());
             probes.spawn(async move {
                 let pass = probe(&backend, &cfg).await;
+                backend.metrics.health_check(pass);
                 apply(&backend, &cfg, pass);
             });
             while probes.try_join_next().is_some() {}

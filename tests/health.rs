@@ -66,6 +66,15 @@ async fn failing_backend_is_ejected_and_readmitted() {
     let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
 
     poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+    let (_, text) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("headroom_health_checks_total")
+            && l.contains(&a_addr)
+            && l.contains("result=\"pass\"")),
+        "no health check counter:\n{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("headroom_panic_mode{pool=\"default\"}")));
     let both = served_by(&hr, 20).await;
     assert!(both.contains(&a_addr) && both.contains(&b_addr));
 
@@ -141,7 +150,7 @@ async fn answering(status: u16) -> TestBackend {
     })
 }
 
-const OUTLIER: &str = "[pools.default.outlier]\nconsecutive_failures = 3\nbase_ejection = \"300ms\"\nmax_ejection = \"2s\"\nmax_ejected_percent = 50\n";
+const OUTLIER: &str = "[pools.default.outlier]\nconsecutive_failures = 3\nbase_ejection = \"1s\"\nmax_ejection = \"2s\"\nmax_ejected_percent = 50\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_backend_is_ejected_by_real_traffic_and_readmitted() {
@@ -168,6 +177,21 @@ async fn failing_backend_is_ejected_by_real_traffic_and_readmitted() {
         assert_eq!(status, 200, "an ejected backend was used");
     }
     assert_eq!(bad.hits.load(Ordering::SeqCst), hits_before);
+    let (_, text) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.contains(&format!("backend=\"{bad_addr}\"")))
+            .unwrap_or_else(|| panic!("no {prefix} for {bad_addr}:\n{text}"))
+            .to_string()
+    };
+    assert!(line("headroom_ejections_total").ends_with(" 1"));
+    assert!(line("headroom_backend_healthy").ends_with(" 0"));
+    let ejected_state = text
+        .lines()
+        .find(|l| l.starts_with("headroom_backend_state") && l.contains(&bad_addr) && l.contains("state=\"ejected\""))
+        .unwrap();
+    assert!(ejected_state.ends_with(" 1"), "{ejected_state}");
     // Readmitted after base_ejection, without any health check.
     poll_until(T, "readmitted", || async { state_of(&hr, &bad_addr).await == "healthy" }).await;
 }
@@ -327,7 +351,7 @@ async fn with_health_checks_an_ejected_backend_returns_only_after_passing_them()
         }
     })
     .await;
-    // The ejection (300 ms) ends, but failing checks keep it out...
+    // The ejection (1 s) ends, but failing checks keep it out...
     poll_until(T, "ejection over", || async { state_of(&hr, &bad_addr).await == "unhealthy" }).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(state_of(&hr, &bad_addr).await, "unhealthy");

@@ -15,6 +15,12 @@ pub const BACKEND_INFLIGHT: &str = "headroom_backend_inflight";
 pub const QUEUE_DEPTH: &str = "headroom_queue_depth";
 pub const QUEUE_WAIT: &str = "headroom_queue_wait_seconds";
 pub const UPSTREAM_CONNECTS: &str = "headroom_upstream_connects_total";
+pub const BACKEND_HEALTHY: &str = "headroom_backend_healthy";
+pub const BACKEND_STATE: &str = "headroom_backend_state";
+pub const HEALTH_CHECKS: &str = "headroom_health_checks_total";
+pub const EJECTIONS: &str = "headroom_ejections_total";
+pub const RETRIES: &str = "headroom_retries_total";
+pub const PANIC_MODE: &str = "headroom_panic_mode";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
@@ -78,6 +84,19 @@ impl BackendMetrics {
     pub fn connected(&self) {
         self.connects.increment(1);
     }
+
+    /// One active health check (off the data path).
+    pub fn health_check(&self, pass: bool) {
+        let result = if pass { "pass" } else { "fail" };
+        metrics::counter!(HEALTH_CHECKS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string(), "result" => result)
+            .increment(1);
+    }
+
+    /// One passive ejection.
+    pub fn ejected(&self) {
+        metrics::counter!(EJECTIONS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string())
+            .increment(1);
+    }
 }
 
 /// The handles for requests a pool answered itself (no backend chosen: 503 and the like).
@@ -105,6 +124,11 @@ impl PoolMetrics {
 
     pub fn queued(&self, seconds: f64) {
         self.queue_wait.record(seconds);
+    }
+
+    /// One request sent to another backend; `reason` says why (e.g. `connect-failure`).
+    pub fn retried(&self, reason: &'static str) {
+        metrics::counter!(RETRIES, "pool" => self.pool.to_string(), "reason" => reason).increment(1);
     }
 }
 

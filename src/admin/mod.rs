@@ -74,9 +74,21 @@ fn sample_gauges(gateway: &Gateway) {
     let snap = gateway.snapshot();
     for p in &snap.pools {
         ::metrics::gauge!(metrics::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
+        let panic = p.config.panic_threshold > 0.0 && p.in_panic();
+        ::metrics::gauge!(metrics::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
         for b in &p.backends {
-            ::metrics::gauge!(metrics::BACKEND_INFLIGHT, "pool" => p.config.name.clone(), "backend" => b.label.to_string())
+            let (pool, backend) = (p.config.name.clone(), b.label.to_string());
+            ::metrics::gauge!(metrics::BACKEND_INFLIGHT, "pool" => pool.clone(), "backend" => backend.clone())
                 .set(b.in_flight() as f64);
+            let state = b.state();
+            let healthy = if state == crate::backend::BackendState::Healthy { 1.0 } else { 0.0 };
+            ::metrics::gauge!(metrics::BACKEND_HEALTHY, "pool" => pool.clone(), "backend" => backend.clone())
+                .set(healthy);
+            for s in crate::backend::BackendState::ALL {
+                let v = if s == state { 1.0 } else { 0.0 };
+                ::metrics::gauge!(metrics::BACKEND_STATE, "pool" => pool.clone(), "backend" => backend.clone(), "state" => s.as_str())
+                    .set(v);
+            }
         }
     }
 }

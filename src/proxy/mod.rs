@@ -185,6 +185,7 @@ impl ConnCtx {
                     match pool.try_acquire_except(|i| tried.contains(&i)) {
                         Some(next) => {
                             backend.count_response(error.status().as_u16(), true);
+                            pool.metrics.retried("connect-failure");
                             tracing::debug!(failed = %backend.addr, next = %next.backend().addr, error = %error, "failing over");
                             guard = next;
                             backend = guard.backend().clone();
