@@ -31,6 +31,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         response_header_timeout: Duration::from_secs(1),
         stream_idle_timeout: Duration::from_secs(1),
         panic_threshold: 0.0,
+        slow_start: None,
         queue: QueueConfig { max_depth: 0, timeout: Duration::from_secs(1) },
         backends,
         launch: None,

@@ -56,6 +56,19 @@ impl BackendState {
     }
 }
 
+const FULL_RAMP: u32 = 1000;
+const FIRST_RAMP: u32 = 100;
+
+/// `value` scaled by a ramp in permille, at least 1.
+#[inline]
+fn ramped(value: u32, ramp: u32) -> u32 {
+    if ramp >= FULL_RAMP {
+        value
+    } else {
+        ((value as u64 * ramp as u64 / FULL_RAMP as u64) as u32).max(1)
+    }
+}
+
 /// What every pick reads, together on one cache line of its own (a scan touches one line per
 /// backend, and counters written per response don't share it).
 #[repr(C, align(64))]
@@ -63,6 +76,8 @@ struct Hot {
     in_flight: AtomicU32,
     max_inflight: AtomicU32,
     weight: AtomicU32,
+    /// Slow-start ramp in permille of weight and capacity (1000 = full).
+    ramp: AtomicU32,
     state: AtomicU8,
 }
 
@@ -81,6 +96,8 @@ pub struct Backend {
     pub(crate) health_failures: AtomicU32,
     /// Consecutive failed responses (passive ejection), times ejected, and until when (`now_ms`).
     outlier_failures: AtomicU32,
+    /// When the current slow-start ramp began (`now_ms`).
+    ramp_since_ms: AtomicU64,
     ejections: AtomicU32,
     pub(crate) ejected_until_ms: AtomicU64,
     /// State shared by the backends of one pool (passive ejection settings and count).
@@ -102,6 +119,7 @@ impl Backend {
                 in_flight: AtomicU32::new(0),
                 max_inflight: AtomicU32::new(cfg.max_inflight.max(1)),
                 weight: AtomicU32::new(cfg.weight.max(1)),
+                ramp: AtomicU32::new(FULL_RAMP),
                 state: AtomicU8::new(BackendState::Healthy as u8),
             },
             requests: AtomicU64::new(0),
@@ -110,6 +128,7 @@ impl Backend {
             health_passes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
             outlier_failures: AtomicU32::new(0),
+            ramp_since_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             pool_state,
@@ -145,7 +164,10 @@ impl Backend {
     }
 
     pub fn set_state(&self, state: BackendState) {
-        self.hot.state.store(state as u8, Ordering::Relaxed);
+        let before = self.hot.state.swap(state as u8, Ordering::Relaxed);
+        if state == BackendState::Healthy && before != BackendState::Healthy as u8 {
+            self.start_ramp();
+        }
         if state == BackendState::Healthy {
             // Requests may be queued for exactly this capacity.
             for _ in 0..self.max_inflight().min(self.queue.depth() as u32) {
@@ -177,17 +199,50 @@ impl Backend {
         self.load_score().is_some()
     }
 
-    /// `Some((in_flight + 1, weight))` when eligible, reading each atomic once; pickers compare
-    /// these as fractions.
+    /// `Some((in_flight + 1, effective weight))` when eligible, reading each atomic once; pickers
+    /// compare these as fractions. The effective weight is in thousandths (weight × ramp).
     #[inline]
     pub fn load_score(&self) -> Option<(u64, u64)> {
         let in_flight = self.hot.in_flight.load(Ordering::Relaxed);
+        let ramp = self.hot.ramp.load(Ordering::Relaxed);
         if self.hot.state.load(Ordering::Relaxed) != BackendState::Healthy as u8
-            || in_flight >= self.hot.max_inflight.load(Ordering::Relaxed)
+            || in_flight >= ramped(self.hot.max_inflight.load(Ordering::Relaxed), ramp)
         {
             return None;
         }
-        Some((in_flight as u64 + 1, self.hot.weight.load(Ordering::Relaxed).max(1) as u64))
+        Some((in_flight as u64 + 1, self.hot.weight.load(Ordering::Relaxed).max(1) as u64 * ramp.max(1) as u64))
+    }
+
+    /// Slow-start ramp in permille (1000 when not ramping).
+    pub fn ramp(&self) -> u32 {
+        self.hot.ramp.load(Ordering::Relaxed)
+    }
+
+    /// Capacity right now, after slow start.
+    pub fn effective_max_inflight(&self) -> u32 {
+        ramped(self.max_inflight(), self.ramp())
+    }
+
+    /// Begins a slow-start ramp at 10% if the pool has one.
+    fn start_ramp(&self) {
+        if self.pool_state.slow_start_ms.load(Ordering::Relaxed) > 0 {
+            self.ramp_since_ms.store(crate::proxy::conn::now_ms(), Ordering::Relaxed);
+            self.hot.ramp.store(FIRST_RAMP, Ordering::Relaxed);
+        }
+    }
+
+    /// Advances the slow-start ramp (called by the pool's ticker, off the data path).
+    pub(crate) fn advance_ramp(&self, now_ms: u64) {
+        let ramp = self.ramp();
+        if ramp >= FULL_RAMP {
+            return;
+        }
+        let total = self.pool_state.slow_start_ms.load(Ordering::Relaxed);
+        let elapsed = now_ms.saturating_sub(self.ramp_since_ms.load(Ordering::Relaxed));
+        let next = ((FULL_RAMP - FIRST_RAMP) as u64 * elapsed)
+            .checked_div(total)
+            .map_or(FULL_RAMP, |step| (FIRST_RAMP as u64 + step).min(FULL_RAMP as u64) as u32);
+        self.hot.ramp.store(next, Ordering::Relaxed);
     }
 
     pub fn requests(&self) -> u64 {
@@ -276,7 +331,7 @@ impl Backend {
 
     #[inline]
     fn claim(self: &Arc<Self>) -> Option<InflightGuard> {
-        let max = self.max_inflight();
+        let max = self.effective_max_inflight();
         let mut current = self.hot.in_flight.load(Ordering::Relaxed);
         loop {
             if current >= max {
@@ -322,6 +377,8 @@ pub struct PoolState {
     pub size: AtomicU32,
     /// Backends ejected right now.
     pub ejected: AtomicU32,
+    /// `slow_start` in milliseconds; 0 when off.
+    pub slow_start_ms: AtomicU64,
 }
 
 /// A pool of interchangeable backends, immutable once built (one per config snapshot).
@@ -348,6 +405,7 @@ impl Pool {
         };
         let state = existing.map(|old| old.state.clone()).unwrap_or_default();
         state.outlier.store(config.outlier.clone().map(Arc::new));
+        state.slow_start_ms.store(config.slow_start.map_or(0, |d| d.as_millis() as u64), Ordering::Relaxed);
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()

@@ -97,6 +97,26 @@ pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Fu
     }
 }
 
+/// Advances the slow-start ramps of pool `name`'s backends, about twenty steps per `slow_start`.
+pub async fn ramp_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let snapshot = gateway.snapshot();
+        let Some(pool) = snapshot.pool(&name).cloned() else { return };
+        drop(snapshot);
+        let Some(slow_start) = pool.config.slow_start else { return };
+        let now = crate::proxy::conn::now_ms();
+        for b in &pool.backends {
+            b.advance_ramp(now);
+        }
+        let tick = (slow_start / 20).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
 /// `interval` ± 10%.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + 0.2 * fastrand::f64())

@@ -123,7 +123,10 @@ pub async fn run_with_workers(
             tasks.spawn(health::run_pool(gateway.clone(), name.clone(), stopped(stop_rx.clone())));
         }
         if pool.config.outlier.is_some() {
-            tasks.spawn(health::readmit_pool(gateway.clone(), name, stopped(stop_rx.clone())));
+            tasks.spawn(health::readmit_pool(gateway.clone(), name.clone(), stopped(stop_rx.clone())));
+        }
+        if pool.config.slow_start.is_some() {
+            tasks.spawn(health::ramp_pool(gateway.clone(), name, stopped(stop_rx.clone())));
         }
     }
 

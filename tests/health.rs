@@ -359,3 +359,63 @@ async fn with_health_checks_an_ejected_backend_returns_only_after_passing_them()
     health_ok.store(true, Ordering::SeqCst);
     poll_until(T, "back after passing checks", || async { state_of(&hr, &bad_addr).await == "healthy" }).await;
 }
+
+/// `/health` by the flag; every other request is held until `release` turns true.
+async fn holding_with_health(healthy: Arc<AtomicBool>, release: tokio::sync::watch::Receiver<bool>) -> TestBackend {
+    TestBackend::start(move |req: Request<hyper::body::Incoming>| {
+        let (healthy, mut release) = (healthy.clone(), release.clone());
+        async move {
+            if req.uri().path() == "/health" {
+                let status = if healthy.load(Ordering::SeqCst) { 200 } else { 503 };
+                return Response::builder().status(status).body(full("")).unwrap();
+            }
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("done"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_backend_ramps_up_with_slow_start() {
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let a_ok = Arc::new(AtomicBool::new(true));
+    let a = holding_with_health(a_ok.clone(), rx.clone()).await;
+    let b = holding_with_health(Arc::new(AtomicBool::new(true)), rx.clone()).await;
+    let a_addr = a.addr.to_string();
+    let pool = "max_inflight_per_backend = 20\nslow_start = \"10s\"";
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], pool, ""))).await;
+    poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+
+    // a goes down and comes back: it restarts at 10% of its weight and capacity.
+    a_ok.store(false, Ordering::SeqCst);
+    poll_until(T, "a unhealthy", || async { state_of(&hr, &a_addr).await == "unhealthy" }).await;
+    a_ok.store(true, Ordering::SeqCst);
+    poll_until(T, "a healthy", || async { state_of(&hr, &a_addr).await == "healthy" }).await;
+    let view = hr.pools().await["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["addr"] == a_addr.as_str())
+        .cloned()
+        .unwrap();
+    assert!(view["slow_start_percent"].as_u64().unwrap() < 30, "{view}");
+    assert!(view["effective_max_inflight"].as_u64().unwrap() <= 6, "{view}");
+
+    // Under 16 held requests, the ramping backend takes a small share.
+    let reqs: Vec<_> = (0..16)
+        .map(|_| {
+            let url = hr.url("/x");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    poll_until(T, "16 in flight", || async { a.hits.load(Ordering::SeqCst) + b.hits.load(Ordering::SeqCst) >= 16 })
+        .await;
+    let in_flight: Vec<(String, u64)> = hr.in_flight().await;
+    let on_a = in_flight.iter().find(|(x, _)| *x == a_addr).unwrap().1;
+    assert!(on_a <= 6, "a ramping backend took {on_a} of 16");
+    release.send(true).unwrap();
+    for r in reqs {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+}

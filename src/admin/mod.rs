@@ -49,6 +49,8 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                         "weight": b.weight(),
                         "in_flight": b.in_flight(),
                         "max_inflight": b.max_inflight(),
+                        "effective_max_inflight": b.effective_max_inflight(),
+                        "slow_start_percent": b.ramp() / 10,
                         "state": b.state().as_str(),
                         "requests": b.requests(),
                         "errors": b.errors(),

@@ -55,6 +55,7 @@ pub struct FilePool {
     pub response_header_timeout: Option<Spanned<String>>,
     pub stream_idle_timeout: Option<Spanned<String>>,
     pub panic_threshold: Option<Spanned<f64>>,
+    pub slow_start: Option<Spanned<String>>,
     pub queue: Option<FileQueue>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,

@@ -126,6 +126,9 @@ pub struct PoolConfig {
     /// Below this share of healthy backends, route to every non-draining backend (fail open).
     /// Default 0: off.
     pub panic_threshold: f64,
+    /// A backend that becomes healthy (again) ramps its weight and capacity from 10% to 100%
+    /// over this time. Default: off.
+    pub slow_start: Option<Duration>,
     pub queue: QueueConfig,
     pub backends: Vec<BackendConfig>,
     pub launch: Option<LaunchConfig>,

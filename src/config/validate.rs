@@ -311,7 +311,13 @@ fn validate_pool(
         Some(v) => return Err(err(v.span(), format!("{}: allowed range is 0.0..=1.0", field("panic_threshold")))),
     };
 
+    let slow_start = match &p.slow_start {
+        None => None,
+        Some(_) => Some(duration(&p.slow_start, &field("slow_start"), Duration::from_secs(30))?),
+    };
+
     Ok(PoolConfig {
+        slow_start,
         panic_threshold,
         health,
         outlier,
