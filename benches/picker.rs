@@ -37,6 +37,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         launch: None,
         health: None,
         outlier: None,
+        retry: None,
     };
     let p = Pool::build(cfg, &[], None);
     // Some standing load, so scores differ and the picker has real work to do.

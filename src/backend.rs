@@ -379,6 +379,22 @@ pub struct PoolState {
     pub ejected: AtomicU32,
     /// `slow_start` in milliseconds; 0 when off.
     pub slow_start_ms: AtomicU64,
+    /// Requests and retries seen by a pool with `[retry]`, for the retry budget.
+    pub retry_requests: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+impl PoolState {
+    /// Takes one retry from the budget: retries stay under `percent`% of requests (plus a
+    /// small allowance, so a quiet pool can still retry).
+    pub fn take_retry(&self, percent: u32) -> bool {
+        let requests = self.retry_requests.load(Ordering::Relaxed);
+        let allowed = requests * percent as u64 / 100 + 3;
+        self.retries.fetch_add(1, Ordering::Relaxed) < allowed || {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 /// A pool of interchangeable backends, immutable once built (one per config snapshot).

@@ -419,3 +419,63 @@ async fn a_recovered_backend_ramps_up_with_slow_start() {
         assert_eq!(r.await.unwrap(), 200);
     }
 }
+
+const RETRY: &str = "[pools.default.retry]\nattempts = 2\nbudget_percent = 100\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_elsewhere_for_replayable_requests_only() {
+    let busy = answering(503).await;
+    let fine = answering(200).await;
+    let fine_addr = fine.addr.to_string();
+    // The busy backend's weight makes it the first choice.
+    let hr = Headroom::start(&format!("{}{RETRY}", config(&[(busy.addr, 1000), (fine.addr, 1)], "", ""))).await;
+    for _ in 0..5 {
+        let r = client().request(Request::get(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-backend"], fine_addr.as_str());
+    }
+    // A POST is not idempotent: the 503 goes back to the client.
+    let r = client().request(Request::post(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 503);
+    // A GET with a body cannot be replayed yet: not retried either.
+    let r = client().request(Request::get(hr.url("/x")).body(full(Bytes::from_static(b"{}"))).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_under_load_costs_no_client_request() {
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let mut doomed = holding_with_health(Arc::new(AtomicBool::new(true)), rx.clone()).await;
+    let steady = answering(200).await;
+    let pool = "max_inflight_per_backend = 500";
+    let hr =
+        Headroom::start(&format!("{}{HEALTH}{RETRY}", config(&[(doomed.addr, 1), (steady.addr, 1)], pool, ""))).await;
+    poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
+
+    // 200 concurrent GETs; those on the doomed backend hang until it is killed.
+    let started = std::time::Instant::now();
+    let reqs: Vec<_> = (0..200)
+        .map(|_| {
+            let url = hr.url("/x");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    poll_until(T, "requests held by the doomed backend", || async { doomed.hits.load(Ordering::SeqCst) >= 20 }).await;
+    let held = doomed.hits.load(Ordering::SeqCst);
+    doomed.kill();
+    let mut failed = 0;
+    for r in reqs {
+        if r.await.unwrap() != 200 {
+            failed += 1;
+        }
+    }
+    eprintln!("sent 200, {held} were on the killed backend, {failed} failed, all done in {:?}", started.elapsed());
+    assert_eq!(failed, 0, "{failed} of 200 requests failed at the client");
+    let killed_at = std::time::Instant::now();
+    poll_until(T, "killed backend out of rotation", || async {
+        state_of(&hr, &doomed.addr.to_string()).await == "unhealthy"
+    })
+    .await;
+    eprintln!("out of rotation {:?} after the kill", killed_at.elapsed());
+    drop(release);
+}

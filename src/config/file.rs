@@ -62,6 +62,16 @@ pub struct FilePool {
     pub launch: Option<Spanned<FileLaunch>>,
     pub health: Option<FileHealth>,
     pub outlier: Option<FileOutlier>,
+    pub retry: Option<FileRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetry {
+    pub attempts: Option<Spanned<u32>>,
+    pub on: Option<Spanned<Vec<String>>>,
+    pub budget_percent: Option<Spanned<u32>>,
+    pub idempotent_only: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -136,6 +136,30 @@ pub struct PoolConfig {
     pub health: Option<HealthConfig>,
     /// Passive ejection; `None` (no `[pools.X.outlier]`) means none.
     pub outlier: Option<OutlierConfig>,
+    /// Retries of requests that reached a backend; `None` (no `[pools.X.retry]`) means none.
+    /// (Requests that never reached their backend always fail over.)
+    pub retry: Option<RetryConfig>,
+}
+
+/// `[pools.X.retry]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Extra tries on other backends. Default 2.
+    pub attempts: u32,
+    /// Retry on a connection reset before the response head.
+    pub on_reset: bool,
+    /// Retry when the backend answers 503.
+    pub on_503: bool,
+    /// Retry when the backend answers 429.
+    pub on_429: bool,
+    /// Retries stay below this share of the pool's requests. Default 20.
+    pub budget_percent: u32,
+    /// Only idempotent methods are retried. Default true.
+    pub idempotent_only: bool,
+}
+
+impl RetryConfig {
+    pub const KINDS: &'static str = "connect-failure, refused-stream, reset, 503, 429";
 }
 
 /// `[pools.X.outlier]`: ejection on failures seen in real traffic.

@@ -316,7 +316,51 @@ fn validate_pool(
         Some(_) => Some(duration(&p.slow_start, &field("slow_start"), Duration::from_secs(30))?),
     };
 
+    let retry = match &p.retry {
+        None => None,
+        Some(r) => {
+            let kinds: Vec<String> = match &r.on {
+                None => ["connect-failure", "refused-stream", "reset", "503", "429"].map(String::from).to_vec(),
+                Some(list) => {
+                    for k in list.get_ref() {
+                        if !["connect-failure", "refused-stream", "reset", "503", "429"].contains(&k.as_str()) {
+                            return Err(err(
+                                list.span(),
+                                format!("{}: unknown kind {k:?}; allowed: {}", field("retry.on"), RetryConfig::KINDS),
+                            ));
+                        }
+                    }
+                    list.get_ref().clone()
+                }
+            };
+            Some(RetryConfig {
+                attempts: match &r.attempts {
+                    None => 2,
+                    Some(v) if *v.get_ref() <= 10 => *v.get_ref(),
+                    Some(v) => {
+                        return Err(err(v.span(), format!("{}: allowed range is 0..=10", field("retry.attempts"))))
+                    }
+                },
+                on_reset: kinds.iter().any(|k| k == "reset"),
+                on_503: kinds.iter().any(|k| k == "503"),
+                on_429: kinds.iter().any(|k| k == "429"),
+                budget_percent: match &r.budget_percent {
+                    None => 20,
+                    Some(v) if *v.get_ref() <= 100 => *v.get_ref(),
+                    Some(v) => {
+                        return Err(err(
+                            v.span(),
+                            format!("{}: allowed range is 0..=100", field("retry.budget_percent")),
+                        ))
+                    }
+                },
+                idempotent_only: r.idempotent_only.unwrap_or(true),
+            })
+        }
+    };
+
     Ok(PoolConfig {
+        retry,
         slow_start,
         panic_threshold,
         health,

@@ -33,7 +33,8 @@ pub mod outcome {
 /// more than `limit` bytes arrive, or when the client sends nothing for `idle_timeout`; the
 /// shared `outcome` says which, so the caller answers 413 or 408 rather than 502.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: an empty body (a replayed request that had none).
+    inner: Option<Incoming>,
     limit: u64,
     seen: u64,
     idle_timeout: Duration,
@@ -54,8 +55,14 @@ impl RequestBody {
     /// before). `outcome` is only needed, and only allocated, for requests that have a body.
     pub fn new(inner: Incoming, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
         let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
-        let body = RequestBody { inner, limit, seen: 0, idle_timeout, idle: None, outcome: outcome.clone() };
+        let body =
+            RequestBody { inner: Some(inner), limit, seen: 0, idle_timeout, idle: None, outcome: outcome.clone() };
         (body, outcome)
+    }
+
+    /// An empty body, for replaying a request that had none.
+    pub fn empty() -> Self {
+        RequestBody { inner: None, limit: 0, seen: 0, idle_timeout: Duration::MAX, idle: None, outcome: None }
     }
 
     fn fail(&self, code: u8, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -72,7 +79,8 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -100,11 +108,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

@@ -167,6 +167,22 @@ impl ConnCtx {
         parts.version = Version::HTTP_11;
         // A declared length was checked above and hyper holds the client to it; bodies of unknown
         // length are counted as they stream.
+        // With [retry], a request without a body (of an idempotent method, unless configured
+        // otherwise) can be replayed after it reached a backend: keep what it takes to rebuild it.
+        let replay = match &cfg.retry {
+            Some(r)
+                if http_body::Body::is_end_stream(&incoming)
+                    && (!r.idempotent_only || parts.method.is_idempotent()) =>
+            {
+                pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(Replay { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone() })
+            }
+            Some(_) => {
+                pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+            None => None,
+        };
         let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
         let upstream_req = Request::from_parts(parts, body);
 
@@ -176,8 +192,40 @@ impl ConnCtx {
         let mut backend = backend;
         let mut req = upstream_req;
         let mut tried: Vec<usize> = Vec::new();
+        let mut retries = 0;
         let (resp, conn) = loop {
             let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, req)).await;
+            // What kind of retry this outcome allows, if any.
+            let retry_kind = match (&sent, &cfg.retry, &replay) {
+                (Ok(Ok((r, _))), Some(rc), Some(_)) if r.status() == 503 && rc.on_503 => Some("503"),
+                (Ok(Ok((r, _))), Some(rc), Some(_)) if r.status() == 429 && rc.on_429 => Some("429"),
+                (Ok(Err(upstream::SendError { unsent: None, error: ProxyError::Upstream(_) })), Some(rc), Some(_))
+                    if rc.on_reset =>
+                {
+                    Some("reset")
+                }
+                _ => None,
+            };
+            if let (Some(kind), Some(rc), Some(template)) = (retry_kind, &cfg.retry, &replay) {
+                if retries < rc.attempts && pool.state.take_retry(rc.budget_percent) {
+                    tried.extend(pool.index_of(&backend));
+                    if let Some(next) = pool.try_acquire_except(|i| tried.contains(&i)) {
+                        let status = match &sent {
+                            Ok(Ok((r, _))) => r.status().as_u16(),
+                            _ => 502,
+                        };
+                        backend.count_response(status, true);
+                        pool.metrics.retried(kind);
+                        tracing::debug!(failed = %backend.addr, next = %next.backend().addr, kind, "retrying");
+                        drop(sent); // a 503/429 answer is discarded with its connection
+                        guard = next;
+                        backend = guard.backend().clone();
+                        req = template.request();
+                        retries += 1;
+                        continue;
+                    }
+                }
+            }
             let e = match sent {
                 Ok(Ok(r)) => break r,
                 Ok(Err(upstream::SendError { error, unsent: Some(back) })) if tried.len() < MAX_FAILOVER => {
@@ -219,6 +267,24 @@ impl ConnCtx {
         let status = rparts.status.as_u16();
         let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout };
         Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
+    }
+}
+
+/// What it takes to send a body-less request again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<RequestBody> {
+        let mut r = Request::new(RequestBody::empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = self.headers.clone();
+        r
     }
 }
 

@@ -3,6 +3,8 @@
 //! condition with a deadline.
 
 #![allow(dead_code)]
+// Tests may lock; the rule is for the data path.
+#![allow(clippy::disallowed_types)]
 
 use bytes::Bytes;
 use headroom::config::Config;
@@ -57,6 +59,8 @@ pub struct TestBackend {
     /// Requests received so far.
     pub hits: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
+    /// Open connections, so `kill` can drop them mid-request.
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl TestBackend {
@@ -80,6 +84,8 @@ impl TestBackend {
         let (stop, mut stopped) = oneshot::channel();
         let handler = Arc::new(handler);
         let (c, h) = (connections.clone(), hits.clone());
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = conns.clone();
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             loop {
@@ -96,12 +102,13 @@ impl TestBackend {
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     let _ = conn.await;
                 });
+                open.lock().unwrap().push(task.abort_handle());
             }
         });
-        TestBackend { addr, connections, hits, stop: Some(stop) }
+        TestBackend { addr, connections, hits, stop: Some(stop), conns }
     }
 
     /// Answers 200 with `X-Backend: addr` and a small body.
@@ -150,6 +157,14 @@ impl TestBackend {
     pub fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+    }
+
+    /// Like a crash: stops accepting and drops every open connection, requests in flight included.
+    pub fn kill(&mut self) {
+        self.stop();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
         }
     }
 }
