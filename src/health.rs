@@ -28,9 +28,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
     tokio::pin!(shutdown);
     let mut probes = tokio::task::JoinSet::new();
     loop {
-        let snapshot = gateway.snapshot();
-        let Some(pool) = snapshot.pool(&name).cloned() else { return };
-        drop(snapshot);
+        let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(cfg) = pool.config.health.clone() else { return };
         let interval = jittered(cfg.interval);
         let start = Instant::now();
@@ -64,9 +62,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
 pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
-        let snapshot = gateway.snapshot();
-        let Some(pool) = snapshot.pool(&name).cloned() else { return };
-        drop(snapshot);
+        let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(cfg) = pool.config.outlier.clone() else { return };
         let now = crate::proxy::conn::now_ms();
         let mut still_ejected = 0;
@@ -101,9 +97,7 @@ pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Fu
 pub async fn ramp_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
-        let snapshot = gateway.snapshot();
-        let Some(pool) = snapshot.pool(&name).cloned() else { return };
-        drop(snapshot);
+        let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(slow_start) = pool.config.slow_start else { return };
         let now = crate::proxy::conn::now_ms();
         for b in &pool.backends {
@@ -115,6 +109,11 @@ pub async fn ramp_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Futur
             _ = tokio::time::sleep(tick) => {}
         }
     }
+}
+
+/// Pool `name` in the current snapshot (each round follows reloads); `None` once it is gone.
+fn current_pool(gateway: &Gateway, name: &str) -> Option<Arc<crate::backend::Pool>> {
+    gateway.snapshot().pool(name).cloned()
 }
 
 /// `interval` ± 10%.
