@@ -32,6 +32,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         stream_idle_timeout: Duration::from_secs(1),
         panic_threshold: 0.0,
         slow_start: None,
+        honor_retry_after: true,
         queue: QueueConfig { max_depth: 0, timeout: Duration::from_secs(1) },
         backends,
         launch: None,

@@ -56,6 +56,9 @@ impl BackendState {
     }
 }
 
+/// The longest pause a backend's `Retry-After` can ask for.
+pub const MAX_SATURATION: std::time::Duration = std::time::Duration::from_secs(300);
+
 const FULL_RAMP: u32 = 1000;
 const FIRST_RAMP: u32 = 100;
 
@@ -79,6 +82,8 @@ struct Hot {
     /// Slow-start ramp in permille of weight and capacity (1000 = full).
     ramp: AtomicU32,
     state: AtomicU8,
+    /// Until when (`now_ms`) the backend asked, by `Retry-After`, not to be sent more; 0: never.
+    saturated_until_ms: AtomicU64,
 }
 
 /// One upstream server.
@@ -99,7 +104,11 @@ pub struct Backend {
     /// When the current slow-start ramp began (`now_ms`).
     ramp_since_ms: AtomicU64,
     ejections: AtomicU32,
+    /// Multiplies `base_ejection`: ejections since the backend last stayed in service for
+    /// `max_ejection`.
+    ejection_streak: AtomicU32,
     pub(crate) ejected_until_ms: AtomicU64,
+    last_ejection_ms: AtomicU64,
     /// State shared by the backends of one pool (passive ejection settings and count).
     pool_state: Arc<PoolState>,
     /// The admission queue of the pool this backend belongs to, woken when a slot frees.
@@ -121,6 +130,7 @@ impl Backend {
                 weight: AtomicU32::new(cfg.weight.max(1)),
                 ramp: AtomicU32::new(FULL_RAMP),
                 state: AtomicU8::new(BackendState::Healthy as u8),
+                saturated_until_ms: AtomicU64::new(0),
             },
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -130,7 +140,9 @@ impl Backend {
             outlier_failures: AtomicU32::new(0),
             ramp_since_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            ejection_streak: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            last_ejection_ms: AtomicU64::new(0),
             pool_state,
             queue,
             conns: Conns::new(cfg.max_inflight),
@@ -187,10 +199,35 @@ impl Backend {
         self.hot.max_inflight.store(cfg.max_inflight.max(1), Ordering::Relaxed);
     }
 
-    /// Takes new requests at all (ignoring capacity).
+    /// Takes new requests at all (ignoring capacity): healthy and not saturated.
     #[inline]
     pub fn is_serving(&self) -> bool {
-        self.state() == BackendState::Healthy
+        self.state() == BackendState::Healthy && !self.is_saturated()
+    }
+
+    /// Whether the backend's last 429/503 asked, with `Retry-After`, for a pause that still lasts.
+    /// One atomic load unless a pause was ever asked for.
+    #[inline]
+    pub fn is_saturated(&self) -> bool {
+        let until = self.hot.saturated_until_ms.load(Ordering::Relaxed);
+        until != 0 && crate::proxy::conn::now_ms() < until
+    }
+
+    /// Milliseconds left of a `Retry-After` pause (0 when none).
+    pub fn saturated_for_ms(&self) -> u64 {
+        let until = self.hot.saturated_until_ms.load(Ordering::Relaxed);
+        until.saturating_sub(crate::proxy::conn::now_ms())
+    }
+
+    /// Takes no new requests for `pause` (a 429/503 with `Retry-After`), capped at
+    /// [`MAX_SATURATION`].
+    pub fn saturate(&self, pause: std::time::Duration) {
+        let ms = pause.min(MAX_SATURATION).as_millis() as u64;
+        if ms == 0 {
+            return;
+        }
+        self.hot.saturated_until_ms.fetch_max(crate::proxy::conn::now_ms() + ms, Ordering::Relaxed);
+        tracing::info!(backend = %self.addr, pause_ms = ms, "backend asked for a pause (Retry-After)");
     }
 
     /// Takes new requests now: serving and below capacity.
@@ -207,6 +244,7 @@ impl Backend {
         let ramp = self.hot.ramp.load(Ordering::Relaxed);
         if self.hot.state.load(Ordering::Relaxed) != BackendState::Healthy as u8
             || in_flight >= ramped(self.hot.max_inflight.load(Ordering::Relaxed), ramp)
+            || self.is_saturated()
         {
             return None;
         }
@@ -243,6 +281,35 @@ impl Backend {
             .checked_div(total)
             .map_or(FULL_RAMP, |step| (FIRST_RAMP as u64 + step).min(FULL_RAMP as u64) as u32);
         self.hot.ramp.store(next, Ordering::Relaxed);
+    }
+
+    /// Times passively ejected so far.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Forgets past ejections once the backend has stayed in service for `calm_ms` since the
+    /// last one ended, so the next ejection is short again (called off the data path).
+    pub(crate) fn forgive_ejections(&self, now_ms: u64, calm_ms: u64) {
+        if self.ejection_streak.load(Ordering::Relaxed) > 0
+            && self.state() != BackendState::Ejected
+            && now_ms >= self.ejected_until_ms.load(Ordering::Relaxed) + calm_ms
+        {
+            self.ejection_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Length of the latest ejection in milliseconds (0 if never ejected).
+    pub fn last_ejection_ms(&self) -> u64 {
+        self.last_ejection_ms.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds left of the current ejection (0 when not ejected).
+    pub fn ejected_for_ms(&self) -> u64 {
+        if self.state() != BackendState::Ejected {
+            return 0;
+        }
+        self.ejected_until_ms.load(Ordering::Relaxed).saturating_sub(crate::proxy::conn::now_ms())
     }
 
     pub fn requests(&self) -> u64 {
@@ -303,8 +370,10 @@ impl Backend {
             ejected.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        let times = self.ejection_streak.fetch_add(1, Ordering::Relaxed) + 1;
         let duration = cfg.base_ejection.saturating_mul(times).min(cfg.max_ejection);
+        self.last_ejection_ms.store(duration.as_millis() as u64, Ordering::Relaxed);
         self.ejected_until_ms.store(crate::proxy::conn::now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
         self.outlier_failures.store(0, Ordering::Relaxed);
         self.metrics.ejected();
@@ -488,7 +557,11 @@ impl Pool {
         if self.config.panic_threshold > 0.0 && self.in_panic() {
             return self.backends.iter().any(|b| b.state() != BackendState::Draining);
         }
-        self.backends.iter().any(|b| matches!(b.state(), BackendState::Healthy | BackendState::Starting))
+        self.backends.iter().any(|b| match b.state() {
+            BackendState::Healthy => !b.is_saturated(),
+            BackendState::Starting => true,
+            _ => false,
+        })
     }
 
     /// Whether some backend of the tier in use has a free slot right now.
@@ -535,7 +608,7 @@ impl Pool {
 
     /// True when no primary backend is healthy, so the backups serve.
     pub fn using_backups(&self) -> bool {
-        !self.backends.iter().any(|b| !b.is_backup() && b.state() == BackendState::Healthy)
+        !self.backends.iter().any(|b| !b.is_backup() && b.is_serving())
     }
 
     /// The index of `backend` in this pool.
@@ -577,5 +650,63 @@ mod tests {
         });
         assert_eq!(held.len(), 10);
         assert_eq!(b.in_flight(), 10);
+    }
+
+    #[test]
+    fn ejections_grow_with_the_streak_stop_at_the_cap_and_are_forgiven() {
+        use std::time::Duration;
+        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 4));
+        b.pool_state.size.store(2, Ordering::Relaxed);
+        b.pool_state.outlier.store(Some(Arc::new(OutlierConfig {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_millis(100),
+            max_ejection: Duration::from_millis(250),
+            max_ejected_percent: 50,
+        })));
+        let mut lengths = Vec::new();
+        for _ in 0..4 {
+            b.count_response(500, true);
+            assert_eq!(b.state(), BackendState::Healthy, "one failure is not enough");
+            b.count_response(502, true);
+            assert_eq!(b.state(), BackendState::Ejected);
+            lengths.push(b.last_ejection_ms());
+            // What the readmission ticker does when the time is up.
+            b.pool_state.ejected.fetch_sub(1, Ordering::Relaxed);
+            b.set_state(BackendState::Healthy);
+        }
+        assert_eq!(lengths, [100, 200, 250, 250]);
+        assert_eq!(b.ejections(), 4);
+        // A success in between resets the failure count.
+        b.count_response(500, true);
+        b.count_response(200, false);
+        b.count_response(500, true);
+        assert_eq!(b.state(), BackendState::Healthy);
+        // After staying in service for the calm period, the next ejection is short again.
+        let until = b.ejected_until_ms.load(Ordering::Relaxed);
+        b.forgive_ejections(until + 100, 250);
+        b.count_response(500, true);
+        assert_eq!(b.last_ejection_ms(), 250, "not forgiven before the calm period");
+        b.pool_state.ejected.fetch_sub(1, Ordering::Relaxed);
+        b.set_state(BackendState::Healthy);
+        let until = b.ejected_until_ms.load(Ordering::Relaxed);
+        b.forgive_ejections(until + 250, 250);
+        b.count_response(500, true);
+        b.count_response(500, true);
+        assert_eq!(b.last_ejection_ms(), 100);
+    }
+
+    #[test]
+    fn a_retry_after_pause_makes_a_backend_ineligible_until_it_ends() {
+        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 4));
+        assert!(b.try_acquire().is_some());
+        b.saturate(std::time::Duration::ZERO);
+        assert!(b.is_eligible());
+        b.saturate(std::time::Duration::from_secs(3600));
+        assert!(!b.is_eligible() && b.try_acquire().is_none());
+        let left = b.saturated_for_ms();
+        assert!(left > 299_000 && left <= 300_000, "capped at five minutes: {left}");
+        assert_eq!(b.state(), BackendState::Healthy, "a pause is not a state change");
+        b.hot.saturated_until_ms.store(crate::proxy::conn::now_ms(), Ordering::Relaxed);
+        assert!(b.try_acquire().is_some(), "usable again once the pause is over");
     }
 }

@@ -1,6 +1,7 @@
 //! Active health checks: one task per pool probes every backend's `health.path` once per
-//! `interval` (±10% jitter), the probes spread evenly over the interval so a large pool never
-//! wakes all at once. Each probe is bounded by `health.timeout`.
+//! `interval` (±10% jitter), or once per `fast_interval` while the backend is changing state.
+//! First probes are spread evenly over the interval and later ones keep their jittered offsets,
+//! so a large pool never wakes all at once. Each probe is bounded by `health.timeout`.
 //!
 //! Results move a backend between states with rise/fall thresholds: `starting` becomes `healthy`
 //! on its first pass, `unhealthy` becomes `healthy` after `healthy_threshold` passes in a row, and
@@ -16,41 +17,71 @@ use crate::gateway::Gateway;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Checks pool `name` until `shutdown` resolves. Reads the current snapshot every round, so it
-/// follows the pool's backends and settings as they change.
+/// Checks pool `name` until `shutdown` resolves. Each backend has its own next-check time: a
+/// check is scheduled when the previous one finished, `interval` (jittered) later, or
+/// `fast_interval` later while the backend is changing state. A backend is never checked twice at
+/// once. Reads the current snapshot on every wake-up, so it follows the pool's backends and
+/// settings as they change.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    // Next check per backend; `None` while its check is running.
+    let mut due: HashMap<SocketAddr, Option<Instant>> = HashMap::new();
     let mut probes = tokio::task::JoinSet::new();
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(cfg) = pool.config.health.clone() else { return };
-        let interval = jittered(cfg.interval);
-        let start = Instant::now();
+        let now = Instant::now();
+        due.retain(|addr, _| pool.backends.iter().any(|b| b.addr == *addr));
+        // Backends seen for the first time: first checks spread over the interval (over the fast
+        // interval for backends waiting for their first pass), so a big pool never wakes at once.
         let n = pool.backends.len().max(1) as u32;
-        for (i, backend) in pool.backends.iter().enumerate() {
-            let at = start + interval * i as u32 / n;
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep_until(at) => {}
-            }
-            let (backend, cfg) = (backend.clone(), cfg.clone());
-            probes.spawn(async move {
-                let pass = probe(&backend, &cfg).await;
-                backend.metrics.health_check(pass);
-                apply(&backend, &cfg, pass);
+        for (i, b) in pool.backends.iter().enumerate() {
+            due.entry(b.addr).or_insert_with(|| {
+                let spread = if changing(b) { cfg.fast_interval } else { cfg.interval };
+                Some(now + spread * i as u32 / n)
             });
-            while probes.try_join_next().is_some() {}
         }
+        for b in &pool.backends {
+            if due.get(&b.addr).is_some_and(|d| d.is_some_and(|at| at <= now)) {
+                due.insert(b.addr, None);
+                let (backend, cfg) = (b.clone(), cfg.clone());
+                probes.spawn(async move {
+                    let pass = probe(&backend, &cfg).await;
+                    backend.metrics.health_check(pass);
+                    apply(&backend, &cfg, pass);
+                    let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
+                    (backend.addr, Instant::now() + next)
+                });
+            }
+        }
+        let next_due = due.values().flatten().min().copied().unwrap_or(now + cfg.interval);
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep_until(start + interval) => {}
+            _ = tokio::time::sleep_until(next_due) => {}
+            Some(Ok((addr, at))) = probes.join_next(), if !probes.is_empty() => {
+                if let Some(d) = due.get_mut(&addr) {
+                    *d = Some(at);
+                }
+            }
         }
+    }
+}
+
+/// Whether a backend is between states: new, or in a streak that may soon move it.
+fn changing(b: &Backend) -> bool {
+    match b.state() {
+        BackendState::Starting => true,
+        BackendState::Healthy => b.health_failures.load(Ordering::Relaxed) > 0,
+        BackendState::Unhealthy => b.health_passes.load(Ordering::Relaxed) > 0,
+        BackendState::Ejected | BackendState::Draining => false,
     }
 }
 
@@ -68,6 +99,7 @@ pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Fu
         let mut still_ejected = 0;
         for b in &pool.backends {
             if b.state() != BackendState::Ejected {
+                b.forgive_ejections(now, cfg.max_ejection.as_millis() as u64);
                 continue;
             }
             if now >= b.ejected_until_ms.load(Ordering::Relaxed) {
@@ -178,6 +210,7 @@ mod tests {
         HealthConfig {
             path: "/health".into(),
             interval: Duration::from_secs(1),
+            fast_interval: Duration::from_millis(250),
             timeout: Duration::from_secs(1),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
@@ -220,5 +253,23 @@ mod tests {
             let j = jittered(Duration::from_millis(1000));
             assert!(j >= Duration::from_millis(900) && j <= Duration::from_millis(1100), "{j:?}");
         }
+    }
+
+    #[test]
+    fn backends_between_states_are_checked_at_the_fast_interval() {
+        let b = Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 1);
+        let c = cfg();
+        b.set_state(BackendState::Starting);
+        assert!(changing(&b), "a new backend waits for its first check");
+        apply(&b, &c, true);
+        assert!(!changing(&b), "healthy and passing");
+        apply(&b, &c, false);
+        assert!(changing(&b), "a failure streak has begun");
+        apply(&b, &c, false);
+        apply(&b, &c, false);
+        assert_eq!(b.state(), BackendState::Unhealthy);
+        assert!(!changing(&b), "down and failing: the normal interval");
+        apply(&b, &c, true);
+        assert!(changing(&b), "a passing streak has begun");
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -317,47 +317,159 @@ async fn panic_mode_fails_open_when_too_few_backends_are_healthy() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_health_checks_an_ejected_backend_returns_only_after_passing_them() {
-    // Its requests fail (500) but its health endpoint passes once allowed to.
-    let health_ok = Arc::new(AtomicBool::new(false));
+/// How a backend misbehaves while `broken` is set.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    /// Answers 500 (and 503 on `/health`).
+    Errors,
+    /// Accepts and never answers, health checks included.
+    Stalls,
+}
+
+/// A backend that misbehaves as `fault` says while `broken` is set, else answers after 20 ms
+/// with `X-Backend`; counts the health checks it passed.
+async fn faulty(fault: Fault, broken: Arc<AtomicBool>, passes: Arc<AtomicU64>) -> TestBackend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bad_addr = listener.local_addr().unwrap().to_string();
-    let flag = health_ok.clone();
-    let _bad = TestBackend::serve(listener, move |req: Request<hyper::body::Incoming>| {
-        let flag = flag.clone();
+    let addr = listener.local_addr().unwrap().to_string();
+    TestBackend::serve(listener, move |req: Request<hyper::body::Incoming>| {
+        let (broken, passes, addr) = (broken.clone(), passes.clone(), addr.clone());
         async move {
-            let status = match req.uri().path() {
-                "/health" if flag.load(Ordering::SeqCst) => 200,
-                "/health" => 503,
-                _ => 500,
-            };
-            Response::builder().status(status).body(full("")).unwrap()
-        }
-    });
-    let good = answering(200).await;
-    let toml = format!(
-        "[pools.default]\n[[pools.default.backends]]\naddr = \"{bad_addr}\"\n[[pools.default.backends]]\naddr = \"{}\"\n\
-         [pools.default.health]\ninterval = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 100\ngate_new_backends = false\n{OUTLIER}",
-        good.addr
-    );
-    let hr = Headroom::start(&toml).await;
-    let c = client();
-    poll_until(T, "ejected by traffic", || {
-        let (c, url, hr, bad_addr) = (c.clone(), hr.url("/x"), &hr, bad_addr.clone());
-        async move {
-            let _ = c.request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
-            state_of(hr, &bad_addr).await == "ejected"
+            let health = req.uri().path() == "/health";
+            if broken.load(Ordering::SeqCst) {
+                if fault == Fault::Stalls {
+                    std::future::pending::<()>().await;
+                }
+                let status = if health { 503 } else { 500 };
+                return Response::builder().status(status).body(full("")).unwrap();
+            }
+            if health {
+                passes.fetch_add(1, Ordering::SeqCst);
+                return Response::new(full(""));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Response::builder().header("x-backend", addr).body(full("ok")).unwrap()
         }
     })
-    .await;
+}
+
+/// Share of `samples` (served-at, backend) within `window` that went to `addr`.
+fn share(samples: &[(Duration, String)], window: std::ops::Range<Duration>, addr: &str) -> f64 {
+    let inside: Vec<_> = samples.iter().filter(|(t, _)| window.contains(t)).collect();
+    inside.iter().filter(|(_, a)| a == addr).count() as f64 / inside.len().max(1) as f64
+}
+
+/// Point 2 of fault recovery: a backend failing real traffic (by errors or by stalling into
+/// timeouts) is ejected by the outlier rule, comes back only after `healthy_threshold` passing
+/// checks, and then ramps up with slow start.
+async fn ejected_backend_returns_after_checks_then_ramps(fault: Fault) {
+    let broken = Arc::new(AtomicBool::new(true));
+    let passes = Arc::new(AtomicU64::new(0));
+    let bad = faulty(fault, broken.clone(), passes.clone()).await;
+    let good = faulty(fault, Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0))).await;
+    let bad_addr = bad.addr.to_string();
+    let toml = format!(
+        "{}[pools.default.health]\ninterval = \"50ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 3\n\
+         unhealthy_threshold = 100\ngate_new_backends = false\n{OUTLIER}",
+        config(
+            &[(bad.addr, 1), (good.addr, 1)],
+            "response_header_timeout = \"300ms\"\nslow_start = \"2s\"\nmax_inflight_per_backend = 20",
+            ""
+        )
+    );
+    let hr = Headroom::start(&toml).await;
+    // Traffic until the outlier rule ejects it (errors, or response-header timeouts: 504s).
+    let c = client();
+    let mut statuses = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    while state_of(&hr, &bad_addr).await != "ejected" {
+        assert!(std::time::Instant::now() < deadline, "not ejected by traffic: {statuses:?}");
+        let r = c.request(Request::get(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    let expected = if fault == Fault::Stalls { 504 } else { 500 };
+    assert!(statuses.contains(&expected), "{statuses:?}");
     // The ejection (1 s) ends, but failing checks keep it out...
     poll_until(T, "ejection over", || async { state_of(&hr, &bad_addr).await == "unhealthy" }).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(state_of(&hr, &bad_addr).await, "unhealthy");
-    // ...until its checks pass.
-    health_ok.store(true, Ordering::SeqCst);
+    // ...until healthy_threshold checks pass.
+    broken.store(false, Ordering::SeqCst);
     poll_until(T, "back after passing checks", || async { state_of(&hr, &bad_addr).await == "healthy" }).await;
+    let back = std::time::Instant::now();
+    assert!(passes.load(Ordering::SeqCst) >= 3, "healthy after {} passing checks", passes.load(Ordering::SeqCst));
+
+    // Then slow start: measure its share under 8 concurrent clients, early vs. late in the ramp.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, url) = (client(), hr.url("/x"));
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while back.elapsed() < Duration::from_millis(2600) {
+                    let r = c.request(Request::get(url.clone()).body(full(Bytes::new())).unwrap()).await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    let by = r.headers()["x-backend"].to_str().unwrap().to_string();
+                    samples.push((back.elapsed(), by));
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in clients {
+        samples.extend(t.await.unwrap());
+    }
+    let early = share(&samples, Duration::ZERO..Duration::from_millis(400), &bad_addr);
+    let late = share(&samples, Duration::from_millis(2100)..Duration::from_millis(2600), &bad_addr);
+    eprintln!(
+        "{fault:?}: recovered backend took {:.0}% early in the ramp, {:.0}% after it",
+        early * 100.0,
+        late * 100.0
+    );
+    assert!(early < 0.3, "early share {early}");
+    assert!(late > 0.35, "late share {late}");
+    assert!(early < late);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erroring_backend_is_ejected_returns_after_checks_and_ramps() {
+    ejected_backend_returns_after_checks_then_ramps(Fault::Errors).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_backend_is_ejected_by_timeouts_returns_after_checks_and_ramps() {
+    ejected_backend_returns_after_checks_then_ramps(Fault::Stalls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_backend_is_ejected_for_longer_each_time_up_to_the_cap() {
+    let bad = answering(500).await;
+    let good = answering(200).await;
+    let bad_addr = bad.addr.to_string();
+    let outlier = "[pools.default.outlier]\nconsecutive_failures = 1\nbase_ejection = \"150ms\"\n\
+                   max_ejection = \"400ms\"\nmax_ejected_percent = 50\n";
+    let hr = Headroom::start(&format!("{}{outlier}", config(&[(bad.addr, 1), (good.addr, 1)], "", ""))).await;
+    // Keep traffic going; each time the backend is back, its next failure ejects it again.
+    let mut lengths: Vec<u64> = Vec::new();
+    let c = client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lengths.len() < 4 {
+        assert!(std::time::Instant::now() < deadline, "only {lengths:?} after 20 s");
+        let _ = c.request(Request::get(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        let pools = hr.pools().await;
+        let b = pools["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["addr"] == bad_addr.as_str())
+            .cloned()
+            .unwrap();
+        let n = b["ejections"].as_u64().unwrap() as usize;
+        if n > lengths.len() {
+            assert_eq!(n, lengths.len() + 1, "an ejection was missed");
+            lengths.push(b["last_ejection_ms"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(lengths, vec![150, 300, 400, 400], "ejection times grow by base_ejection and stop at the cap");
 }
 
 /// `/health` by the flag; every other request is held until `release` turns true.
@@ -437,9 +549,102 @@ async fn a_503_is_retried_elsewhere_for_replayable_requests_only() {
     // A POST is not idempotent: the 503 goes back to the client.
     let r = client().request(Request::post(hr.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
     assert_eq!(r.status(), 503);
-    // A GET with a body cannot be replayed yet: not retried either.
+    // A GET with a small body is replayed, body and all.
     let r = client().request(Request::get(hr.url("/x")).body(full(Bytes::from_static(b"{}"))).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Answers 503 to everything, after reading the whole request body.
+async fn busy_after_reading() -> TestBackend {
+    TestBackend::start(|req: Request<hyper::body::Incoming>| async move {
+        let _ = req.into_body().collect().await;
+        Response::builder().status(503).body(full("busy")).unwrap()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_request_bodies_are_replayed_on_retry_and_big_ones_are_not() {
+    let busy = busy_after_reading().await;
+    let echo = TestBackend::echo().await;
+    let retry = "[pools.default.retry]\nattempts = 1\nbudget_percent = 100\nidempotent_only = false\n";
+    let hr = Headroom::start(&format!("{}{retry}", config(&[(busy.addr, 1000), (echo.addr, 1)], "", ""))).await;
+    let post = |body: Body| Request::post(hr.url("/v1/chat/completions")).body(body).unwrap();
+
+    // A 60 KiB POST (Content-Length) reaches the busy backend in full, then goes to the echo backend.
+    let body = Bytes::from(vec![b'x'; 60 * 1024]);
+    let r = client().request(post(full(body.clone()))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echoed["body_len"], 60 * 1024, "{echoed}");
+    assert_eq!(busy.hits.load(Ordering::SeqCst), 1);
+
+    // The same through a chunked body of three frames.
+    let (tx, chunked) = channel_body();
+    let sending = tokio::spawn(async move {
+        for part in [&b"{\"model\":"[..], b"\"m\",", b"\"stream\":true}"] {
+            tx.send(Bytes::from_static(part)).await.unwrap();
+        }
+    });
+    let r = client().request(post(chunked)).await.unwrap();
+    sending.await.unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echoed["body_len"], 27, "{echoed}");
+
+    // Over 64 KiB the body is not kept: the 503 goes back to the client.
+    let r = client().request(post(full(vec![b'x'; 65 * 1024 + 1]))).await.unwrap();
     assert_eq!(r.status(), 503);
+    // (The metrics registry is shared by the tests of this binary, so count at the backends.)
+    assert_eq!(busy.hits.load(Ordering::SeqCst), 3);
+    assert_eq!(echo.hits.load(Ordering::SeqCst), 2);
+}
+
+/// Answers 429 with `Retry-After: 3` and `X-Backend`.
+async fn rate_limited() -> TestBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    TestBackend::serve(listener, move |_req| {
+        let addr = addr.clone();
+        async move {
+            Response::builder().status(429).header("retry-after", "3").header("x-backend", addr).body(full("")).unwrap()
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_pauses_a_saturated_backend() {
+    let limited = rate_limited().await;
+    let fine = answering(200).await;
+    let hr = Headroom::start(&config(&[(limited.addr, 1000), (fine.addr, 1)], "", "")).await;
+    // Without [retry] the 429 goes back as it is...
+    let (status, _) = get(&hr.url("/x")).await;
+    assert_eq!(status, 429);
+    // ...and the backend takes nothing more until its Retry-After has passed.
+    for _ in 0..10 {
+        assert_eq!(get(&hr.url("/x")).await.0, 200);
+    }
+    assert_eq!(limited.hits.load(Ordering::SeqCst), 1);
+    let pools = hr.pools().await;
+    let view = &pools["pools"][0]["backends"][0];
+    let left = view["saturated_for_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 3000, "{view}");
+    assert_eq!(view["state"], "healthy");
+
+    // A pool whose only backend is paused answers 503 at once, with Retry-After.
+    let alone = Headroom::start(&config(&[(limited.addr, 1)], "", "")).await;
+    assert_eq!(get(&alone.url("/x")).await.0, 429);
+    let r = client().request(Request::get(alone.url("/x")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(limited.hits.load(Ordering::SeqCst), 2);
+
+    // honor_retry_after = false keeps sending.
+    let ignoring = Headroom::start(&config(&[(limited.addr, 1)], "honor_retry_after = false", "")).await;
+    for _ in 0..3 {
+        assert_eq!(get(&ignoring.url("/x")).await.0, 429);
+    }
+    assert_eq!(limited.hits.load(Ordering::SeqCst), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,6 +668,24 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
     poll_until(T, "requests held by the doomed backend", || async { doomed.hits.load(Ordering::SeqCst) >= 20 }).await;
     let held = doomed.hits.load(Ordering::SeqCst);
     doomed.kill();
+    let killed_at = std::time::Instant::now();
+    // Watch for it leaving rotation while the requests finish.
+    let (admin, doomed_addr) = (hr.admin, doomed.addr.to_string());
+    let ejection = tokio::spawn(async move {
+        loop {
+            let (_, body) = get(&format!("http://{admin}/api/pools")).await;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let gone = v["pools"][0]["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["addr"] == doomed_addr.as_str() && b["state"] == "unhealthy");
+            if gone || killed_at.elapsed() > T {
+                return killed_at.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let mut failed = 0;
     for r in reqs {
         if r.await.unwrap() != 200 {
@@ -471,11 +694,9 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
     }
     eprintln!("sent 200, {held} were on the killed backend, {failed} failed, all done in {:?}", started.elapsed());
     assert_eq!(failed, 0, "{failed} of 200 requests failed at the client");
-    let killed_at = std::time::Instant::now();
-    poll_until(T, "killed backend out of rotation", || async {
-        state_of(&hr, &doomed.addr.to_string()).await == "unhealthy"
-    })
-    .await;
-    eprintln!("out of rotation {:?} after the kill", killed_at.elapsed());
+    let out_after = ejection.await.unwrap();
+    // interval 50 ms × fall 2 = 100 ms; allow for a loaded machine, not for a missing check.
+    eprintln!("out of rotation {out_after:?} after the kill (interval 50 ms, fall 2)");
+    assert!(out_after < Duration::from_secs(2), "still in rotation {out_after:?} after the kill");
     drop(release);
 }

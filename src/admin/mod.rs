@@ -55,6 +55,11 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                         "requests": b.requests(),
                         "errors": b.errors(),
                         "idle_connections": b.conns.idle(),
+                        "backup": b.is_backup(),
+                        "ejections": b.ejections(),
+                        "last_ejection_ms": b.last_ejection_ms(),
+                        "ejected_for_ms": b.ejected_for_ms(),
+                        "saturated_for_ms": b.saturated_for_ms(),
                     })
                 })
                 .collect();

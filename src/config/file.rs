@@ -56,6 +56,7 @@ pub struct FilePool {
     pub stream_idle_timeout: Option<Spanned<String>>,
     pub panic_threshold: Option<Spanned<f64>>,
     pub slow_start: Option<Spanned<String>>,
+    pub honor_retry_after: Option<bool>,
     pub queue: Option<FileQueue>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,
@@ -88,6 +89,7 @@ pub struct FileOutlier {
 pub struct FileHealth {
     pub path: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
+    pub fast_interval: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     pub healthy_threshold: Option<Spanned<u32>>,
     pub unhealthy_threshold: Option<Spanned<u32>>,

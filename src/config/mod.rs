@@ -129,6 +129,9 @@ pub struct PoolConfig {
     /// A backend that becomes healthy (again) ramps its weight and capacity from 10% to 100%
     /// over this time. Default: off.
     pub slow_start: Option<Duration>,
+    /// A 429 or 503 with `Retry-After` pauses new requests to that backend for that long
+    /// (at most 300s). Default true.
+    pub honor_retry_after: bool,
     pub queue: QueueConfig,
     pub backends: Vec<BackendConfig>,
     pub launch: Option<LaunchConfig>,
@@ -182,6 +185,9 @@ pub struct HealthConfig {
     pub path: String,
     /// Default 2s, with ±10% jitter.
     pub interval: Duration,
+    /// Used instead of `interval` while a backend is changing state (a streak toward rise or
+    /// fall has begun, or it is new). Default `interval / 4`.
+    pub fast_interval: Duration,
     /// Default 1s.
     pub timeout: Duration,
     /// Consecutive passes to become healthy (rise). Default 2.

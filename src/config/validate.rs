@@ -265,9 +265,19 @@ fn validate_pool(
                     )
                 })?,
             };
+            let interval = duration(&h.interval, &field("health.interval"), Duration::from_secs(2))?;
+            let fast_interval = duration(&h.fast_interval, &field("health.fast_interval"), interval / 4)?;
+            if fast_interval > interval {
+                let span = h.fast_interval.as_ref().map(|v| v.span()).unwrap_or_default();
+                return Err(err(
+                    span,
+                    format!("{}: must not be longer than health.interval", field("health.fast_interval")),
+                ));
+            }
             Some(HealthConfig {
                 path,
-                interval: duration(&h.interval, &field("health.interval"), Duration::from_secs(2))?,
+                interval,
+                fast_interval,
                 timeout: duration(&h.timeout, &field("health.timeout"), Duration::from_secs(1))?,
                 healthy_threshold: threshold(&h.healthy_threshold, "health.healthy_threshold", 2)?,
                 unhealthy_threshold: threshold(&h.unhealthy_threshold, "health.unhealthy_threshold", 3)?,
@@ -362,6 +372,7 @@ fn validate_pool(
     Ok(PoolConfig {
         retry,
         slow_start,
+        honor_retry_after: p.honor_retry_after.unwrap_or(true),
         panic_threshold,
         health,
         outlier,
@@ -511,6 +522,13 @@ mod tests {
         assert!(parse(&bad).unwrap_err().message.contains("expect_status"));
         let bad = format!("{MINIMAL}[pools.default.health]\nunhealthy_threshold = 0\n");
         assert!(parse(&bad).unwrap_err().message.contains("1..=100"));
+        assert_eq!(h.fast_interval, Duration::from_nanos(12_500_000), "a quarter of the interval by default");
+        let bad = format!("{MINIMAL}[pools.default.health]\ninterval = \"1s\"\nfast_interval = \"2s\"\n");
+        let e = parse(&bad).unwrap_err();
+        assert!(e.message.contains("fast_interval") && e.line.is_some(), "{e:?}");
+        assert!(parse(MINIMAL).unwrap().pools[0].honor_retry_after);
+        let off = MINIMAL.replace("[pools.default]\n", "[pools.default]\nhonor_retry_after = false\n");
+        assert!(!parse(&off).unwrap().pools[0].honor_retry_after);
     }
 
     #[test]

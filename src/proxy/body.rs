@@ -1,7 +1,8 @@
-//! Body wrappers of the data path. Both stream frame by frame; neither buffers.
+//! Body wrappers of the data path. Both stream frame by frame; neither waits to buffer.
 //!
 //! [`RequestBody`] forwards the client's body upstream and enforces `max_request_body` on bodies
-//! of unknown length. [`ResponseBody`] carries the upstream body (or a small local one) to the
+//! of unknown length. When the request may be retried, it also keeps references to the frames it
+//! forwarded, up to [`KEEP_LIMIT`] bytes, so a small body can be sent again ([`Kept`]). [`ResponseBody`] carries the upstream body (or a small local one) to the
 //! client and holds everything that must live exactly as long as the response: the backend's
 //! in-flight slot, the upstream connection (given back only after a clean end), and the
 //! connection-activity marker. It finishes on the last frame, not on `None`, because hyper stops
@@ -23,6 +24,19 @@ use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The largest request body kept for a retry. Larger bodies are streamed and not retried.
+pub const KEEP_LIMIT: usize = 64 * 1024;
+
+/// Hands the frames of a fully forwarded small body to whoever wants to send it again.
+pub type Kept = tokio::sync::oneshot::Receiver<Vec<Bytes>>;
+
+/// Collects forwarded frames while they stay under [`KEEP_LIMIT`] bytes.
+struct Keeper {
+    frames: Vec<Bytes>,
+    bytes: usize,
+    done: tokio::sync::oneshot::Sender<Vec<Bytes>>,
+}
+
 /// How a request body ended early, as seen by the proxy after the upstream send failed.
 pub mod outcome {
     pub const TOO_LARGE: u8 = 1;
@@ -33,8 +47,12 @@ pub mod outcome {
 /// more than `limit` bytes arrive, or when the client sends nothing for `idle_timeout`; the
 /// shared `outcome` says which, so the caller answers 413 or 408 rather than 502.
 pub struct RequestBody {
-    /// `None`: an empty body (a replayed request that had none).
+    /// `None`: a body from memory (`replay`), or none at all.
     inner: Option<Incoming>,
+    /// A kept body being sent again, front first.
+    replay: Vec<Bytes>,
+    /// Set while the frames are kept for a retry.
+    keep: Option<Keeper>,
     limit: u64,
     seen: u64,
     idle_timeout: Duration,
@@ -55,14 +73,49 @@ impl RequestBody {
     /// before). `outcome` is only needed, and only allocated, for requests that have a body.
     pub fn new(inner: Incoming, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
         let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
-        let body =
-            RequestBody { inner: Some(inner), limit, seen: 0, idle_timeout, idle: None, outcome: outcome.clone() };
+        let body = RequestBody {
+            inner: Some(inner),
+            replay: Vec::new(),
+            keep: None,
+            limit,
+            seen: 0,
+            idle_timeout,
+            idle: None,
+            outcome: outcome.clone(),
+        };
         (body, outcome)
     }
 
-    /// An empty body, for replaying a request that had none.
-    pub fn empty() -> Self {
-        RequestBody { inner: None, limit: 0, seen: 0, idle_timeout: Duration::MAX, idle: None, outcome: None }
+    /// Keeps what is forwarded for a retry; the receiver gets the frames once the body has been
+    /// forwarded in full, if it stayed within [`KEEP_LIMIT`] bytes and had no trailers.
+    pub fn keep(&mut self) -> Kept {
+        let (done, kept) = tokio::sync::oneshot::channel();
+        self.keep = Some(Keeper { frames: Vec::new(), bytes: 0, done });
+        if self.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+            self.finish_keep();
+        }
+        kept
+    }
+
+    /// A body sent from memory: a kept one, sent again (empty for a request that had none).
+    pub fn replay(mut frames: Vec<Bytes>) -> Self {
+        frames.reverse();
+        RequestBody {
+            inner: None,
+            replay: frames,
+            keep: None,
+            limit: u64::MAX,
+            seen: 0,
+            idle_timeout: Duration::MAX,
+            idle: None,
+            outcome: None,
+        }
+    }
+
+    fn finish_keep(&mut self) {
+        if let Some(k) = self.keep.take() {
+            let _ = k.done.send(k.frames);
+        }
     }
 
     fn fail(&self, code: u8, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -79,22 +132,45 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(this.replay.pop().map(|b| Ok(Frame::data(b))));
+        };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
+                        this.keep = None;
                         return this.fail(outcome::TOO_LARGE, RequestBodyError::TooLarge(this.limit));
                     }
+                }
+                if let Some(k) = &mut this.keep {
+                    match frame.data_ref() {
+                        Some(data) if k.bytes + data.len() <= KEEP_LIMIT => {
+                            k.bytes += data.len();
+                            k.frames.push(data.clone());
+                        }
+                        // Too big, or trailers: this body will not be sent again.
+                        _ => this.keep = None,
+                    }
+                }
+                // hyper stops polling once the body says it has ended, so the end is seen here.
+                if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+                    this.finish_keep();
                 }
                 if let Some(sleep) = &mut this.idle {
                     sleep.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.keep = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish_keep();
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 // Armed only once the body actually has to wait for the client.
                 let timeout = this.idle_timeout;
@@ -108,11 +184,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.inner {
+            Some(inner) => inner.is_end_stream(),
+            None => self.replay.is_empty(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint)
+        match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None => SizeHint::with_exact(self.replay.iter().map(|b| b.len() as u64).sum()),
+        }
     }
 }
 

@@ -230,6 +230,17 @@ pub fn add_forwarding(
     set_or_append(headers, scan.found & VIA != 0, header::VIA, &via);
 }
 
+/// A `Retry-After` value as a duration from now: delay-seconds or an HTTP-date (RFC 9110
+/// §10.2.3). `None` when it cannot be read; a date in the past is a zero pause.
+pub fn retry_after(value: &HeaderValue) -> Option<std::time::Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +304,19 @@ mod tests {
         add_forwarding(&mut h6, &s6, &c6, None, Version::HTTP_2);
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h6["via"], "2 headroom");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        use std::time::{Duration, SystemTime};
+        assert_eq!(retry_after(&HeaderValue::from_static("7")), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&HeaderValue::from_static(" 0 ")), Some(Duration::ZERO));
+        assert_eq!(retry_after(&HeaderValue::from_static("soon")), None);
+        assert_eq!(retry_after(&HeaderValue::from_static("-3")), None);
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let d = retry_after(&HeaderValue::from_str(&later).unwrap()).unwrap();
+        assert!(d > Duration::from_secs(110) && d <= Duration::from_secs(120), "{d:?}");
+        let past = retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"));
+        assert_eq!(past, Some(Duration::ZERO));
     }
 }

@@ -167,23 +167,25 @@ impl ConnCtx {
         parts.version = Version::HTTP_11;
         // A declared length was checked above and hyper holds the client to it; bodies of unknown
         // length are counted as they stream.
-        // With [retry], a request without a body (of an idempotent method, unless configured
-        // otherwise) can be replayed after it reached a backend: keep what it takes to rebuild it.
-        let replay = match &cfg.retry {
-            Some(r)
-                if http_body::Body::is_end_stream(&incoming)
-                    && (!r.idempotent_only || parts.method.is_idempotent()) =>
-            {
+        let has_body = !http_body::Body::is_end_stream(&incoming);
+        let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
+        // With [retry], a request of an idempotent method (any method, if so configured) can be
+        // sent again after it reached a backend: keep what it takes to rebuild it, its body too
+        // when that is small enough to keep.
+        let mut replay = match &cfg.retry {
+            Some(r) => {
                 pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Some(Replay { method: parts.method.clone(), uri: parts.uri.clone(), headers: parts.headers.clone() })
-            }
-            Some(_) => {
-                pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                None
+                let method_ok = !r.idempotent_only || parts.method.is_idempotent();
+                let small = declared.is_none_or(|n| n <= body::KEEP_LIMIT as u64);
+                (method_ok && small).then(|| Replay {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                    body: if has_body { Kept::Waiting(body.keep()) } else { Kept::Frames(Vec::new()) },
+                })
             }
             None => None,
         };
-        let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
         let upstream_req = Request::from_parts(parts, body);
 
         // 5. Send, bounded by the response header timeout. A request that never reached its
@@ -195,6 +197,13 @@ impl ConnCtx {
         let mut retries = 0;
         let (resp, conn) = loop {
             let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, req)).await;
+            if let Ok(Ok((r, _))) = &sent {
+                if cfg.honor_retry_after && matches!(r.status().as_u16(), 429 | 503) {
+                    if let Some(pause) = r.headers().get(header::RETRY_AFTER).and_then(headers::retry_after) {
+                        backend.saturate(pause);
+                    }
+                }
+            }
             // What kind of retry this outcome allows, if any.
             let retry_kind = match (&sent, &cfg.retry, &replay) {
                 (Ok(Ok((r, _))), Some(rc), Some(_)) if r.status() == 503 && rc.on_503 => Some("503"),
@@ -206,8 +215,9 @@ impl ConnCtx {
                 }
                 _ => None,
             };
-            if let (Some(kind), Some(rc), Some(template)) = (retry_kind, &cfg.retry, &replay) {
-                if retries < rc.attempts && pool.state.take_retry(rc.budget_percent) {
+            if let (Some(kind), Some(rc), Some(template)) = (retry_kind, &cfg.retry, replay.as_mut()) {
+                let again = if retries < rc.attempts { template.request() } else { None };
+                if let Some(again) = again.filter(|_| pool.state.take_retry(rc.budget_percent)) {
                     tried.extend(pool.index_of(&backend));
                     if let Some(next) = pool.try_acquire_except(|i| tried.contains(&i)) {
                         let status = match &sent {
@@ -220,7 +230,7 @@ impl ConnCtx {
                         drop(sent); // a 503/429 answer is discarded with its connection
                         guard = next;
                         backend = guard.backend().clone();
-                        req = template.request();
+                        req = again;
                         retries += 1;
                         continue;
                     }
@@ -270,21 +280,40 @@ impl ConnCtx {
     }
 }
 
-/// What it takes to send a body-less request again.
+/// What it takes to send a request again.
 struct Replay {
     method: http::Method,
     uri: Uri,
     headers: http::HeaderMap,
+    body: Kept,
+}
+
+/// The body of a request that may be sent again.
+enum Kept {
+    /// Still streaming upstream; the frames arrive once it has been forwarded in full.
+    Waiting(body::Kept),
+    /// The whole body (empty for a request that had none).
+    Frames(Vec<bytes::Bytes>),
+    /// Too big to keep, not fully forwarded, or broken: cannot be sent again.
+    Lost,
 }
 
 impl Replay {
-    fn request(&self) -> Request<RequestBody> {
-        let mut r = Request::new(RequestBody::empty());
+    /// The request again, or `None` when its body cannot be rebuilt.
+    fn request(&mut self) -> Option<Request<RequestBody>> {
+        if let Kept::Waiting(rx) = &mut self.body {
+            self.body = match rx.try_recv() {
+                Ok(frames) => Kept::Frames(frames),
+                Err(_) => Kept::Lost,
+            };
+        }
+        let Kept::Frames(frames) = &self.body else { return None };
+        let mut r = Request::new(RequestBody::replay(frames.clone()));
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = Version::HTTP_11;
         *r.headers_mut() = self.headers.clone();
-        r
+        Some(r)
     }
 }
 

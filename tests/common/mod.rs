@@ -61,6 +61,8 @@ pub struct TestBackend {
     stop: Option<oneshot::Sender<()>>,
     /// Open connections, so `kill` can drop them mid-request.
     conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// Set by `kill`: a connection accepted while killing is aborted too.
+    killed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TestBackend {
@@ -86,6 +88,8 @@ impl TestBackend {
         let (c, h) = (connections.clone(), hits.clone());
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
         let open = conns.clone();
+        let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dead = killed.clone();
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             loop {
@@ -105,10 +109,15 @@ impl TestBackend {
                 let task = tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                open.lock().unwrap().push(task.abort_handle());
+                let mut open = open.lock().unwrap();
+                if dead.load(Ordering::SeqCst) {
+                    task.abort();
+                } else {
+                    open.push(task.abort_handle());
+                }
             }
         });
-        TestBackend { addr, connections, hits, stop: Some(stop), conns }
+        TestBackend { addr, connections, hits, stop: Some(stop), conns, killed }
     }
 
     /// Answers 200 with `X-Backend: addr` and a small body.
@@ -163,7 +172,9 @@ impl TestBackend {
     /// Like a crash: stops accepting and drops every open connection, requests in flight included.
     pub fn kill(&mut self) {
         self.stop();
-        for c in self.conns.lock().unwrap().drain(..) {
+        let mut open = self.conns.lock().unwrap();
+        self.killed.store(true, Ordering::SeqCst);
+        for c in open.drain(..) {
             c.abort();
         }
     }
