@@ -7,8 +7,10 @@
 use crate::admin::metrics::PoolMetrics;
 use crate::backend::Pool;
 use crate::config::{BackendConfig, Config};
+use crate::reload::{ConfigStatus, ReloadRequest, ReloadResult, Trigger};
 use arc_swap::ArcSwap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc;
 
 pub struct Snapshot {
     pub config: Arc<Config>,
@@ -52,11 +54,41 @@ pub struct Gateway {
     current: ArcSwap<Snapshot>,
     /// Requests answered before any pool was chosen (bad requests, no route).
     pub unrouted: PoolMetrics,
+    /// The running config's origin and the last reload error (`GET /api/config`).
+    config_status: ArcSwap<ConfigStatus>,
+    /// Where reload requests go (`POST /api/reload`); set once the reloader runs.
+    reload: OnceLock<mpsc::Sender<ReloadRequest>>,
 }
 
 impl Gateway {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Arc::new(Gateway { current: ArcSwap::from_pointee(snapshot), unrouted: PoolMetrics::new("none") })
+        Arc::new(Gateway {
+            current: ArcSwap::from_pointee(snapshot),
+            unrouted: PoolMetrics::new("none"),
+            config_status: ArcSwap::from_pointee(ConfigStatus::default()),
+            reload: OnceLock::new(),
+        })
+    }
+
+    pub fn config_status(&self) -> ConfigStatus {
+        (**self.config_status.load()).clone()
+    }
+
+    pub fn set_config_status(&self, status: ConfigStatus) {
+        self.config_status.store(Arc::new(status));
+    }
+
+    /// Connects the reloader (once).
+    pub fn set_reloader(&self, tx: mpsc::Sender<ReloadRequest>) {
+        let _ = self.reload.set(tx);
+    }
+
+    /// Asks for a reload and waits for its outcome.
+    pub async fn reload(&self, trigger: Trigger) -> ReloadResult {
+        let tx = self.reload.get().ok_or("reloading is not running")?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(ReloadRequest { trigger, reply: Some(reply) }).await.map_err(|_| "reloading has stopped")?;
+        answer.await.map_err(|_| "reloading has stopped".to_string())?
     }
 
     /// The current snapshot (one reference-count increment).

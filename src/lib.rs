@@ -10,6 +10,7 @@ pub mod gateway; //  the shared snapshot
 pub mod health; //   active health checks (off the data path)
 pub mod mock; //     the mock inference server
 pub mod proxy; //    the data path
+pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //    admission queue, local backend launcher
 pub mod server; //   client listeners, graceful drain
 
@@ -50,18 +51,41 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     run_with_workers(config, listeners, shutdown, 1).await
 }
 
-/// Like [`run`], with `workers - 1` more threads accepting on the same listeners, each with its
-/// own single-threaded runtime: a connection and its upstream work stay on one thread, with no
-/// work-stealing scheduler between them. Shared state stays lock-free (atomics, `ArcSwap`).
+/// Like [`run`], with `workers - 1` more threads (see [`run_with`]).
 pub async fn run_with_workers(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     workers: usize,
 ) -> Result<(), RunError> {
+    run_with(config, listeners, shutdown, RunOptions { workers, config_path: None }).await
+}
+
+/// How to run beyond the config itself.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Accepting threads, each with its own single-threaded runtime (at least 1).
+    pub workers: usize,
+    /// The file the config came from: watched, and read again on SIGHUP or `POST /api/reload`.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+/// Runs the gateway with `workers - 1` more threads accepting on the same listeners, each with
+/// its own single-threaded runtime: a connection and its upstream work stay on one thread, with
+/// no work-stealing scheduler between them. Shared state stays lock-free (atomics, `ArcSwap`).
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    options: RunOptions,
+) -> Result<(), RunError> {
+    let RunOptions { workers, config_path } = options;
+    let workers = workers.max(1);
     let prom = admin::metrics::install();
     proxy::upstream::set_worker_count(workers);
     let (extra, mut launched) = scale::launch::launch_all(&config).await?;
+    let extra_by_pool: std::collections::HashMap<String, Vec<config::BackendConfig>> =
+        config.pools.iter().map(|p| p.name.clone()).zip(extra.iter().cloned()).collect();
     let gateway = Gateway::new(Snapshot::build(config, &extra, None));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -113,22 +137,16 @@ pub async fn run_with_workers(
     for l in listeners.proxy {
         tasks.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
     }
+    // The reloader owns the pools' background tasks (health checks, ejection clock, ramps).
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
+    gateway.set_reloader(reload_tx);
+    let text = config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool);
+    tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
     tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, stopped(stop_rx.clone())));
-    for pool in gateway.snapshot().pools.iter() {
-        let name = pool.config.name.clone();
-        if pool.config.health.is_some() {
-            tasks.spawn(health::run_pool(gateway.clone(), name.clone(), stopped(stop_rx.clone())));
-        }
-        if pool.config.outlier.is_some() {
-            tasks.spawn(health::readmit_pool(gateway.clone(), name.clone(), stopped(stop_rx.clone())));
-        }
-        if pool.config.slow_start.is_some() {
-            tasks.spawn(health::ramp_pool(gateway.clone(), name, stopped(stop_rx.clone())));
-        }
-    }
 
     shutdown.await;
     tracing::info!("shutting down");

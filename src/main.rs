@@ -139,7 +139,8 @@ fn main() -> ExitCode {
                         return ExitCode::from(69);
                     }
                 };
-                match headroom::run_with_workers(config, listeners, headroom::shutdown_signal(), workers).await {
+                let options = headroom::RunOptions { workers, config_path: Some(cli.config.clone()) };
+                match headroom::run_with(config, listeners, headroom::shutdown_signal(), options).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("{e}");

@@ -21,6 +21,16 @@ pub const HEALTH_CHECKS: &str = "headroom_health_checks_total";
 pub const EJECTIONS: &str = "headroom_ejections_total";
 pub const RETRIES: &str = "headroom_retries_total";
 pub const PANIC_MODE: &str = "headroom_panic_mode";
+pub const CONFIG_RELOADS: &str = "headroom_config_reloads_total";
+pub const CONFIG_LAST_RELOAD: &str = "headroom_config_last_reload_timestamp_seconds";
+
+/// Counts a reload by outcome (`ok` or `error`); a good one also sets the last-reload time.
+pub fn config_reloaded(ok: bool, at_unix: f64) {
+    metrics::counter!(CONFIG_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+    if ok {
+        metrics::gauge!(CONFIG_LAST_RELOAD).set(at_unix);
+    }
+}
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];

@@ -112,7 +112,20 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
-        (_, "/metrics" | "/healthz" | "/api/pools") => {
+        (&Method::GET, "/api/config") => {
+            respond(StatusCode::OK, "application/json", json!(gateway.config_status()).to_string())
+        }
+        (&Method::POST, "/api/reload") => match gateway.reload(crate::reload::Trigger::Api).await {
+            Ok(status) => {
+                respond(StatusCode::OK, "application/json", json!({ "reloaded": true, "config": status }).to_string())
+            }
+            Err(e) => respond(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "application/json",
+                json!({ "reloaded": false, "error": e }).to_string(),
+            ),
+        },
+        (_, "/metrics" | "/healthz" | "/api/pools" | "/api/config" | "/api/reload") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
         }
         _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),

@@ -293,7 +293,7 @@ impl ConfigError {
         ConfigError { file: None, line: None, column: None, message: message.into() }
     }
 
-    fn in_file(mut self, path: &Path) -> Self {
+    pub fn in_file(mut self, path: &Path) -> Self {
         self.file = Some(path.to_path_buf());
         self
     }

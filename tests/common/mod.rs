@@ -224,6 +224,36 @@ impl Headroom {
         Headroom { addr, admin: admin_addr, stop: Some(stop), task: Some(task) }
     }
 
+    /// Starts headroom on the config file at `path` (its listen addresses are ignored), watching
+    /// it for reloads.
+    pub async fn start_file(path: &Path) -> Headroom {
+        let config = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = headroom::RunOptions { workers: 1, config_path: Some(path.to_path_buf()) };
+        let task = tokio::spawn(async move {
+            let listeners = headroom::Listeners { proxy: vec![proxy], admin };
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            headroom::run_with(config, listeners, stopped, options).await.unwrap();
+        });
+        let hr = Headroom { addr, admin: admin_addr, stop: Some(stop), task: Some(task) };
+        // Once the admin API answers, the file is being watched.
+        hr.config_status().await;
+        hr
+    }
+
+    /// `GET /api/config` from the admin listener.
+    pub async fn config_status(&self) -> serde_json::Value {
+        let (status, body) = get(&format!("http://{}/api/config", self.admin)).await;
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -1,0 +1,308 @@
+//! Hot reload: the config file is watched (and SIGHUP and `POST /api/reload` ask too); a new
+//! file is parsed and validated, a new snapshot is built reusing every kept backend's `Arc`
+//! (in-flight counts, health, ejection and slow-start clocks), and published in one swap.
+//!
+//! A file that fails to parse or validate changes nothing: the running config stays, and the
+//! error is logged, counted and shown by `GET /api/config`. Writes are debounced, so an editor's
+//! truncate-then-write or write-then-rename is applied once, when it has settled. Backends
+//! removed from the file stop taking requests at once; their in-flight requests finish.
+//!
+//! Runs as one task off the data path; it owns the per-pool background tasks (health checks,
+//! ejection clock, slow-start ramp) and starts or stops them as pools and sections come and go.
+
+use crate::admin::metrics;
+use crate::backend::BackendState;
+use crate::config::{BackendConfig, Config};
+use crate::gateway::{Gateway, Snapshot};
+use crate::health;
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long the file must stay quiet after a change before it is read.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// What `GET /api/config` shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ConfigStatus {
+    /// The config file, when there is one.
+    pub path: Option<PathBuf>,
+    /// Hash of the running config's text (16 hex digits).
+    pub hash: String,
+    /// When the running config was loaded, Unix seconds.
+    pub loaded_at: f64,
+    /// Reloads applied since start.
+    pub reloads: u64,
+    /// The last failed reload, if any since the last good one.
+    pub last_error: Option<String>,
+    /// When it failed, Unix seconds.
+    pub last_error_at: Option<f64>,
+}
+
+/// The outcome of one reload request.
+pub type ReloadResult = Result<ConfigStatus, String>;
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    File,
+    Signal,
+    Api,
+}
+
+/// A request to reload, answered when done.
+pub struct ReloadRequest {
+    pub trigger: Trigger,
+    pub reply: Option<oneshot::Sender<ReloadResult>>,
+}
+
+/// A short stable hash of config text.
+pub fn text_hash(text: &str) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The background tasks of each pool, started when a pool has the section that needs them.
+#[derive(Default)]
+struct PoolTasks {
+    running: HashMap<(String, &'static str), JoinHandle<()>>,
+}
+
+impl PoolTasks {
+    /// Starts the tasks the current snapshot needs and that are not running. A task ends by
+    /// itself when its pool or section is gone.
+    fn ensure(&mut self, gateway: &Arc<Gateway>, stop: &watch::Receiver<bool>) {
+        self.running.retain(|_, t| !t.is_finished());
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        for pool in gateway.snapshot().pools.iter() {
+            let name = pool.config.name.clone();
+            let wanted = [
+                ("health", pool.config.health.is_some()),
+                ("readmit", pool.config.outlier.is_some()),
+                ("ramp", pool.config.slow_start.is_some()),
+            ];
+            for (kind, on) in wanted {
+                if !on || self.running.contains_key(&(name.clone(), kind)) {
+                    continue;
+                }
+                let (g, n, s) = (gateway.clone(), name.clone(), stopped(stop.clone()));
+                let task = match kind {
+                    "health" => tokio::spawn(health::run_pool(g, n, s)),
+                    "readmit" => tokio::spawn(health::readmit_pool(g, n, s)),
+                    _ => tokio::spawn(health::ramp_pool(g, n, s)),
+                };
+                self.running.insert((name.clone(), kind), task);
+            }
+        }
+    }
+
+    async fn join(self) {
+        for (_, t) in self.running {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Owns reloading for one gateway.
+pub struct Reloader {
+    gateway: Arc<Gateway>,
+    path: Option<PathBuf>,
+    /// Backends started by headroom itself, per pool: kept across reloads.
+    extra: HashMap<String, Vec<BackendConfig>>,
+    running_hash: String,
+    tasks: PoolTasks,
+    /// Set up at construction, so no write after `new` returns is missed.
+    watcher: Option<notify::RecommendedWatcher>,
+    file_events: mpsc::UnboundedReceiver<()>,
+}
+
+impl Reloader {
+    /// `text` is the running config's source (for its hash), `extra` the launched backends.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        path: Option<PathBuf>,
+        text: &str,
+        extra: HashMap<String, Vec<BackendConfig>>,
+    ) -> Self {
+        let running_hash = text_hash(text);
+        gateway.set_config_status(ConfigStatus {
+            path: path.clone(),
+            hash: running_hash.clone(),
+            loaded_at: unix_now(),
+            ..Default::default()
+        });
+        let (file_tx, file_events) = mpsc::unbounded_channel::<()>();
+        let watcher = path.as_deref().and_then(|p| watch_file(p, file_tx));
+        Reloader { gateway, path, extra, running_hash, tasks: PoolTasks::default(), watcher, file_events }
+    }
+
+    /// Runs until `stop` turns true: starts the pool tasks, then serves reload requests from
+    /// `requests`, SIGHUP and the file watcher.
+    pub async fn run(mut self, mut requests: mpsc::Receiver<ReloadRequest>, stop: watch::Receiver<bool>) {
+        self.tasks.ensure(&self.gateway, &stop);
+        let mut hup = sighup();
+        let mut stop_rx = stop.clone();
+        let mut settle_at: Option<tokio::time::Instant> = None;
+        loop {
+            let settle = async {
+                match settle_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => break,
+                Some(()) = self.file_events.recv() => settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
+                _ = settle => {
+                    settle_at = None;
+                    let _ = self.reload(Trigger::File, &stop);
+                }
+                Some(()) = recv_signal(&mut hup) => {
+                    let _ = self.reload(Trigger::Signal, &stop);
+                }
+                Some(req) = requests.recv() => {
+                    let out = self.reload(req.trigger, &stop);
+                    if let Some(reply) = req.reply {
+                        let _ = reply.send(out);
+                    }
+                }
+            }
+        }
+        drop(self.watcher.take());
+        self.tasks.join().await;
+    }
+
+    /// Reads the file and applies it. A file change that leaves the text as it runs is ignored.
+    fn reload(&mut self, trigger: Trigger, stop: &watch::Receiver<bool>) -> ReloadResult {
+        let Some(path) = self.path.clone() else {
+            return Err("headroom was started without a config file; nothing to reload".into());
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => return Err(self.failed(format!("{}: cannot read config file: {e}", path.display()))),
+        };
+        let hash = text_hash(&text);
+        if trigger == Trigger::File && hash == self.running_hash {
+            return Ok(self.gateway.config_status());
+        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let config = match Config::parse(&text, &base) {
+            Ok(c) => c,
+            Err(e) => return Err(self.failed(e.in_file(&path).to_string())),
+        };
+        let started = std::time::Instant::now();
+        let running = self.gateway.snapshot();
+        if config.server.listen != running.config.server.listen || config.admin.listen != running.config.admin.listen {
+            tracing::warn!("listen addresses changed in the config file; they take effect on restart");
+        }
+        let extra: Vec<Vec<BackendConfig>> =
+            config.pools.iter().map(|p| self.extra.get(&p.name).cloned().unwrap_or_default()).collect();
+        let next = Snapshot::build(config, &extra, Some(&running));
+        // Backends gone from the config take no new requests; in-flight ones finish on their Arc.
+        for old in &running.pools {
+            let kept = next.pool(&old.config.name);
+            for b in &old.backends {
+                if !kept.is_some_and(|p| p.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
+                    tracing::info!(pool = %old.config.name, backend = %b.addr, in_flight = b.in_flight(), "backend removed; draining");
+                    b.set_state(BackendState::Draining);
+                }
+            }
+        }
+        self.gateway.publish(next);
+        self.tasks.ensure(&self.gateway, stop);
+        self.running_hash = hash.clone();
+        let mut status = self.gateway.config_status();
+        status.path = Some(path);
+        status.hash = hash;
+        status.loaded_at = unix_now();
+        status.reloads += 1;
+        status.last_error = None;
+        status.last_error_at = None;
+        self.gateway.set_config_status(status.clone());
+        metrics::config_reloaded(true, status.loaded_at);
+        tracing::info!(?trigger, hash = %status.hash, took = ?started.elapsed(), "config reloaded");
+        Ok(status)
+    }
+
+    /// Records a failed reload; the running config stays.
+    fn failed(&self, message: String) -> String {
+        tracing::error!(error = %message, "config reload rejected; the running config stays");
+        let mut status = self.gateway.config_status();
+        status.last_error = Some(message.clone());
+        status.last_error_at = Some(unix_now());
+        self.gateway.set_config_status(status);
+        metrics::config_reloaded(false, 0.0);
+        message
+    }
+}
+
+/// Watches the directory of `path` (so a file renamed over it is seen) and signals `tx` on any
+/// event that names the file.
+fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let file = path.file_name()?.to_os_string();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.kind.is_access() {
+                return;
+            }
+            if ev.paths.iter().any(|p| p.file_name() == Some(file.as_os_str())) {
+                let _ = tx.send(());
+            }
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /api/reload");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
+        return None;
+    }
+    Some(watcher)
+}
+
+#[cfg(unix)]
+type Hup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hup = Option<()>;
+
+fn sighup() -> Hup {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+fn recv_signal(hup: &mut Hup) -> impl Future<Output = Option<()>> + '_ {
+    async move {
+        match hup {
+            #[cfg(unix)]
+            Some(s) => s.recv().await,
+            _ => std::future::pending().await,
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Hot reload with a real config file on disk, real backends and real clients: reloads under
+//! load, state carried over, removed backends draining, each way of writing a file, bad files.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const T: Duration = Duration::from_secs(10);
+
+fn write_now(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Waits until `/api/config` counts `n` applied reloads; returns how long that took.
+async fn until_reloads(hr: &Headroom, n: u64) -> Duration {
+    let start = Instant::now();
+    loop {
+        let status = hr.config_status().await;
+        let got = status["reloads"].as_u64().unwrap();
+        assert!(got <= n, "more reloads applied than files written: {got} > {n}");
+        if got == n {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < T, "reload {n} not applied: {status}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn dir_with(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("headroom.toml");
+    write_now(&path, text);
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reloads_under_load_fail_no_request() {
+    let (a, b, c) = (TestBackend::ok().await, TestBackend::ok().await, TestBackend::ok().await);
+    let text = |i: usize| {
+        let mut backends: Vec<(SocketAddr, u32)> = vec![(a.addr, 1), (b.addr, if i % 4 < 2 { 1 } else { 3 })];
+        if i % 2 == 1 {
+            backends.push((c.addr, 1));
+        }
+        config(&backends, "", "")
+    };
+    let (_dir, path) = dir_with(&text(0));
+    let hr = Headroom::start_file(&path).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, stop, ok, failed) = (hr.url("/x"), stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    match c.request(Request::get(url.clone()).body(full(Bytes::new())).unwrap()).await {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
+                        _ => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    let mut took = Vec::new();
+    for i in 1..=100 {
+        write_now(&path, &text(i));
+        took.push(until_reloads(&hr, i as u64).await);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in clients {
+        t.await.unwrap();
+    }
+    took.sort();
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!(
+        "100 reloads: {ok} requests ok, {failed} failed; write to applied: median {:?}, max {:?}",
+        took[50], took[99]
+    );
+    assert_eq!(failed, 0);
+    assert!(ok > 100, "the load did not run");
+    assert!(c.hits.load(Ordering::SeqCst) > 0, "the added backend never served");
+}
+
+/// Holds requests for `/hold` until `release` turns true; answers others at once.
+async fn holding(release: watch::Receiver<bool>) -> TestBackend {
+    TestBackend::start(move |req: Request<hyper::body::Incoming>| {
+        let mut release = release.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = release.wait_for(|r| *r).await;
+            }
+            http::Response::new(full("done"))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() {
+    let (release, rx) = watch::channel(false);
+    let kept = holding(rx.clone()).await;
+    let removed = holding(rx.clone()).await;
+    let failing =
+        TestBackend::start(|_req| async { http::Response::builder().status(500).body(full("")).unwrap() }).await;
+    let outlier =
+        "[pools.default.outlier]\nconsecutive_failures = 1\nbase_ejection = \"60s\"\nmax_ejected_percent = 50\n";
+    let first = format!("{}{outlier}", config(&[(kept.addr, 1), (removed.addr, 1), (failing.addr, 1)], "", ""));
+    let (_dir, path) = dir_with(&first);
+    let hr = Headroom::start_file(&path).await;
+
+    // The failing backend gets ejected; the two others hold requests.
+    poll_until(T, "failing backend ejected", || async {
+        let _ = get(&hr.url("/x")).await;
+        hr.pools().await["pools"][0]["backends"][2]["state"] == "ejected"
+    })
+    .await;
+    let held: Vec<_> = (0..6)
+        .map(|_| {
+            let url = hr.url("/hold");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    poll_until(T, "requests held on both", || async {
+        kept.hits.load(Ordering::SeqCst) >= 2 && removed.hits.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let before = hr.in_flight().await;
+
+    // Reload: `removed` leaves the file, the weight of `kept` changes.
+    let second = format!("{}{outlier}", config(&[(kept.addr, 5), (failing.addr, 1)], "", ""));
+    write_now(&path, &second);
+    until_reloads(&hr, 1).await;
+    let pools = hr.pools().await;
+    let backends = pools["pools"][0]["backends"].as_array().unwrap();
+    let view = |addr: SocketAddr| backends.iter().find(|b| b["addr"] == addr.to_string().as_str()).cloned();
+    let k = view(kept.addr).unwrap();
+    let held_on_kept = before.iter().find(|(a, _)| *a == kept.addr.to_string()).unwrap().1;
+    assert_eq!(k["in_flight"].as_u64().unwrap(), held_on_kept, "in-flight count lost: {k}");
+    assert_eq!(k["weight"], 5);
+    assert_eq!(view(failing.addr).unwrap()["state"], "ejected", "ejection lost");
+    assert!(view(removed.addr).is_none());
+
+    // New requests never go to the removed backend; its held requests still finish.
+    let removed_hits = removed.hits.load(Ordering::SeqCst);
+    let more: Vec<_> = (0..4)
+        .map(|_| {
+            let url = hr.url("/hold");
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    poll_until(T, "new requests held on kept", || async {
+        hr.in_flight().await.iter().map(|(_, n)| n).sum::<u64>() >= held_on_kept + 4
+    })
+    .await;
+    assert_eq!(removed.hits.load(Ordering::SeqCst), removed_hits);
+    release.send(true).unwrap();
+    for r in held.into_iter().chain(more) {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_of_writing_the_file_reloads_once_and_bad_files_change_nothing() {
+    let (a, b) = (TestBackend::ok().await, TestBackend::ok().await);
+    let one = config(&[(a.addr, 1)], "", "");
+    let two = config(&[(a.addr, 1), (b.addr, 1)], "", "");
+    let (dir, path) = dir_with(&one);
+    let hr = Headroom::start_file(&path).await;
+    let backends = |hr_pools: serde_json::Value| hr_pools["pools"][0]["backends"].as_array().unwrap().len();
+
+    // In place: same inode, overwritten from the start and cut to length.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all(two.as_bytes()).unwrap();
+    f.set_len(two.len() as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    until_reloads(&hr, 1).await;
+    assert_eq!(backends(hr.pools().await), 2);
+
+    // Truncate, then write in two halves with a pause: the half-written file is never applied.
+    let mut f = std::fs::File::create(&path).unwrap();
+    let (head, tail) = one.split_at(one.len() / 2);
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    f.write_all(tail.as_bytes()).unwrap();
+    f.flush().unwrap();
+    drop(f);
+    until_reloads(&hr, 2).await;
+    assert_eq!(backends(hr.pools().await), 1);
+    assert!(hr.config_status().await["last_error"].is_null(), "the half-written file was read");
+
+    // Write a temporary file and rename it over.
+    let tmp = dir.path().join(".headroom.toml.tmp");
+    write_now(&tmp, &two);
+    std::fs::rename(&tmp, &path).unwrap();
+    until_reloads(&hr, 3).await;
+    assert_eq!(backends(hr.pools().await), 2);
+    // Nothing more arrives late.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(hr.config_status().await["reloads"], 3);
+
+    // A bad file: nothing changes, and the error says where.
+    let hash = hr.config_status().await["hash"].clone();
+    write_now(&path, &two.replace("[pools.default]", "[pools.default]\nbalance = \"fastest\""));
+    poll_until(T, "error reported", || async { !hr.config_status().await["last_error"].is_null() }).await;
+    let status = hr.config_status().await;
+    let error = status["last_error"].as_str().unwrap();
+    assert!(error.contains("headroom.toml:") && error.contains("balance"), "{error}");
+    assert_eq!(status["hash"], hash);
+    assert_eq!(status["reloads"], 3);
+    assert_eq!(backends(hr.pools().await), 2);
+    assert_eq!(get(&hr.url("/x")).await.0, 200);
+    let (_, metrics) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let metrics = String::from_utf8(metrics.to_vec()).unwrap();
+    assert!(metrics.contains("headroom_config_reloads_total{outcome=\"error\"}"), "{metrics}");
+    assert!(metrics.contains("headroom_config_last_reload_timestamp_seconds"));
+
+    // POST /api/reload reports the same error, then applies a fixed file.
+    let c = client();
+    let r = c
+        .request(Request::post(format!("http://{}/api/reload", hr.admin)).body(full(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    write_now(&path, &one);
+    until_reloads(&hr, 4).await;
+    let r = c
+        .request(Request::post(format!("http://{}/api/reload", hr.admin)).body(full(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hr.config_status().await["reloads"], 5);
+    assert_eq!(backends(hr.pools().await), 1);
+}
