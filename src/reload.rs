@@ -16,7 +16,6 @@ use crate::config::{BackendConfig, Config};
 use crate::gateway::{Gateway, Snapshot};
 use crate::health;
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -297,12 +296,10 @@ fn sighup() -> Hup {
     }
 }
 
-fn recv_signal(hup: &mut Hup) -> impl Future<Output = Option<()>> + '_ {
-    async move {
-        match hup {
-            #[cfg(unix)]
-            Some(s) => s.recv().await,
-            _ => std::future::pending().await,
-        }
+async fn recv_signal(hup: &mut Hup) -> Option<()> {
+    match hup {
+        #[cfg(unix)]
+        Some(s) => s.recv().await,
+        _ => std::future::pending().await,
     }
 }
