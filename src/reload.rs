@@ -5,7 +5,8 @@
 //! A file that fails to parse or validate changes nothing: the running config stays, and the
 //! error is logged, counted and shown by `GET /api/config`. Writes are debounced, so an editor's
 //! truncate-then-write or write-then-rename is applied once, when it has settled. Backends
-//! removed from the file stop taking requests at once; their in-flight requests finish.
+//! removed from the file stop taking requests at once; they stay listed as `draining` until
+//! their in-flight requests finish, then leave.
 //!
 //! Runs as one task off the data path; it owns the per-pool background tasks (health checks,
 //! ejection clock, slow-start ramp) and starts or stops them as pools and sections come and go.
@@ -25,6 +26,9 @@ use tokio::task::JoinHandle;
 
 /// How long the file must stay quiet after a change before it is read.
 const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// How often removed backends are checked for their last request.
+const SWEEP: Duration = Duration::from_millis(100);
 
 /// What `GET /api/config` shows.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -124,6 +128,8 @@ pub struct Reloader {
     tasks: PoolTasks,
     /// Set up at construction, so no write after `new` returns is missed.
     watcher: Option<notify::RecommendedWatcher>,
+    /// Backends removed from the config but still finishing requests: (pool, addr).
+    removed: Vec<(String, std::net::SocketAddr)>,
     file_events: mpsc::UnboundedReceiver<()>,
 }
 
@@ -144,7 +150,16 @@ impl Reloader {
         });
         let (file_tx, file_events) = mpsc::unbounded_channel::<()>();
         let watcher = path.as_deref().and_then(|p| watch_file(p, file_tx));
-        Reloader { gateway, path, extra, running_hash, tasks: PoolTasks::default(), watcher, file_events }
+        Reloader {
+            gateway,
+            path,
+            extra,
+            running_hash,
+            tasks: PoolTasks::default(),
+            watcher,
+            file_events,
+            removed: Vec::new(),
+        }
     }
 
     /// Runs until `stop` turns true: starts the pool tasks, then serves reload requests from
@@ -154,6 +169,8 @@ impl Reloader {
         let mut hup = sighup();
         let mut stop_rx = stop.clone();
         let mut settle_at: Option<tokio::time::Instant> = None;
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let settle = async {
                 match settle_at {
@@ -163,6 +180,7 @@ impl Reloader {
             };
             tokio::select! {
                 _ = stop_rx.wait_for(|s| *s) => break,
+                _ = sweep.tick(), if !self.removed.is_empty() => self.sweep(),
                 Some(()) = self.file_events.recv() => settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
                 _ = settle => {
                     settle_at = None;
@@ -206,20 +224,7 @@ impl Reloader {
         if config.server.listen != running.config.server.listen || config.admin.listen != running.config.admin.listen {
             tracing::warn!("listen addresses changed in the config file; they take effect on restart");
         }
-        let extra: Vec<Vec<BackendConfig>> =
-            config.pools.iter().map(|p| self.extra.get(&p.name).cloned().unwrap_or_default()).collect();
-        let next = Snapshot::build(config, &extra, Some(&running));
-        // Backends gone from the config take no new requests; in-flight ones finish on their Arc.
-        for old in &running.pools {
-            let kept = next.pool(&old.config.name);
-            for b in &old.backends {
-                if !kept.is_some_and(|p| p.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
-                    tracing::info!(pool = %old.config.name, backend = %b.addr, in_flight = b.in_flight(), "backend removed; draining");
-                    b.set_state(BackendState::Draining);
-                }
-            }
-        }
-        self.gateway.publish(next);
+        self.publish(config);
         self.tasks.ensure(&self.gateway, stop);
         self.running_hash = hash.clone();
         let mut status = self.gateway.config_status();
@@ -233,6 +238,72 @@ impl Reloader {
         metrics::config_reloaded(true, status.loaded_at);
         tracing::info!(?trigger, hash = %status.hash, took = ?started.elapsed(), "config reloaded");
         Ok(status)
+    }
+
+    /// Builds and publishes the snapshot of `config`. Backends gone from it stop taking requests;
+    /// those with requests in flight stay listed as `draining` until idle (see `sweep`), and one
+    /// added back meanwhile serves again.
+    fn publish(&mut self, config: Config) {
+        let running = self.gateway.snapshot();
+        let mut carried = Vec::new();
+        let extra: Vec<Vec<BackendConfig>> = config
+            .pools
+            .iter()
+            .map(|p| {
+                let mut add = self.extra.get(&p.name).cloned().unwrap_or_default();
+                let listed = |addr| p.backends.iter().chain(add.iter()).any(|b| b.addr == addr);
+                let gone: Vec<BackendConfig> = running
+                    .pool(&p.name)
+                    .map(|old| old.backends.iter().filter(|b| !listed(b.addr) && b.in_flight() > 0))
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        carried.push((p.name.clone(), b.addr));
+                        BackendConfig {
+                            addr: b.addr,
+                            weight: b.weight(),
+                            max_inflight: b.max_inflight(),
+                            backup: b.is_backup(),
+                        }
+                    })
+                    .collect();
+                add.extend(gone);
+                add
+            })
+            .collect();
+        let next = Snapshot::build(config, &extra, Some(&running));
+        for old in &running.pools {
+            let kept = next.pool(&old.config.name);
+            for b in &old.backends {
+                let carry = carried.iter().any(|(p, a)| *p == old.config.name && *a == b.addr);
+                let listed = kept.is_some_and(|p| p.backends.iter().any(|n| Arc::ptr_eq(n, b)));
+                if !listed || carry {
+                    if b.state() != BackendState::Draining {
+                        tracing::info!(pool = %old.config.name, backend = %b.addr, in_flight = b.in_flight(), "backend removed; draining");
+                    }
+                    b.set_state(BackendState::Draining);
+                } else if self.removed.iter().any(|(p, a)| *p == old.config.name && *a == b.addr) {
+                    tracing::info!(pool = %old.config.name, backend = %b.addr, "removed backend added back");
+                    b.set_state(BackendState::Healthy);
+                }
+            }
+        }
+        self.removed = carried;
+        self.gateway.publish(next);
+    }
+
+    /// Drops removed backends that have finished their last request.
+    fn sweep(&mut self) {
+        let running = self.gateway.snapshot();
+        let idle = self.removed.iter().any(|(pool, addr)| {
+            running
+                .pool(pool)
+                .and_then(|p| p.backends.iter().find(|b| b.addr == *addr))
+                .is_none_or(|b| b.in_flight() == 0)
+        });
+        if idle {
+            self.publish((*running.config).clone());
+        }
     }
 
     /// Records a failed reload; the running config stays.

@@ -149,7 +149,10 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
     assert_eq!(k["in_flight"].as_u64().unwrap(), held_on_kept, "in-flight count lost: {k}");
     assert_eq!(k["weight"], 5);
     assert_eq!(view(failing.addr).unwrap()["state"], "ejected", "ejection lost");
-    assert!(view(removed.addr).is_none());
+    let r = view(removed.addr).expect("a removed backend with requests in flight stays listed");
+    assert_eq!(r["state"], "draining", "{r}");
+    let held_on_removed = before.iter().find(|(a, _)| *a == removed.addr.to_string()).unwrap().1;
+    assert_eq!(r["in_flight"].as_u64().unwrap(), held_on_removed, "{r}");
 
     // New requests never go to the removed backend; its held requests still finish.
     let removed_hits = removed.hits.load(Ordering::SeqCst);
@@ -168,6 +171,13 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
     for r in held.into_iter().chain(more) {
         assert_eq!(r.await.unwrap(), 200);
     }
+    // Idle now, it leaves.
+    poll_until(T, "removed backend gone", || async {
+        let pools = hr.pools().await;
+        pools["pools"][0]["backends"].as_array().unwrap().iter().all(|b| b["addr"] != removed.addr.to_string().as_str())
+    })
+    .await;
+    assert_eq!(hr.config_status().await["reloads"], 1, "leaving is not a reload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
