@@ -251,6 +251,36 @@ async fn default_config_streams_a_chat_completion_and_drains_on_sigterm() {
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_once_keeps_launched_backends_and_survives_a_bad_file() {
+    let (file, proxy, admin) = default_config_on_free_ports();
+    let hr = spawn(&["--config", file.path().to_str().unwrap()]);
+    wait_listening(proxy).await;
+    let config = || async move {
+        serde_json::from_slice::<serde_json::Value>(&get(&format!("http://{admin}/api/config")).await.1).unwrap()
+    };
+    let hup = || {
+        let ok = Command::new("kill").args(["-HUP", &hr.0.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    };
+    assert_eq!(config().await["reloads"], 0);
+    hup();
+    poll_until(T, "reloaded on SIGHUP", || async move { config().await["reloads"] == 1 }).await;
+    let pools: serde_json::Value = serde_json::from_slice(&get(&format!("http://{admin}/api/pools")).await.1).unwrap();
+    assert_eq!(pools["pools"][0]["backends"].as_array().unwrap().len(), 2, "launched backends kept: {pools}");
+
+    // A broken file and SIGHUP: the error is reported, the process keeps serving the old config.
+    std::fs::write(file.path(), "[pools.default\n").unwrap();
+    hup();
+    poll_until(T, "error reported", || async move { !config().await["last_error"].is_null() }).await;
+    let status = config().await;
+    assert_eq!(status["reloads"], 1);
+    assert!(status["last_error"].as_str().unwrap().contains(":1:"), "{status}");
+    let (code, events) = stream_chat(&format!("http://{proxy}/v1/chat/completions")).await;
+    assert_eq!(code, 200);
+    assert_eq!(events.last().unwrap().1, "data: [DONE]");
+}
+
 #[test]
 fn bad_config_exits_64_with_one_line() {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
