@@ -86,11 +86,25 @@ pub async fn run_with(
     let (extra, mut launched) = scale::launch::launch_all(&config).await?;
     let extra_by_pool: std::collections::HashMap<String, Vec<config::BackendConfig>> =
         config.pools.iter().map(|p| p.name.clone()).zip(extra.iter().cloned()).collect();
+    // Each proxy listener, by the address the config names it with, can be closed on its own
+    // (a reload that drops it) in every worker.
+    let configured: Vec<std::net::SocketAddr> = listeners
+        .proxy
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| config.server.listen.get(i).copied().or_else(|| l.local_addr().ok()))
+        .collect();
+    let closers: Vec<(std::net::SocketAddr, watch::Sender<bool>)> =
+        configured.iter().map(|a| (*a, watch::channel(false).0)).collect();
     let gateway = Gateway::new(Snapshot::build(config, &extra, None));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    let stopped = |rx: watch::Receiver<bool>| reload::until_set(rx);
+    let stopped_or_closed = |stop: watch::Receiver<bool>, close: watch::Receiver<bool>| async move {
+        tokio::select! {
+            _ = reload::until_set(stop) => {}
+            _ = reload::until_set(close) => {}
+        }
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut threads = Vec::new();
@@ -109,16 +123,18 @@ pub async fn run_with(
             }
         };
         let (gateway, stop_rx) = (gateway.clone(), stop_rx.clone());
+        let close_rxs: Vec<watch::Receiver<bool>> = closers.iter().map(|(_, c)| c.subscribe()).collect();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let spawned = std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
             proxy::upstream::set_current_worker(worker);
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(async move {
                     let mut serving = tokio::task::JoinSet::new();
-                    for std_listener in shared {
+                    for (std_listener, close) in shared.into_iter().zip(close_rxs) {
                         match TcpListener::from_std(std_listener) {
                             Ok(l) => {
-                                serving.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
+                                let until = stopped_or_closed(stop_rx.clone(), close);
+                                serving.spawn(server::serve(l, gateway.clone(), until));
                             }
                             Err(e) => tracing::error!(error = %e, "worker cannot use a listener"),
                         }
@@ -134,14 +150,14 @@ pub async fn run_with(
             Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
     }
-    for l in listeners.proxy {
-        tasks.spawn(server::serve(l, gateway.clone(), stopped(stop_rx.clone())));
+    for (l, (_, close)) in listeners.proxy.into_iter().zip(&closers) {
+        tasks.spawn(server::serve(l, gateway.clone(), stopped_or_closed(stop_rx.clone(), close.subscribe())));
     }
     // The reloader owns the pools' background tasks (health checks, ejection clock, ramps).
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     gateway.set_reloader(reload_tx);
     let text = config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
-    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool);
+    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, closers);
     tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");

@@ -18,6 +18,7 @@ use crate::gateway::{Gateway, Snapshot};
 use crate::health;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -62,6 +63,71 @@ pub enum Trigger {
 pub struct ReloadRequest {
     pub trigger: Trigger,
     pub reply: Option<oneshot::Sender<ReloadResult>>,
+}
+
+/// Resolves once `rx` reads true (or its sender is gone).
+pub async fn until_set(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The proxy listeners by configured address, each with the switch that closes it everywhere.
+struct ProxyListeners {
+    open: Vec<(SocketAddr, watch::Sender<bool>)>,
+}
+
+impl ProxyListeners {
+    /// Binds the addresses `wanted` adds; nothing is started or closed yet.
+    fn bind_new(&self, wanted: &[SocketAddr]) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, String> {
+        let mut bound = Vec::new();
+        for addr in wanted {
+            if self.open.iter().any(|(a, _)| a == addr) {
+                continue;
+            }
+            let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            bound.push((*addr, l));
+        }
+        Ok(bound)
+    }
+
+    /// Starts serving the new listeners (on this runtime) and closes those `wanted` drops: they
+    /// stop accepting, and their connections finish as on shutdown.
+    fn apply(
+        &mut self,
+        wanted: &[SocketAddr],
+        bound: Vec<(SocketAddr, std::net::TcpListener)>,
+        gateway: &Arc<Gateway>,
+        stop: &watch::Receiver<bool>,
+    ) {
+        self.open.retain(|(addr, close)| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                tracing::info!(%addr, "listener removed; no new connections, open ones finish");
+                let _ = close.send(true);
+            }
+            keep
+        });
+        for (addr, l) in bound {
+            let l = match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "cannot use a new listener");
+                    continue;
+                }
+            };
+            let (close, closed) = watch::channel(false);
+            let stop = stop.clone();
+            let until = async move {
+                tokio::select! {
+                    _ = until_set(stop) => {}
+                    _ = until_set(closed) => {}
+                }
+            };
+            tracing::info!(%addr, "proxy listening (added by reload)");
+            tokio::spawn(crate::server::serve(l, gateway.clone(), until));
+            self.open.push((addr, close));
+        }
+    }
 }
 
 /// A short stable hash of config text.
@@ -128,6 +194,7 @@ pub struct Reloader {
     tasks: PoolTasks,
     /// Set up at construction, so no write after `new` returns is missed.
     watcher: Option<notify::RecommendedWatcher>,
+    listeners: ProxyListeners,
     /// Backends removed from the config but still finishing requests: (pool, addr).
     removed: Vec<(String, std::net::SocketAddr)>,
     file_events: mpsc::UnboundedReceiver<()>,
@@ -140,6 +207,7 @@ impl Reloader {
         path: Option<PathBuf>,
         text: &str,
         extra: HashMap<String, Vec<BackendConfig>>,
+        listeners: Vec<(SocketAddr, watch::Sender<bool>)>,
     ) -> Self {
         let running_hash = text_hash(text);
         gateway.set_config_status(ConfigStatus {
@@ -158,6 +226,7 @@ impl Reloader {
             tasks: PoolTasks::default(),
             watcher,
             file_events,
+            listeners: ProxyListeners { open: listeners },
             removed: Vec::new(),
         }
     }
@@ -221,10 +290,16 @@ impl Reloader {
         };
         let started = std::time::Instant::now();
         let running = self.gateway.snapshot();
-        if config.server.listen != running.config.server.listen || config.admin.listen != running.config.admin.listen {
-            tracing::warn!("listen addresses changed in the config file; they take effect on restart");
+        if config.admin.listen != running.config.admin.listen {
+            tracing::warn!("the admin listen address changed in the config file; it takes effect on restart");
         }
+        let wanted = config.server.listen.clone();
+        let bound = match self.listeners.bind_new(&wanted) {
+            Ok(b) => b,
+            Err(e) => return Err(self.failed(format!("{}: {e}", path.display()))),
+        };
         self.publish(config);
+        self.listeners.apply(&wanted, bound, &self.gateway, stop);
         self.tasks.ensure(&self.gateway, stop);
         self.running_hash = hash.clone();
         let mut status = self.gateway.config_status();

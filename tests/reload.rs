@@ -254,3 +254,50 @@ async fn every_way_of_writing_the_file_reloads_once_and_bad_files_change_nothing
     assert_eq!(hr.config_status().await["reloads"], 5);
     assert_eq!(backends(hr.pools().await), 1);
 }
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_addresses_are_added_and_removed_without_disturbing_the_others() {
+    let (release, rx) = watch::channel(false);
+    let backend = holding(rx).await;
+    let (a, b) = (free_addr(), free_addr());
+    let with = |listen: &[SocketAddr]| {
+        let list: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+        config(&[(backend.addr, 1)], "", &format!("listen = [{}]", list.join(", ")))
+    };
+    let (_dir, path) = dir_with(&with(&[a]));
+    // Started on an ephemeral listener standing for `a`.
+    let hr = Headroom::start_file(&path).await;
+    let held = {
+        let url = hr.url("/hold");
+        tokio::spawn(async move { get(&url).await.0 })
+    };
+    poll_until(T, "request held", || async { backend.hits.load(Ordering::SeqCst) >= 1 }).await;
+
+    // Add `b`: it serves, and the first listener still does.
+    write_now(&path, &with(&[a, b]));
+    until_reloads(&hr, 1).await;
+    assert_eq!(get(&format!("http://{b}/x")).await.0, 200);
+    assert_eq!(get(&hr.url("/x")).await.0, 200);
+
+    // Drop `a`: its listener stops accepting, its open request still finishes, `b` serves on.
+    write_now(&path, &with(&[b]));
+    until_reloads(&hr, 2).await;
+    poll_until(T, "first listener closed", || async { tokio::net::TcpStream::connect(hr.addr).await.is_err() }).await;
+    assert_eq!(get(&format!("http://{b}/x")).await.0, 200);
+    release.send(true).unwrap();
+    assert_eq!(held.await.unwrap(), 200);
+
+    // An address that cannot be bound rejects the reload as a whole.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    write_now(&path, &with(&[b, busy]).replace("weight = 1", "weight = 7"));
+    poll_until(T, "error reported", || async { !hr.config_status().await["last_error"].is_null() }).await;
+    let error = hr.config_status().await["last_error"].as_str().unwrap().to_string();
+    assert!(error.contains(&busy.to_string()), "{error}");
+    assert_eq!(hr.pools().await["pools"][0]["backends"][0]["weight"], 1, "a rejected reload changed the weights");
+    assert_eq!(get(&format!("http://{b}/x")).await.0, 200);
+}
