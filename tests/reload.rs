@@ -92,18 +92,35 @@ async fn a_hundred_reloads_under_load_fail_no_request() {
     assert!(c.hits.load(Ordering::SeqCst) > 0, "the added backend never served");
 }
 
-/// Holds requests for `/hold` until `release` turns true; answers others at once.
+/// Answers `/hold` with an event stream that sends one event at once and ends only once
+/// `release` turns true; answers other paths at once.
 async fn holding(release: watch::Receiver<bool>) -> TestBackend {
     TestBackend::start(move |req: Request<hyper::body::Incoming>| {
         let mut release = release.clone();
         async move {
-            if req.uri().path() == "/hold" {
-                let _ = release.wait_for(|r| *r).await;
+            if req.uri().path() != "/hold" {
+                return http::Response::new(full("done"));
             }
-            http::Response::new(full("done"))
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"data: first\n\n")).await;
+                let _ = release.wait_for(|r| *r).await;
+                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            });
+            http::Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
         }
     })
     .await
+}
+
+/// A whole `/hold` stream: (status, body ends with the final event).
+async fn stream_to_end(url: String) -> (u16, bool) {
+    let r = client().request(Request::get(url).body(full(Bytes::new())).unwrap()).await.unwrap();
+    let status = r.status().as_u16();
+    match http_body_util::BodyExt::collect(r.into_body()).await {
+        Ok(b) => (status, b.to_bytes().ends_with(b"data: [DONE]\n\n")),
+        Err(_) => (status, false),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +145,7 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
     let held: Vec<_> = (0..6)
         .map(|_| {
             let url = hr.url("/hold");
-            tokio::spawn(async move { get(&url).await.0 })
+            tokio::spawn(stream_to_end(url))
         })
         .collect();
     poll_until(T, "requests held on both", || async {
@@ -159,7 +176,7 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
     let more: Vec<_> = (0..4)
         .map(|_| {
             let url = hr.url("/hold");
-            tokio::spawn(async move { get(&url).await.0 })
+            tokio::spawn(stream_to_end(url))
         })
         .collect();
     poll_until(T, "new requests held on kept", || async {
@@ -169,7 +186,7 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
     assert_eq!(removed.hits.load(Ordering::SeqCst), removed_hits);
     release.send(true).unwrap();
     for r in held.into_iter().chain(more) {
-        assert_eq!(r.await.unwrap(), 200);
+        assert_eq!(r.await.unwrap(), (200, true), "a stream was cut");
     }
     // Idle now, it leaves.
     poll_until(T, "removed backend gone", || async {
@@ -271,10 +288,7 @@ async fn listen_addresses_are_added_and_removed_without_disturbing_the_others() 
     let (_dir, path) = dir_with(&with(&[a]));
     // Started on an ephemeral listener standing for `a`.
     let hr = Headroom::start_file(&path).await;
-    let held = {
-        let url = hr.url("/hold");
-        tokio::spawn(async move { get(&url).await.0 })
-    };
+    let held = tokio::spawn(stream_to_end(hr.url("/hold")));
     poll_until(T, "request held", || async { backend.hits.load(Ordering::SeqCst) >= 1 }).await;
 
     // Add `b`: it serves, and the first listener still does.
@@ -289,7 +303,7 @@ async fn listen_addresses_are_added_and_removed_without_disturbing_the_others() 
     poll_until(T, "first listener closed", || async { tokio::net::TcpStream::connect(hr.addr).await.is_err() }).await;
     assert_eq!(get(&format!("http://{b}/x")).await.0, 200);
     release.send(true).unwrap();
-    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), (200, true), "the stream on the removed listener was cut");
 
     // An address that cannot be bound rejects the reload as a whole.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
