@@ -7,7 +7,7 @@
 use crate::admin::metrics::PoolMetrics;
 use crate::backend::Pool;
 use crate::config::{BackendConfig, Config};
-use crate::reload::{ConfigStatus, ReloadRequest, ReloadResult, Trigger};
+use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
 use arc_swap::ArcSwap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
@@ -87,8 +87,17 @@ impl Gateway {
     pub async fn reload(&self, trigger: Trigger) -> ReloadResult {
         let tx = self.reload.get().ok_or("reloading is not running")?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.send(ReloadRequest { trigger, reply: Some(reply) }).await.map_err(|_| "reloading has stopped")?;
+        tx.send(ReloadRequest::Reload { trigger, reply: Some(reply) }).await.map_err(|_| "reloading has stopped")?;
         answer.await.map_err(|_| "reloading has stopped".to_string())?
+    }
+
+    /// Adds or removes a runtime backend (kept across reloads) and waits for the outcome.
+    pub async fn change_backend(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
+        let stopped = || ChangeError::Conflict("reloading has stopped".into());
+        let tx = self.reload.get().ok_or_else(stopped)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(ReloadRequest::Backend { pool: pool.to_string(), change, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// The current snapshot (one reference-count increment).

@@ -59,10 +59,29 @@ pub enum Trigger {
     Api,
 }
 
-/// A request to reload, answered when done.
-pub struct ReloadRequest {
-    pub trigger: Trigger,
-    pub reply: Option<oneshot::Sender<ReloadResult>>,
+/// A request to the reloader, answered when done.
+pub enum ReloadRequest {
+    /// Read the config file again and apply it.
+    Reload { trigger: Trigger, reply: Option<oneshot::Sender<ReloadResult>> },
+    /// Add or remove a backend at runtime (the registration API); kept across reloads.
+    Backend { pool: String, change: BackendChange, reply: oneshot::Sender<Result<(), ChangeError>> },
+}
+
+/// A runtime change to a pool's backends.
+#[derive(Debug, Clone)]
+pub enum BackendChange {
+    Add(BackendConfig),
+    /// Drains, then removes once idle.
+    Remove(SocketAddr),
+}
+
+/// Why a backend change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Resolves once `rx` reads true (or its sender is gone).
@@ -258,12 +277,17 @@ impl Reloader {
                 Some(()) = recv_signal(&mut hup) => {
                     let _ = self.reload(Trigger::Signal, &stop);
                 }
-                Some(req) = requests.recv() => {
-                    let out = self.reload(req.trigger, &stop);
-                    if let Some(reply) = req.reply {
-                        let _ = reply.send(out);
+                Some(req) = requests.recv() => match req {
+                    ReloadRequest::Reload { trigger, reply } => {
+                        let out = self.reload(trigger, &stop);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(out);
+                        }
                     }
-                }
+                    ReloadRequest::Backend { pool, change, reply } => {
+                        let _ = reply.send(self.change_backend(&pool, change, &stop));
+                    }
+                },
             }
         }
         drop(self.watcher.take());
@@ -365,6 +389,45 @@ impl Reloader {
         }
         self.removed = carried;
         self.gateway.publish(next);
+    }
+
+    /// Adds a runtime backend to `pool`, or drains and removes one.
+    fn change_backend(
+        &mut self,
+        pool: &str,
+        change: BackendChange,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), ChangeError> {
+        let running = self.gateway.snapshot();
+        let Some(pc) = running.config.pools.iter().find(|p| p.name == pool) else {
+            return Err(ChangeError::NotFound(format!("no pool {pool:?}")));
+        };
+        let dynamic = self.extra.entry(pool.to_string()).or_default();
+        match change {
+            BackendChange::Add(b) => {
+                if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
+                    return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
+                }
+                tracing::info!(pool, backend = %b.addr, weight = b.weight, "backend registered");
+                dynamic.push(b);
+            }
+            BackendChange::Remove(addr) => {
+                if pc.backends.iter().any(|x| x.addr == addr) {
+                    return Err(ChangeError::Conflict(format!(
+                        "backend {addr} is defined in the config file; remove it there, or drain it"
+                    )));
+                }
+                let before = dynamic.len();
+                dynamic.retain(|x| x.addr != addr);
+                if dynamic.len() == before {
+                    return Err(ChangeError::NotFound(format!("pool {pool:?} has no backend {addr}")));
+                }
+                tracing::info!(pool, backend = %addr, "backend deregistered; draining");
+            }
+        }
+        self.publish((*running.config).clone());
+        self.tasks.ensure(&self.gateway, stop);
+        Ok(())
     }
 
     /// Drops removed backends that have finished their last request.

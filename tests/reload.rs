@@ -315,3 +315,65 @@ async fn listen_addresses_are_added_and_removed_without_disturbing_the_others() 
     assert_eq!(hr.pools().await["pools"][0]["backends"][0]["weight"], 1, "a rejected reload changed the weights");
     assert_eq!(get(&format!("http://{b}/x")).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_registered_through_the_api_serve_survive_reloads_and_drain_on_delete() {
+    let (fixed, added) = (TestBackend::ok().await, TestBackend::ok().await);
+    let (_dir, path) = dir_with(&config(&[(fixed.addr, 1)], "", ""));
+    let hr = Headroom::start_file(&path).await;
+    let c = client();
+    let call = |method: http::Method, path: &str, body: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", hr.admin))
+            .body(full(Bytes::from(body.to_string())))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let r = c.request(req).await.unwrap();
+            let status = r.status().as_u16();
+            let body = http_body_util::BodyExt::collect(r.into_body()).await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        }
+    };
+    let listed = |pools: serde_json::Value| -> Vec<String> {
+        pools["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["addr"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let reg = format!("{{\"addr\": \"{}\", \"weight\": 1000}}", added.addr);
+    let (status, body) = call(http::Method::POST, "/api/pools/default/backends", &reg).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["state"], "healthy");
+    assert_eq!(get(&hr.url("/x")).await.0, 200);
+    assert!(added.hits.load(Ordering::SeqCst) >= 1, "the registered backend took no traffic");
+    // Refusals: twice the same address, an unknown pool, bad input, a backend from the file.
+    assert_eq!(call(http::Method::POST, "/api/pools/default/backends", &reg).await.0, 409);
+    assert_eq!(call(http::Method::POST, "/api/pools/nope/backends", &reg).await.0, 404);
+    assert_eq!(call(http::Method::POST, "/api/pools/default/backends", "{\"addr\": \"x\"}").await.0, 400);
+    assert_eq!(call(http::Method::POST, "/api/pools/default/backends", "not json").await.0, 400);
+    let fixed_path = format!("/api/pools/default/backends/{}", fixed.addr);
+    assert_eq!(call(http::Method::DELETE, &fixed_path, "").await.0, 409);
+
+    // A reload of the file keeps it.
+    write_now(&path, &config(&[(fixed.addr, 2)], "", ""));
+    until_reloads(&hr, 1).await;
+    assert!(listed(hr.pools().await).contains(&added.addr.to_string()), "a reload dropped a registered backend");
+
+    // DELETE: no new requests; gone once idle.
+    let (status, body) = call(http::Method::DELETE, &format!("/api/pools/default/backends/{}", added.addr), "").await;
+    assert_eq!(status, 200, "{body}");
+    poll_until(T, "deregistered backend gone", || async {
+        !listed(hr.pools().await).contains(&added.addr.to_string())
+    })
+    .await;
+    let hits = added.hits.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(get(&hr.url("/x")).await.0, 200);
+    }
+    assert_eq!(added.hits.load(Ordering::SeqCst), hits);
+}

@@ -112,6 +112,13 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
+        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/backends") => {
+            let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/backends").to_string();
+            register(&gateway, &pool, req).await
+        }
+        (&Method::DELETE, path) if path.starts_with("/api/pools/") && path.contains("/backends/") => {
+            deregister(&gateway, path).await
+        }
         (&Method::GET, "/api/config") => {
             respond(StatusCode::OK, "application/json", json!(gateway.config_status()).to_string())
         }
@@ -129,6 +136,85 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
             respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
         }
         _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
+    }
+}
+
+fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    respond(status, "application/json", json!({ "error": message.to_string() }).to_string())
+}
+
+fn change_error(e: crate::reload::ChangeError) -> Response<Body> {
+    match e {
+        crate::reload::ChangeError::NotFound(m) => json_error(StatusCode::NOT_FOUND, m),
+        crate::reload::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    addr: String,
+    weight: Option<u32>,
+    max_inflight: Option<u32>,
+    backup: Option<bool>,
+}
+
+/// `POST /api/pools/{pool}/backends` `{"addr", "weight"?, "max_inflight"?, "backup"?}`: adds a
+/// backend at runtime (gated and slow-started as the pool says); 201 when added.
+async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
+    };
+    let reg: Registration = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let Ok(addr) = reg.addr.parse::<std::net::SocketAddr>() else {
+        return json_error(StatusCode::BAD_REQUEST, format!("addr {:?}: expected ip:port", reg.addr));
+    };
+    let weight = reg.weight.unwrap_or(1);
+    if !(1..=crate::config::MAX_WEIGHT).contains(&weight) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            format!("weight {weight}: allowed 1..={}", crate::config::MAX_WEIGHT),
+        );
+    }
+    let snap = gateway.snapshot();
+    let Some(p) = snap.pool(pool) else { return json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")) };
+    let max_inflight = reg.max_inflight.unwrap_or(p.config.max_inflight_per_backend).max(1);
+    let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
+    match gateway.change_backend(pool, crate::reload::BackendChange::Add(cfg)).await {
+        Ok(()) => {
+            let state = gateway
+                .snapshot()
+                .pool(pool)
+                .and_then(|p| p.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str()))
+                .unwrap_or("healthy");
+            let body = json!({ "pool": pool, "addr": addr.to_string(), "weight": weight, "state": state });
+            respond(StatusCode::CREATED, "application/json", body.to_string())
+        }
+        Err(e) => change_error(e),
+    }
+}
+
+/// `DELETE /api/pools/{pool}/backends/{addr}`: a backend added at runtime drains, then leaves.
+async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
+    let [pool, "backends", addr] = parts.as_slice() else {
+        return json_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
+        return json_error(StatusCode::BAD_REQUEST, format!("{addr:?}: expected ip:port"));
+    };
+    match gateway.change_backend(pool, crate::reload::BackendChange::Remove(addr)).await {
+        Ok(()) => respond(
+            StatusCode::OK,
+            "application/json",
+            json!({ "pool": pool, "addr": addr.to_string(), "state": "draining" }).to_string(),
+        ),
+        Err(e) => change_error(e),
     }
 }
 

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use validate::validate;
+pub use validate::{validate, MAX_WEIGHT};
 
 /// The validated, runtime form of the config file.
 #[derive(Debug, Clone)]
