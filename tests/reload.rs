@@ -148,8 +148,11 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
             tokio::spawn(stream_to_end(url))
         })
         .collect();
-    poll_until(T, "requests held on both", || async {
-        kept.hits.load(Ordering::SeqCst) >= 2 && removed.hits.load(Ordering::SeqCst) >= 2
+    // All six streams open, spread over the two holding backends.
+    poll_until(T, "streams held on both", || async {
+        let f = hr.in_flight().await;
+        let on = |addr: SocketAddr| f.iter().find(|(a, _)| *a == addr.to_string()).map_or(0, |x| x.1);
+        on(kept.addr) + on(removed.addr) == 6 && on(kept.addr) >= 1 && on(removed.addr) >= 1
     })
     .await;
     let before = hr.in_flight().await;
@@ -180,7 +183,7 @@ async fn kept_backends_keep_their_state_and_removed_ones_finish_their_streams() 
         })
         .collect();
     poll_until(T, "new requests held on kept", || async {
-        hr.in_flight().await.iter().map(|(_, n)| n).sum::<u64>() >= held_on_kept + 4
+        hr.in_flight().await.iter().find(|(a, _)| *a == kept.addr.to_string()).map_or(0, |x| x.1) == held_on_kept + 4
     })
     .await;
     assert_eq!(removed.hits.load(Ordering::SeqCst), removed_hits);
