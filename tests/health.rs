@@ -700,3 +700,44 @@ async fn a_backend_killed_under_load_costs_no_client_request() {
     assert!(out_after < Duration::from_secs(2), "still in rotation {out_after:?} after the kill");
     drop(release);
 }
+
+/// An h2c backend that refuses every stream (RST_STREAM REFUSED_STREAM); counts them.
+async fn refusing_h2() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicU64::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(sock).await else { return };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_h2_stream_is_retried_elsewhere_whatever_the_method() {
+    let (refuser, refused) = refusing_h2().await;
+    let echo = TestBackend::echo().await;
+    let retry = "[pools.default.retry]\nattempts = 1\nbudget_percent = 100\n";
+    let pool = "protocol = \"h2c\"";
+    let hr = Headroom::start(&format!("{}{retry}", config(&[(refuser, 1000), (echo.addr, 1)], pool, ""))).await;
+    // A POST (not idempotent) with a body: refused unprocessed, so it goes to the other backend.
+    let r = client()
+        .request(
+            Request::post(hr.url("/v1/completions")).body(full(Bytes::from_static(b"{\"prompt\":\"x\"}"))).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echoed["body_len"], 14, "{echoed}");
+    assert!(refused.load(Ordering::SeqCst) >= 1, "the refusing backend was never tried");
+}

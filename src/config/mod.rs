@@ -151,6 +151,8 @@ pub struct RetryConfig {
     pub attempts: u32,
     /// Retry on a connection reset before the response head.
     pub on_reset: bool,
+    /// Retry when an h2 backend refuses the stream (any method: it was not processed).
+    pub on_refused_stream: bool,
     /// Retry when the backend answers 503.
     pub on_503: bool,
     /// Retry when the backend answers 429.

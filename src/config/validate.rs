@@ -352,6 +352,7 @@ fn validate_pool(
                     }
                 },
                 on_reset: kinds.iter().any(|k| k == "reset"),
+                on_refused_stream: kinds.iter().any(|k| k == "refused-stream"),
                 on_503: kinds.iter().any(|k| k == "503"),
                 on_429: kinds.iter().any(|k| k == "429"),
                 budget_percent: match &r.budget_percent {

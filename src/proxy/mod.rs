@@ -177,7 +177,9 @@ impl ConnCtx {
                 pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let method_ok = !r.idempotent_only || parts.method.is_idempotent();
                 let small = declared.is_none_or(|n| n <= body::KEEP_LIMIT as u64);
-                (method_ok && small).then(|| Replay {
+                // A refused h2 stream was not processed, so any method may go again.
+                ((method_ok || r.on_refused_stream) && small).then(|| Replay {
+                    method_ok,
                     method: parts.method.clone(),
                     uri: parts.uri.clone(),
                     headers: parts.headers.clone(),
@@ -205,11 +207,17 @@ impl ConnCtx {
                 }
             }
             // What kind of retry this outcome allows, if any.
-            let retry_kind = match (&sent, &cfg.retry, &replay) {
-                (Ok(Ok((r, _))), Some(rc), Some(_)) if r.status() == 503 && rc.on_503 => Some("503"),
-                (Ok(Ok((r, _))), Some(rc), Some(_)) if r.status() == 429 && rc.on_429 => Some("429"),
-                (Ok(Err(upstream::SendError { unsent: None, error: ProxyError::Upstream(_) })), Some(rc), Some(_))
-                    if rc.on_reset =>
+            let method_ok = replay.as_ref().is_some_and(|r| r.method_ok);
+            let retry_kind = match (&sent, &cfg.retry) {
+                (Ok(Err(upstream::SendError { unsent: None, refused: true, .. })), Some(rc))
+                    if rc.on_refused_stream && replay.is_some() =>
+                {
+                    Some("refused-stream")
+                }
+                (Ok(Ok((r, _))), Some(rc)) if method_ok && r.status() == 503 && rc.on_503 => Some("503"),
+                (Ok(Ok((r, _))), Some(rc)) if method_ok && r.status() == 429 && rc.on_429 => Some("429"),
+                (Ok(Err(upstream::SendError { unsent: None, error: ProxyError::Upstream(_), .. })), Some(rc))
+                    if method_ok && rc.on_reset =>
                 {
                     Some("reset")
                 }
@@ -238,7 +246,7 @@ impl ConnCtx {
             }
             let e = match sent {
                 Ok(Ok(r)) => break r,
-                Ok(Err(upstream::SendError { error, unsent: Some(back) })) if tried.len() < MAX_FAILOVER => {
+                Ok(Err(upstream::SendError { error, unsent: Some(back), .. })) if tried.len() < MAX_FAILOVER => {
                     tried.extend(pool.index_of(&backend));
                     match pool.try_acquire_except(|i| tried.contains(&i)) {
                         Some(next) => {
@@ -282,6 +290,8 @@ impl ConnCtx {
 
 /// What it takes to send a request again.
 struct Replay {
+    /// The method may be retried after a backend processed it (`retry.idempotent_only`).
+    method_ok: bool,
     method: http::Method,
     uri: Uri,
     headers: http::HeaderMap,

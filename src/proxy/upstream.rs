@@ -79,16 +79,31 @@ impl Conns {
 pub struct SendError {
     pub error: ProxyError,
     pub unsent: Option<Request<RequestBody>>,
+    /// The backend refused the h2 stream (REFUSED_STREAM): it did not process the request,
+    /// though its body may have been consumed.
+    pub refused: bool,
 }
 
 impl SendError {
     fn unsent(error: ProxyError, req: Request<RequestBody>) -> Self {
-        SendError { error, unsent: Some(req) }
+        SendError { error, unsent: Some(req), refused: false }
     }
 
     fn sent(error: ProxyError) -> Self {
-        SendError { error, unsent: None }
+        SendError { error, unsent: None, refused: false }
     }
+}
+
+/// Whether an error (or one of its causes) is an h2 REFUSED_STREAM.
+fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Sends `req` to `backend`. On success returns the response and, for HTTP/1.1, the connection
@@ -201,9 +216,10 @@ async fn send_h2(
     };
     sender.try_send_request(req).await.map_err(|mut e| {
         let error = ProxyError::Upstream(error_chain(e.error()));
+        let refused = is_refused_stream(e.error());
         match e.take_message() {
             Some(back) => SendError::unsent(error, back),
-            None => SendError::sent(error),
+            None => SendError { refused, ..SendError::sent(error) },
         }
     })
 }
