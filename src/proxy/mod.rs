@@ -10,7 +10,7 @@ pub mod conn;
 pub mod headers;
 pub mod upstream;
 
-use crate::backend::Pool;
+use crate::backend::{Backend, InflightGuard, Pool};
 use crate::error::{error_body, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::scale::queue;
@@ -225,36 +225,28 @@ impl ConnCtx {
             };
             if let (Some(kind), Some(rc), Some(template)) = (retry_kind, &cfg.retry, replay.as_mut()) {
                 let again = if retries < rc.attempts { template.request() } else { None };
-                if let Some(again) = again.filter(|_| pool.state.take_retry(rc.budget_percent)) {
-                    tried.extend(pool.index_of(&backend));
-                    if let Some(next) = pool.try_acquire_except(|i| tried.contains(&i)) {
-                        let status = match &sent {
-                            Ok(Ok((r, _))) => r.status().as_u16(),
-                            _ => 502,
-                        };
-                        backend.count_response(status, true);
-                        pool.metrics.retried(kind);
-                        tracing::debug!(failed = %backend.addr, next = %next.backend().addr, kind, "retrying");
-                        drop(sent); // a 503/429 answer is discarded with its connection
-                        guard = next;
-                        backend = guard.backend().clone();
-                        req = again;
-                        retries += 1;
-                        continue;
-                    }
+                // The budget is spent only when another backend actually takes the retry.
+                let next = again.as_ref().and_then(|_| untried_backend(pool, &mut tried, &backend));
+                if let (Some(again), Some(next)) = (again, next.filter(|_| pool.state.take_retry(rc.budget_percent))) {
+                    let status = match &sent {
+                        Ok(Ok((r, _))) => r.status().as_u16(),
+                        _ => 502,
+                    };
+                    drop(sent); // a 503/429 answer is discarded with its connection
+                    (guard, backend) = hand_over(pool, &backend, status, kind, next);
+                    req = again;
+                    retries += 1;
+                    continue;
                 }
             }
             let e = match sent {
                 Ok(Ok(r)) => break r,
                 Ok(Err(upstream::SendError { error, unsent: Some(back), .. })) if tried.len() < MAX_FAILOVER => {
-                    tried.extend(pool.index_of(&backend));
-                    match pool.try_acquire_except(|i| tried.contains(&i)) {
+                    match untried_backend(pool, &mut tried, &backend) {
                         Some(next) => {
-                            backend.count_response(error.status().as_u16(), true);
-                            pool.metrics.retried("connect-failure");
-                            tracing::debug!(failed = %backend.addr, next = %next.backend().addr, error = %error, "failing over");
-                            guard = next;
-                            backend = guard.backend().clone();
+                            tracing::debug!(error = %error, "request never reached its backend");
+                            (guard, backend) =
+                                hand_over(pool, &backend, error.status().as_u16(), "connect-failure", next);
                             req = back;
                             continue;
                         }
@@ -286,6 +278,29 @@ impl ConnCtx {
         let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout };
         Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
     }
+}
+
+/// Marks `failed` as tried and claims a slot on a backend of `pool` not tried yet.
+fn untried_backend(pool: &Pool, tried: &mut Vec<usize>, failed: &Arc<Backend>) -> Option<InflightGuard> {
+    if let Some(i) = pool.index_of(failed).filter(|i| !tried.contains(i)) {
+        tried.push(i);
+    }
+    pool.try_acquire_except(|i| tried.contains(&i))
+}
+
+/// Counts the failed attempt against `failed` and moves the request to `next`'s slot.
+fn hand_over(
+    pool: &Pool,
+    failed: &Backend,
+    status: u16,
+    kind: &'static str,
+    next: InflightGuard,
+) -> (InflightGuard, Arc<Backend>) {
+    failed.count_response(status, true);
+    pool.metrics.retried(kind);
+    tracing::debug!(failed = %failed.addr, next = %next.backend().addr, kind, "sending the request to another backend");
+    let backend = next.backend().clone();
+    (next, backend)
 }
 
 /// What it takes to send a request again.
