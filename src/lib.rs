@@ -99,13 +99,6 @@ pub async fn run_with(
     let gateway = Gateway::new(Snapshot::build(config, &extra, None));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |rx: watch::Receiver<bool>| reload::until_set(rx);
-    let stopped_or_closed = |stop: watch::Receiver<bool>, close: watch::Receiver<bool>| async move {
-        tokio::select! {
-            _ = reload::until_set(stop) => {}
-            _ = reload::until_set(close) => {}
-        }
-    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut threads = Vec::new();
     for l in &listeners.proxy {
@@ -133,7 +126,7 @@ pub async fn run_with(
                     for (std_listener, close) in shared.into_iter().zip(close_rxs) {
                         match TcpListener::from_std(std_listener) {
                             Ok(l) => {
-                                let until = stopped_or_closed(stop_rx.clone(), close);
+                                let until = reload::until_either(stop_rx.clone(), close);
                                 serving.spawn(server::serve(l, gateway.clone(), until));
                             }
                             Err(e) => tracing::error!(error = %e, "worker cannot use a listener"),
@@ -151,7 +144,7 @@ pub async fn run_with(
         }
     }
     for (l, (_, close)) in listeners.proxy.into_iter().zip(&closers) {
-        tasks.spawn(server::serve(l, gateway.clone(), stopped_or_closed(stop_rx.clone(), close.subscribe())));
+        tasks.spawn(server::serve(l, gateway.clone(), reload::until_either(stop_rx.clone(), close.subscribe())));
     }
     // The reloader owns the pools' background tasks (health checks, ejection clock, ramps).
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
@@ -162,7 +155,7 @@ pub async fn run_with(
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
-    tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, stopped(stop_rx.clone())));
+    tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, reload::until_set(stop_rx.clone())));
 
     shutdown.await;
     tracing::info!("shutting down");

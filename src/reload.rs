@@ -89,6 +89,14 @@ pub async fn until_set(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Resolves once either switch is set: a listener stops on shutdown or when a reload drops it.
+pub async fn until_either(a: watch::Receiver<bool>, b: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = until_set(a) => {}
+        _ = until_set(b) => {}
+    }
+}
+
 /// The proxy listeners by configured address, each with the switch that closes it everywhere.
 struct ProxyListeners {
     open: Vec<(SocketAddr, watch::Sender<bool>)>,
@@ -135,13 +143,7 @@ impl ProxyListeners {
                 }
             };
             let (close, closed) = watch::channel(false);
-            let stop = stop.clone();
-            let until = async move {
-                tokio::select! {
-                    _ = until_set(stop) => {}
-                    _ = until_set(closed) => {}
-                }
-            };
+            let until = until_either(stop.clone(), closed);
             tracing::info!(%addr, "proxy listening (added by reload)");
             tokio::spawn(crate::server::serve(l, gateway.clone(), until));
             self.open.push((addr, close));
@@ -171,9 +173,6 @@ impl PoolTasks {
     /// itself when its pool or section is gone.
     fn ensure(&mut self, gateway: &Arc<Gateway>, stop: &watch::Receiver<bool>) {
         self.running.retain(|_, t| !t.is_finished());
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
         for pool in gateway.snapshot().pools.iter() {
             let name = pool.config.name.clone();
             let wanted = [
@@ -185,7 +184,7 @@ impl PoolTasks {
                 if !on || self.running.contains_key(&(name.clone(), kind)) {
                     continue;
                 }
-                let (g, n, s) = (gateway.clone(), name.clone(), stopped(stop.clone()));
+                let (g, n, s) = (gateway.clone(), name.clone(), until_set(stop.clone()));
                 let task = match kind {
                     "health" => tokio::spawn(health::run_pool(g, n, s)),
                     "readmit" => tokio::spawn(health::readmit_pool(g, n, s)),
