@@ -164,7 +164,8 @@ pub struct RetryConfig {
 }
 
 impl RetryConfig {
-    pub const KINDS: &'static str = "connect-failure, refused-stream, reset, 503, 429";
+    /// The failure kinds `retry.on` accepts (all of them by default).
+    pub const KINDS: [&'static str; 5] = ["connect-failure", "refused-stream", "reset", "503", "429"];
 }
 
 /// `[pools.X.outlier]`: ejection on failures seen in real traffic.

@@ -330,13 +330,17 @@ fn validate_pool(
         None => None,
         Some(r) => {
             let kinds: Vec<String> = match &r.on {
-                None => ["connect-failure", "refused-stream", "reset", "503", "429"].map(String::from).to_vec(),
+                None => RetryConfig::KINDS.map(String::from).to_vec(),
                 Some(list) => {
                     for k in list.get_ref() {
-                        if !["connect-failure", "refused-stream", "reset", "503", "429"].contains(&k.as_str()) {
+                        if !RetryConfig::KINDS.contains(&k.as_str()) {
                             return Err(err(
                                 list.span(),
-                                format!("{}: unknown kind {k:?}; allowed: {}", field("retry.on"), RetryConfig::KINDS),
+                                format!(
+                                    "{}: unknown kind {k:?}; allowed: {}",
+                                    field("retry.on"),
+                                    RetryConfig::KINDS.join(", ")
+                                ),
                             ));
                         }
                     }
