@@ -29,6 +29,7 @@ pub struct FileServer {
     pub max_request_body: Option<Spanned<String>>,
     pub shutdown_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<usize>>,
+    pub state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +65,33 @@ pub struct FilePool {
     pub health: Option<FileHealth>,
     pub outlier: Option<FileOutlier>,
     pub retry: Option<FileRetry>,
+    pub autoscale: Option<Spanned<FileAutoscale>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAutoscale {
+    pub min_backends: Option<Spanned<u32>>,
+    pub max_backends: Option<Spanned<u32>>,
+    pub target_inflight_per_backend: Option<Spanned<u32>>,
+    pub scale_up_queue_depth: Option<Spanned<u32>>,
+    pub scale_up_window: Option<Spanned<String>>,
+    pub scale_down_window: Option<Spanned<String>>,
+    pub cooldown: Option<Spanned<String>>,
+    pub provision_timeout: Option<Spanned<String>>,
+    pub replace_unhealthy_after: Option<Spanned<String>>,
+    pub provider: Option<Spanned<FileProvider>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProvider {
+    pub kind: Spanned<String>,
+    pub command: Option<Spanned<Vec<String>>>,
+    pub url: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub retry_backoff: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

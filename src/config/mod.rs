@@ -5,6 +5,7 @@
 //! names the file, line, column and field. Never touches the network or the running state: building
 //! a `Config` is pure, so `headroom check` and a reload use exactly the same path.
 
+mod autoscale;
 mod file;
 pub mod units;
 mod validate;
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use autoscale::{AutoscaleConfig, ProviderConfig, ProviderKind};
 pub use validate::{validate, MAX_WEIGHT};
 
 /// The validated, runtime form of the config file.
@@ -44,6 +46,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Worker threads; default: `TOKIO_WORKER_THREADS`, else one per core.
     pub workers: Option<usize>,
+    /// Where runtime state (backends added by the autoscaler or the API) is kept across restarts.
+    /// Default: none (not kept).
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +147,8 @@ pub struct PoolConfig {
     /// Retries of requests that reached a backend; `None` (no `[pools.X.retry]`) means none.
     /// (Requests that never reached their backend always fail over.)
     pub retry: Option<RetryConfig>,
+    /// Elastic scaling; `None` (no `[pools.X.autoscale]`) means the pool keeps the backends it has.
+    pub autoscale: Option<AutoscaleConfig>,
 }
 
 /// `[pools.X.retry]`.
@@ -228,7 +235,7 @@ pub struct LaunchConfig {
     /// Argument vector; `{addr}` is replaced by the chosen loopback address, and a first element
     /// `headroom` means the running binary itself.
     pub command: Vec<String>,
-    /// Default 1.
+    /// Default 1 (0 allowed in a pool with `[autoscale]`).
     pub count: u32,
     /// Default 1.
     pub weight: u32,

@@ -77,6 +77,13 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         max_request_body: size(&s.max_request_body, "server.max_request_body", 32 << 20)?,
         shutdown_timeout: duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30))?,
         workers,
+        state_dir: match &s.state_dir {
+            None => None,
+            Some(d) if d.get_ref().trim().is_empty() => {
+                return Err(err(d.span(), "server.state_dir: must not be empty (omit it to keep no state)".into()))
+            }
+            Some(d) => Some(base_dir.join(d.get_ref())),
+        },
     };
 
     // [admin]
@@ -212,10 +219,12 @@ fn validate_pool(
                     ),
                 ));
             }
+            // An autoscaled pool may launch none at first: the autoscaler starts what it needs.
+            let lowest = if p.autoscale.is_some() { 0 } else { 1 };
             let count = match &lr.count {
                 None => 1,
-                Some(c) if *c.get_ref() == 0 || *c.get_ref() > 256 => {
-                    return Err(err(c.span(), format!("{}: allowed range is 1..=256", field("launch.count"))))
+                Some(c) if *c.get_ref() < lowest || *c.get_ref() > 256 => {
+                    return Err(err(c.span(), format!("{}: allowed range is {lowest}..=256", field("launch.count"))))
                 }
                 Some(c) => *c.get_ref(),
             };
@@ -234,10 +243,10 @@ fn validate_pool(
             })
         }
     };
-    if backends.is_empty() && launch.is_none() {
+    if backends.is_empty() && launch.is_none() && p.autoscale.is_none() {
         return Err(err(
             pool.span(),
-            format!("pools.{name}: no backends; add [[pools.{name}.backends]] with an addr, or a [pools.{name}.launch] section"),
+            format!("pools.{name}: no backends; add [[pools.{name}.backends]] with an addr, a [pools.{name}.launch] section, or [pools.{name}.autoscale]"),
         ));
     }
 
@@ -374,7 +383,13 @@ fn validate_pool(
         }
     };
 
+    let autoscale = match &p.autoscale {
+        None => None,
+        Some(a) => Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?),
+    };
+
     Ok(PoolConfig {
+        autoscale,
         retry,
         slow_start,
         honor_retry_after: p.honor_retry_after.unwrap_or(true),
