@@ -576,6 +576,15 @@ impl Pool {
         self.backends.iter().any(|b| b.is_eligible() && (!self.has_backups || b.is_backup() == backups))
     }
 
+    /// Free slots on the backends that take requests now.
+    pub fn free_slots(&self) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.is_serving())
+            .map(|b| b.effective_max_inflight().saturating_sub(b.in_flight()) as usize)
+            .sum()
+    }
+
     /// Whether the healthy share of the pool is below `panic_threshold`.
     pub fn in_panic(&self) -> bool {
         let healthy = self.backends.iter().filter(|b| b.state() == BackendState::Healthy).count();

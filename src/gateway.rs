@@ -8,6 +8,8 @@ use crate::admin::metrics::PoolMetrics;
 use crate::backend::Pool;
 use crate::config::{BackendConfig, Config};
 use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
+use crate::scale::events::EventLog;
+use crate::scale::launch::Launched;
 use arc_swap::ArcSwap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
@@ -58,11 +60,22 @@ pub struct Gateway {
     config_status: ArcSwap<ConfigStatus>,
     /// Where reload requests go (`POST /api/reload`); set once the reloader runs.
     reload: OnceLock<mpsc::Sender<ReloadRequest>>,
+    /// Backend processes headroom started (launch sections, the local provider).
+    pub launched: Arc<Launched>,
+    /// The last scale events per pool.
+    pub scale_events: EventLog,
 }
 
 impl Gateway {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        Self::with_launched(snapshot, Arc::default())
+    }
+
+    /// A gateway that owns the processes in `launched`.
+    pub fn with_launched(snapshot: Snapshot, launched: Arc<Launched>) -> Arc<Self> {
         Arc::new(Gateway {
+            launched,
+            scale_events: EventLog::default(),
             current: ArcSwap::from_pointee(snapshot),
             unrouted: PoolMetrics::new("none"),
             config_status: ArcSwap::from_pointee(ConfigStatus::default()),

@@ -83,7 +83,9 @@ pub async fn run_with(
     let workers = workers.max(1);
     let prom = admin::metrics::install();
     proxy::upstream::set_worker_count(workers);
-    let (extra, mut launched) = scale::launch::launch_all(&config).await?;
+    let (mut extra, launched) = scale::launch::launch_all(&config).await?;
+    let launched = std::sync::Arc::new(launched);
+    let (persisted, state_error) = restore_state(&config, &mut extra);
     let extra_by_pool: std::collections::HashMap<String, Vec<config::BackendConfig>> =
         config.pools.iter().map(|p| p.name.clone()).zip(extra.iter().cloned()).collect();
     // Each proxy listener, by the address the config names it with, can be closed on its own
@@ -96,7 +98,7 @@ pub async fn run_with(
         .collect();
     let closers: Vec<(std::net::SocketAddr, watch::Sender<bool>)> =
         configured.iter().map(|a| (*a, watch::channel(false).0)).collect();
-    let gateway = Gateway::new(Snapshot::build(config, &extra, None));
+    let gateway = Gateway::with_launched(Snapshot::build(config, &extra, None), launched.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -150,7 +152,10 @@ pub async fn run_with(
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     gateway.set_reloader(reload_tx);
     let text = config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
-    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, closers);
+    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, persisted, closers);
+    if state_error.is_some() {
+        gateway.set_config_status(reload::ConfigStatus { state_error, ..gateway.config_status() });
+    }
     tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");
@@ -166,6 +171,38 @@ pub async fn run_with(
     }
     launched.shutdown().await;
     Ok(())
+}
+
+/// Adds the backends saved in the state file (if `server.state_dir` is set) to `extra`, by pool
+/// index. Returns which were restored, and why the file was ignored if it was.
+fn restore_state(
+    config: &Config,
+    extra: &mut [Vec<config::BackendConfig>],
+) -> (std::collections::HashSet<(String, std::net::SocketAddr)>, Option<String>) {
+    let mut restored = std::collections::HashSet::new();
+    let Some(dir) = &config.server.state_dir else { return (restored, None) };
+    let saved = match scale::state::load(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "state file ignored");
+            return (restored, Some(e.to_string()));
+        }
+    };
+    for (pool, backends) in saved {
+        let Some(i) = config.pools.iter().position(|p| p.name == pool) else {
+            tracing::warn!(%pool, "state file names a pool the config no longer has; its backends are dropped");
+            continue;
+        };
+        for b in backends {
+            let taken = config.pools[i].backends.iter().chain(extra[i].iter()).any(|x| x.addr == b.addr);
+            if !taken {
+                tracing::info!(%pool, backend = %b.addr, "backend restored from the state file");
+                restored.insert((pool.clone(), b.addr));
+                extra[i].push(b);
+            }
+        }
+    }
+    (restored, None)
 }
 
 /// A second handle on the same listening socket, for another worker's runtime.

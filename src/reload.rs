@@ -46,6 +46,8 @@ pub struct ConfigStatus {
     pub last_error: Option<String>,
     /// When it failed, Unix seconds.
     pub last_error_at: Option<f64>,
+    /// Why the state file was ignored at start-up, if it was.
+    pub state_error: Option<String>,
 }
 
 /// The outcome of one reload request.
@@ -70,7 +72,8 @@ pub enum ReloadRequest {
 /// A runtime change to a pool's backends.
 #[derive(Debug, Clone)]
 pub enum BackendChange {
-    Add(BackendConfig),
+    /// `persist`: kept in the state file (when `server.state_dir` is set) across restarts.
+    Add { backend: BackendConfig, persist: bool },
     /// Drains, then removes once idle.
     Remove(SocketAddr),
 }
@@ -179,6 +182,7 @@ impl PoolTasks {
                 ("health", pool.config.health.is_some()),
                 ("readmit", pool.config.outlier.is_some()),
                 ("ramp", pool.config.slow_start.is_some()),
+                ("autoscale", pool.config.autoscale.is_some()),
             ];
             for (kind, on) in wanted {
                 if !on || self.running.contains_key(&(name.clone(), kind)) {
@@ -188,6 +192,7 @@ impl PoolTasks {
                 let task = match kind {
                     "health" => tokio::spawn(health::run_pool(g, n, s)),
                     "readmit" => tokio::spawn(health::readmit_pool(g, n, s)),
+                    "autoscale" => tokio::spawn(crate::scale::autoscale::run_pool(g, n, s)),
                     _ => tokio::spawn(health::ramp_pool(g, n, s)),
                 };
                 self.running.insert((name.clone(), kind), task);
@@ -206,8 +211,11 @@ impl PoolTasks {
 pub struct Reloader {
     gateway: Arc<Gateway>,
     path: Option<PathBuf>,
-    /// Backends started by headroom itself, per pool: kept across reloads.
+    /// Backends added outside the file (launched, by a provider, through the API), per pool:
+    /// kept across reloads.
     extra: HashMap<String, Vec<BackendConfig>>,
+    /// Those of `extra` kept in the state file: (pool, addr).
+    persisted: std::collections::HashSet<(String, SocketAddr)>,
     running_hash: String,
     tasks: PoolTasks,
     /// Set up at construction, so no write after `new` returns is missed.
@@ -219,12 +227,14 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// `text` is the running config's source (for its hash), `extra` the launched backends.
+    /// `text` is the running config's source (for its hash), `extra` the backends added outside
+    /// the file (launched, or restored from the state file: those `persisted` names).
     pub fn new(
         gateway: Arc<Gateway>,
         path: Option<PathBuf>,
         text: &str,
         extra: HashMap<String, Vec<BackendConfig>>,
+        persisted: std::collections::HashSet<(String, SocketAddr)>,
         listeners: Vec<(SocketAddr, watch::Sender<bool>)>,
     ) -> Self {
         let running_hash = text_hash(text);
@@ -240,6 +250,7 @@ impl Reloader {
             gateway,
             path,
             extra,
+            persisted,
             running_hash,
             tasks: PoolTasks::default(),
             watcher,
@@ -387,7 +398,14 @@ impl Reloader {
             }
         }
         self.removed = carried;
+        // Requests queued for capacity that this snapshot adds are woken to take it.
+        let wake: Vec<_> = next.pools.iter().map(|p| (p.queue.clone(), p.free_slots())).collect();
         self.gateway.publish(next);
+        for (queue, free) in wake {
+            for _ in 0..free.min(queue.depth()) {
+                queue.wake_one();
+            }
+        }
     }
 
     /// Adds a runtime backend to `pool`, or drains and removes one.
@@ -403,11 +421,14 @@ impl Reloader {
         };
         let dynamic = self.extra.entry(pool.to_string()).or_default();
         match change {
-            BackendChange::Add(b) => {
+            BackendChange::Add { backend: b, persist } => {
                 if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
                     return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
                 }
                 tracing::info!(pool, backend = %b.addr, weight = b.weight, "backend registered");
+                if persist {
+                    self.persisted.insert((pool.to_string(), b.addr));
+                }
                 dynamic.push(b);
             }
             BackendChange::Remove(addr) => {
@@ -422,11 +443,29 @@ impl Reloader {
                     return Err(ChangeError::NotFound(format!("pool {pool:?} has no backend {addr}")));
                 }
                 tracing::info!(pool, backend = %addr, "backend deregistered; draining");
+                self.persisted.remove(&(pool.to_string(), addr));
             }
         }
         self.publish((*running.config).clone());
         self.tasks.ensure(&self.gateway, stop);
+        self.save_state(&running.config);
         Ok(())
+    }
+
+    /// Writes the persisted backends to the state file, if the config names a state directory.
+    fn save_state(&self, config: &Config) {
+        let Some(dir) = &config.server.state_dir else { return };
+        let kept: HashMap<String, Vec<BackendConfig>> = self
+            .extra
+            .iter()
+            .map(|(pool, list)| {
+                let list = list.iter().filter(|b| self.persisted.contains(&(pool.clone(), b.addr))).cloned().collect();
+                (pool.clone(), list)
+            })
+            .collect();
+        if let Err(e) = crate::scale::state::save(dir, &kept) {
+            tracing::error!(error = %e, "cannot write the state file; dynamic backends won't survive a restart");
+        }
     }
 
     /// Drops removed backends that have finished their last request.

@@ -23,6 +23,25 @@ pub const RETRIES: &str = "headroom_retries_total";
 pub const PANIC_MODE: &str = "headroom_panic_mode";
 pub const CONFIG_RELOADS: &str = "headroom_config_reloads_total";
 pub const CONFIG_LAST_RELOAD: &str = "headroom_config_last_reload_timestamp_seconds";
+pub const BACKENDS: &str = "headroom_backends";
+pub const SCALE_EVENTS: &str = "headroom_scale_events_total";
+pub const DESIRED_BACKENDS: &str = "headroom_desired_backends";
+pub const PROVISION_SECONDS: &str = "headroom_provision_seconds";
+
+/// One finished provider call (`action`: scale_up, scale_down, replace; `outcome`: ok, error).
+pub fn scale_event(pool: &str, action: &'static str, outcome: &'static str) {
+    metrics::counter!(SCALE_EVENTS, "pool" => pool.to_string(), "action" => action, "outcome" => outcome).increment(1);
+}
+
+/// The backend count the autoscaler aims for.
+pub fn desired_backends(pool: &str, n: u32) {
+    metrics::gauge!(DESIRED_BACKENDS, "pool" => pool.to_string()).set(n as f64);
+}
+
+/// Time from asking a provider for a backend to its first healthy moment.
+pub fn provisioned(pool: &str, seconds: f64) {
+    metrics::histogram!(PROVISION_SECONDS, "pool" => pool.to_string()).record(seconds);
+}
 
 /// Counts a reload by outcome (`ok` or `error`); a good one also sets the last-reload time.
 pub fn config_reloaded(ok: bool, at_unix: f64) {

@@ -7,6 +7,10 @@
 //! - `GET /healthz`: `ok` while the process serves.
 //! - `GET /api/pools`: pools, their queue depth and backends.
 //! - `POST /api/pools/{pool}/backends/{addr}/drain`: stop sending new requests to a backend.
+//! - `POST /api/pools/{pool}/backends`, `DELETE /api/pools/{pool}/backends/{addr}`: register and
+//!   deregister backends at run time.
+//! - `GET /api/pools/{pool}/events`: the pool's last scale events.
+//! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
 
 pub mod metrics;
 
@@ -60,6 +64,7 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                         "last_ejection_ms": b.last_ejection_ms(),
                         "ejected_for_ms": b.ejected_for_ms(),
                         "saturated_for_ms": b.saturated_for_ms(),
+                        "dynamic": !p.config.backends.iter().any(|c| c.addr == b.addr),
                     })
                 })
                 .collect();
@@ -69,6 +74,12 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                 "queue_depth": p.queue.depth(),
                 "queue_max_depth": p.queue.max_depth(),
                 "in_flight": p.in_flight(),
+                "autoscale": p.config.autoscale.as_ref().map(|a| json!({
+                    "min_backends": a.min_backends,
+                    "max_backends": a.max_backends,
+                    "target_inflight_per_backend": a.target_inflight_per_backend,
+                    "provider": a.provider.kind.as_str(),
+                })),
                 "backends": backends,
             })
         })
@@ -83,6 +94,10 @@ fn sample_gauges(gateway: &Gateway) {
         ::metrics::gauge!(metrics::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
         let panic = p.config.panic_threshold > 0.0 && p.in_panic();
         ::metrics::gauge!(metrics::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
+        for s in crate::backend::BackendState::ALL {
+            let n = p.backends.iter().filter(|b| b.state() == s).count();
+            ::metrics::gauge!(metrics::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str()).set(n as f64);
+        }
         for b in &p.backends {
             let (pool, backend) = (p.config.name.clone(), b.label.to_string());
             ::metrics::gauge!(metrics::BACKEND_INFLIGHT, "pool" => pool.clone(), "backend" => backend.clone())
@@ -112,6 +127,17 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
+        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/events") => {
+            let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/events");
+            match gateway.snapshot().pool(pool) {
+                Some(_) => respond(
+                    StatusCode::OK,
+                    "application/json",
+                    json!({ "pool": pool, "events": gateway.scale_events.of(pool) }).to_string(),
+                ),
+                None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
+            }
+        }
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/backends") => {
             let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/backends").to_string();
             register(&gateway, &pool, req).await
@@ -185,7 +211,7 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     let Some(p) = snap.pool(pool) else { return json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")) };
     let max_inflight = reg.max_inflight.unwrap_or(p.config.max_inflight_per_backend).max(1);
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
-    match gateway.change_backend(pool, crate::reload::BackendChange::Add(cfg)).await {
+    match gateway.change_backend(pool, crate::reload::BackendChange::Add { backend: cfg, persist: true }).await {
         Ok(()) => {
             let state = gateway
                 .snapshot()

@@ -162,7 +162,11 @@ pub(super) fn validate(
                 other => {
                     return Err(err(
                         pr.kind.span(),
-                        format!("{}: unknown value {other:?}; allowed: {}", field("provider.kind"), ProviderKind::ALLOWED),
+                        format!(
+                            "{}: unknown value {other:?}; allowed: {}",
+                            field("provider.kind"),
+                            ProviderKind::ALLOWED
+                        ),
                     ))
                 }
             };
@@ -225,14 +229,17 @@ mod tests {
         let cmd = "[pools.p]\n[pools.p.autoscale]\nmin_backends = 0\n[pools.p.autoscale.provider]\nkind = \"command\"\ncommand = [\"./scale.sh\"]\n";
         let c = parse(cmd).unwrap();
         assert!(c.pools[0].backends.is_empty(), "a pool may start empty when it autoscales");
-        assert!(matches!(&c.pools[0].autoscale.as_ref().unwrap().provider.kind, ProviderKind::Command { command } if command == &["./scale.sh"]));
+        assert!(
+            matches!(&c.pools[0].autoscale.as_ref().unwrap().provider.kind, ProviderKind::Command { command } if command == &["./scale.sh"])
+        );
         let e = parse("[pools.p]\n[pools.p.autoscale]\n").unwrap_err();
         assert!(e.message.contains("needs a [pools.p.autoscale.provider]"), "{e}");
         let e = parse("[pools.p]\n[pools.p.autoscale]\n[pools.p.autoscale.provider]\nkind = \"local\"\n").unwrap_err();
         assert!(e.message.contains("has none"), "{e}");
         let e = parse("[pools.p]\n[pools.p.autoscale]\n[pools.p.autoscale.provider]\nkind = \"k8s\"\n").unwrap_err();
         assert!(e.message.contains("command, webhook, local") && e.line == Some(4), "{e:?}");
-        let hook = "[pools.p]\n[pools.p.autoscale]\n[pools.p.autoscale.provider]\nkind = \"webhook\"\nurl = \"ftp://x\"\n";
+        let hook =
+            "[pools.p]\n[pools.p.autoscale]\n[pools.p.autoscale.provider]\nkind = \"webhook\"\nurl = \"ftp://x\"\n";
         assert!(parse(hook).unwrap_err().message.contains("http:// URL"));
         let hook = hook.replace("ftp://x", "http://127.0.0.1:9/scale");
         assert!(parse(&hook).is_ok());

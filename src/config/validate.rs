@@ -385,7 +385,9 @@ fn validate_pool(
 
     let autoscale = match &p.autoscale {
         None => None,
-        Some(a) => Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?),
+        Some(a) => {
+            Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?)
+        }
     };
 
     Ok(PoolConfig {

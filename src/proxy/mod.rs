@@ -140,7 +140,12 @@ impl ConnCtx {
         track.pool = Some(pool.clone());
 
         // 3. Admit: a slot on a backend, now or after queueing.
-        let (guard, waited) = queue::admit(pool).await.map_err(ProxyError::Unavailable)?;
+        let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
+        let (pool, guard, waited) = queue::admit(pool, latest).await.map_err(ProxyError::Unavailable)?;
+        let pool = &pool;
+        if waited.is_some() {
+            track.pool = Some(pool.clone());
+        }
         if let Some(w) = waited {
             pool.metrics.queued(w.as_secs_f64());
         }

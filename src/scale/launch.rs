@@ -1,9 +1,11 @@
 //! Local backend processes: starts each pool's `[pools.X.launch]` command on free loopback ports,
-//! waits until they accept connections, and kills them when headroom exits.
+//! waits until they accept connections, and kills them when headroom exits (or when the local
+//! autoscaling provider releases one).
 //!
-//! Runs at start-up, off the request path.
+//! Runs at start-up and in the autoscaler, never on the request path.
 
-use crate::config::{BackendConfig, Config};
+use crate::config::{BackendConfig, Config, LaunchConfig};
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -11,30 +13,54 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// The processes started for launched backends. Dropping it kills them.
+/// The processes started for launched backends, by address. Shared by start-up and the local
+/// autoscaling provider; dropping it (or [`Launched::shutdown`]) kills them.
 #[derive(Default)]
 pub struct Launched {
-    children: Vec<Child>,
+    children: tokio::sync::Mutex<HashMap<SocketAddr, Child>>,
 }
 
 impl Launched {
-    pub fn len(&self) -> usize {
-        self.children.len()
+    pub async fn len(&self) -> usize {
+        self.children.lock().await.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.children.is_empty()
+    /// Starts one backend of `pool` from its launch template and waits until it accepts
+    /// connections.
+    pub async fn start_one(&self, pool: &str, l: &LaunchConfig) -> Result<BackendConfig, LaunchError> {
+        let addr = free_port().map_err(|source| LaunchError::Port { pool: pool.to_string(), source })?;
+        let mut child = spawn(pool, l, addr)?;
+        if let Err(e) = wait_ready(pool, addr, &mut child, l.ready_timeout).await {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+        self.children.lock().await.insert(addr, child);
+        Ok(BackendConfig { addr, weight: l.weight, max_inflight: l.max_inflight, backup: false })
+    }
+
+    /// Stops the process serving `addr`; false if none was launched there.
+    pub async fn stop(&self, addr: SocketAddr) -> bool {
+        let child = self.children.lock().await.remove(&addr);
+        match child {
+            Some(mut c) => {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Kills every launched process and waits for them to exit.
-    pub async fn shutdown(&mut self) {
-        for child in &mut self.children {
+    pub async fn shutdown(&self) {
+        let mut children: Vec<Child> = self.children.lock().await.drain().map(|(_, c)| c).collect();
+        for child in &mut children {
             let _ = child.start_kill();
         }
-        for child in &mut self.children {
+        for child in &mut children {
             let _ = child.wait().await;
         }
-        self.children.clear();
     }
 }
 
@@ -52,40 +78,42 @@ pub enum LaunchError {
 
 /// Starts every pool's launched backends; returns, per pool index, the backends to add.
 pub async fn launch_all(config: &Config) -> Result<(Vec<Vec<BackendConfig>>, Launched), LaunchError> {
-    let mut launched = Launched::default();
+    let launched = Launched::default();
     let mut per_pool = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
         let mut added = Vec::new();
         if let Some(l) = &pool.launch {
-            for _ in 0..l.count {
-                let addr = free_port().map_err(|source| LaunchError::Port { pool: pool.name.clone(), source })?;
-                let args: Vec<String> = l.command.iter().map(|a| a.replace("{addr}", &addr.to_string())).collect();
-                let program = resolve_program(&args[0]);
-                let child = Command::new(&program)
-                    .args(&args[1..])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .map_err(|source| LaunchError::Spawn {
-                        pool: pool.name.clone(),
-                        program: program.display().to_string(),
-                        source,
-                    })?;
-                launched.children.push(child);
-                added.push(BackendConfig { addr, weight: l.weight, max_inflight: l.max_inflight, backup: false });
+            // Started together, so a slow-starting engine doesn't delay the next one.
+            let starts = (0..l.count).map(|_| launched.start_one(&pool.name, l));
+            for started in futures_util::future::join_all(starts).await {
+                match started {
+                    Ok(b) => added.push(b),
+                    Err(e) => {
+                        launched.shutdown().await;
+                        return Err(e);
+                    }
+                }
             }
-            let n = launched.children.len();
-            let first = n - added.len();
-            for (child, b) in launched.children[first..].iter_mut().zip(&added) {
-                wait_ready(&pool.name, b.addr, child, l.ready_timeout).await?;
+            if !added.is_empty() {
+                tracing::info!(pool = %pool.name, count = added.len(), "launched local backends");
             }
-            tracing::info!(pool = %pool.name, count = added.len(), "launched local backends");
         }
         per_pool.push(added);
     }
     Ok((per_pool, launched))
+}
+
+fn spawn(pool: &str, l: &LaunchConfig, addr: SocketAddr) -> Result<Child, LaunchError> {
+    let args: Vec<String> = l.command.iter().map(|a| a.replace("{addr}", &addr.to_string())).collect();
+    let program = resolve_program(&args[0]);
+    Command::new(&program)
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { pool: pool.to_string(), program: program.display().to_string(), source })
 }
 
 /// `headroom` as the program means this very binary.

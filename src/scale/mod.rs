@@ -1,5 +1,11 @@
-//! Elastic capacity: the per-pool admission queue that forms when every backend is full, and the
-//! launcher that starts local backend processes. The queue depth is the signal the autoscaler reads.
+//! Elastic capacity: the per-pool admission queue that forms when every backend is full, the
+//! autoscaler that reads its depth and asks a provider for backends (and gives them back), and
+//! the launcher that starts local backend processes.
 
+pub mod autoscale;
+pub mod events;
 pub mod launch;
+pub mod policy;
+pub mod provider;
 pub mod queue;
+pub mod state;

@@ -13,7 +13,7 @@
 use crate::backend::{InflightGuard, Pool};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -134,15 +134,23 @@ impl Drop for Ticket<'_> {
 }
 
 /// Claims a slot on the pool: at once if one is free and nobody is waiting, else by waiting in
-/// the queue. Returns the slot and how long the request queued (`None` if it did not).
-pub async fn admit(pool: &Pool) -> Result<(InflightGuard, Option<Duration>), Rejection> {
+/// the queue. Returns the pool the slot is in, the slot, and how long the request queued
+/// (`None` if it did not).
+///
+/// A waiting request looks at the newest version of its pool (`latest`) each time it is woken,
+/// so backends added while it waits (a reload, the autoscaler) serve it. A pool that autoscales
+/// queues requests even with no backend at all: the autoscaler is bringing one (scale from zero).
+pub async fn admit(
+    pool: &Arc<Pool>,
+    latest: impl Fn() -> Option<Arc<Pool>>,
+) -> Result<(Arc<Pool>, InflightGuard, Option<Duration>), Rejection> {
     let queue = &pool.queue;
     if queue.depth() == 0 {
         if let Some(g) = pool.try_acquire() {
-            return Ok((g, None));
+            return Ok((pool.clone(), g, None));
         }
     }
-    if !pool.any_serving() {
+    if !worth_waiting(pool) {
         return Err(Rejection::NoBackend);
     }
     let start = Instant::now();
@@ -156,20 +164,27 @@ pub async fn admit(pool: &Pool) -> Result<(InflightGuard, Option<Duration>), Rej
         match tokio::time::timeout_at(deadline, &mut ticket.rx).await {
             Err(_) => return Err(Rejection::QueueTimeout),
             Ok(_) => {
-                if let Some(g) = pool.try_acquire() {
+                let current = latest().filter(|p| Arc::ptr_eq(&p.queue, queue)).unwrap_or_else(|| pool.clone());
+                if let Some(g) = current.try_acquire() {
                     ticket.used = true;
-                    return Ok((g, Some(start.elapsed())));
+                    return Ok((current, g, Some(start.elapsed())));
                 }
-                if !pool.any_serving() {
+                if !worth_waiting(&current) {
                     ticket.used = true;
                     return Err(Rejection::NoBackend);
                 }
                 ticket.requeue_front();
                 // The slot that woke us went to someone else; if another is free, go again.
-                if pool.has_capacity() {
+                if current.has_capacity() {
                     queue.wake_one();
                 }
             }
         }
     }
+}
+
+/// Whether a backend takes traffic or is on its way: one is starting, or the autoscaler may add
+/// one.
+fn worth_waiting(pool: &Pool) -> bool {
+    pool.config.autoscale.is_some() || pool.any_serving()
 }
