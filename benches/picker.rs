@@ -39,6 +39,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         health: None,
         outlier: None,
         retry: None,
+        autoscale: None,
     };
     let p = Pool::build(cfg, &[], None);
     // Some standing load, so scores differ and the picker has real work to do.

@@ -21,7 +21,8 @@ pub struct Launched {
 }
 
 impl Launched {
-    pub async fn len(&self) -> usize {
+    /// How many launched processes run now.
+    pub async fn count(&self) -> usize {
         self.children.lock().await.len()
     }
 
