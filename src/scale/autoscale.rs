@@ -25,6 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
+/// How often the pool is looked at: a tenth of the shortest window, within these bounds.
+const MIN_TICK: Duration = Duration::from_millis(20);
+const MAX_TICK: Duration = Duration::from_millis(250);
+
 /// How often a removed backend is checked for its last request before `scale_down` is called.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -64,7 +68,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
         let tick = {
             let snap = scaler.gateway.snapshot();
             let Some(cfg) = snap.pool(&scaler.name).and_then(|p| p.config.autoscale.clone()) else { break };
-            (cfg.scale_up_window / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+            (cfg.scale_up_window.min(cfg.replace_unhealthy_after) / 10).clamp(MIN_TICK, MAX_TICK)
         };
         tokio::select! {
             _ = &mut shutdown => break,
@@ -287,8 +291,19 @@ impl Scaler {
             self.tracked.remove(addr);
         }
         for addr in &done.added {
-            self.tracked
-                .insert(*addr, Tracked { since: done.started, asked: true, healthy_seen: false, bad_since: None });
+            // A look at the pool may have come between registration and this message.
+            let t = self.tracked.entry(*addr).or_insert(Tracked {
+                since: done.started,
+                asked: true,
+                healthy_seen: false,
+                bad_since: None,
+            });
+            if !t.asked {
+                (t.asked, t.since) = (true, done.started);
+                if t.healthy_seen {
+                    metrics::provisioned(&self.name, now.duration_since(done.started).as_secs_f64());
+                }
+            }
         }
         match &done.result {
             Ok(()) => {

@@ -8,7 +8,7 @@
 //!   from zero). Backends still starting count as capacity, so a burst that is already being
 //!   answered doesn't ask again.
 //! - Scale down when the demand stayed below the ready capacity with an empty queue for
-//!   `scale_down_window`; at most half the backends per step.
+//!   `scale_down_window`; at most half the backends per step (or the last one, to reach zero).
 //! - At most one action per direction per `cooldown`; a failed call waits an exponential
 //!   backoff before the next try, and doesn't start the cooldown.
 
@@ -112,7 +112,8 @@ impl Policy {
 
         let calm = self.low_since.is_some_and(|t| now.duration_since(t) >= cfg.scale_down_window);
         if calm && obs.starting == 0 && cooled(self.last_down) && cooled(self.last_up) {
-            let keep = by_util.max(cfg.min_backends).max(obs.ready.div_ceil(2));
+            // At most half per step, but always at least one (so one backend can go to zero).
+            let keep = by_util.max(cfg.min_backends).max(obs.ready - (obs.ready / 2).max(1));
             let count = obs.ready.saturating_sub(keep);
             if count > 0 {
                 let reason = format!(
@@ -285,7 +286,7 @@ mod tests {
                     Decision::Down { count, .. } => {
                         prop_assert!(count > 0 && starting == 0 && queue == 0);
                         prop_assert!(ready - count >= c.min_backends);
-                        prop_assert!(count <= ready / 2);
+                        prop_assert!(count <= (ready / 2).max(1));
                     }
                     Decision::Hold => {}
                 }

@@ -354,3 +354,21 @@ pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
 }
+
+/// Sends `method path` with a body to the admin listener: (status, JSON body).
+pub async fn admin_call(admin: SocketAddr, method: http::Method, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .body(full(Bytes::from(body.to_string())))
+        .unwrap();
+    let r = client().request(req).await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// Unix time in seconds, as the provider scripts' `date +%s.%N` prints it.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
