@@ -2,6 +2,9 @@
 //! script speaking the hook protocol, and the local provider starting `headroom mock-backend`
 //! processes).
 
+// Tests may lock; the rule is for the data path.
+#![allow(clippy::disallowed_types)]
+
 mod common;
 
 use common::*;
@@ -183,7 +186,7 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let stop = Arc::new(AtomicBool::new(false));
     let burst = load(hr.url("/work"), 5, stop.clone());
     poll_until(T, "the queue to reach the threshold", || async { hr.queue_depth().await >= 2 }).await;
-    let crossed = Some(unix_now());
+    let crossed = unix_now();
     poll_until(T, "both new backends to take traffic", || async {
         !b1.spans.lock().unwrap().is_empty() && !b2.spans.lock().unwrap().is_empty()
     })
@@ -199,10 +202,13 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let first_served = b1.spans.lock().unwrap()[0].0.min(b2.spans.lock().unwrap()[0].0);
     eprintln!(
         "threshold crossed -> hook called: {:.0} ms (window 300 ms); hook called -> first request on a new backend: {:.0} ms",
-        (called - crossed.unwrap()) * 1000.0,
+        (called - crossed) * 1000.0,
         (first_served - called) * 1000.0
     );
-    assert!(called - crossed.unwrap() >= 0.25, "the window was not waited for");
+    // Below twice the threshold: the call came from the window, not from panic.
+    let depth = ups[0].1["current"]["queue_depth"].as_u64().unwrap();
+    assert!((2..4).contains(&depth), "queue depth at the call: {depth}");
+    assert!(ups[0].1["reason"].as_str().unwrap().contains("stayed at or above 2"), "{:?}", ups[0].1);
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = burst.await.unwrap();
 
