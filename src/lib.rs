@@ -11,7 +11,7 @@ pub mod health; //   active health checks (off the data path)
 pub mod mock; //     the mock inference server
 pub mod proxy; //    the data path
 pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
-pub mod scale; //    admission queue, local backend launcher
+pub mod scale; //    admission queue, autoscaler, providers, local launcher
 pub mod server; //   client listeners, graceful drain
 
 use config::Config;

@@ -95,7 +95,7 @@ impl ScriptProvider {
     }
 }
 
-/// A backend that answers after `delay` (`/slow`: after 2.5 s) and records when each request
+/// A backend that answers after `delay` (`/slow`: after 4 s) and records when each request
 /// ran, as unix-time intervals.
 struct Timed {
     backend: TestBackend,
@@ -109,7 +109,7 @@ async fn timed(delay: Duration) -> Timed {
         let s = s.clone();
         async move {
             let start = unix_now();
-            let wait = if req.uri().path() == "/slow" { Duration::from_millis(2500) } else { delay };
+            let wait = if req.uri().path() == "/slow" { Duration::from_millis(4000) } else { delay };
             tokio::time::sleep(wait).await;
             s.lock().unwrap().push((start, unix_now()));
             hyper::Response::new(full("done"))
@@ -174,7 +174,7 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let pool = format!(
         "max_inflight_per_backend = 2\nqueue = {{ max_depth = 100, timeout = \"20s\" }}\n\
          [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 3\ntarget_inflight_per_backend = 2\n\
-         scale_up_queue_depth = 2\nscale_up_window = \"300ms\"\nscale_down_window = \"1s\"\ncooldown = \"500ms\"\n{}",
+         scale_up_queue_depth = 2\nscale_up_window = \"300ms\"\nscale_down_window = \"2s\"\ncooldown = \"500ms\"\n{}",
         provider.provider("timeout = \"5s\"")
     );
     // A pool name of its own: the metrics recorder is shared by the tests in this process.
