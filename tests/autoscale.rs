@@ -435,3 +435,47 @@ async fn dynamic_backends_survive_a_restart_and_a_corrupt_state_file_is_reported
     assert_eq!(backends(&hr.pools().await).len(), 1);
     hr.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_provider_posts_the_request_with_a_bearer_token_and_registers_the_reply() {
+    let fixed = TestBackend::ok().await;
+    let added = TestBackend::ok().await;
+    // (Authorization header, request) per call.
+    type Calls = Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+    let seen: Calls = Arc::default();
+    let (log, reply) = (seen.clone(), format!("{{\"backends\": [{{\"addr\": \"{}\", \"weight\": 3}}]}}", added.addr));
+    let hook = TestBackend::start(move |req: hyper::Request<Incoming>| {
+        let (log, reply) = (log.clone(), reply.clone());
+        async move {
+            let auth = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            log.lock().unwrap().push((auth, serde_json::from_slice(&body).unwrap()));
+            hyper::Response::new(full(reply))
+        }
+    })
+    .await;
+    // A variable of this test's own: nothing else reads it.
+    std::env::set_var("HEADROOM_TEST_WEBHOOK_TOKEN", "s3cret");
+    let pool = format!(
+        "[pools.default.autoscale]\nmin_backends = 2\nmax_backends = 2\n\
+         [pools.default.autoscale.provider]\nkind = \"webhook\"\nurl = \"http://{}/scale?pool=default\"\n\
+         token_env = \"HEADROOM_TEST_WEBHOOK_TOKEN\"\ntimeout = \"2s\"\n",
+        hook.addr
+    );
+    let hr = Headroom::start(&config(&[(fixed.addr, 1)], &pool, "")).await;
+    let addr = added.addr.to_string();
+    poll_until(T, "the webhook's backend registered", || async {
+        backends(&hr.pools().await).iter().any(|(a, _)| *a == addr)
+    })
+    .await;
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].0.as_deref(), Some("Bearer s3cret"));
+    assert_eq!(calls[0].1["action"], "scale_up");
+    assert_eq!(calls[0].1["count"], 1);
+    assert_eq!(calls[0].1["pool"], "default");
+    let pools = hr.pools().await;
+    let b = pools["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr.as_str()).unwrap();
+    assert_eq!(b["weight"], 3);
+    hr.stop().await;
+}

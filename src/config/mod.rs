@@ -272,7 +272,15 @@ impl Config {
         let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
         let launched: u32 = self.pools.iter().filter_map(|p| p.launch.as_ref()).map(|l| l.count).sum();
         let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
-        format!(
+        let scaled: Vec<String> = self
+            .pools
+            .iter()
+            .filter_map(|p| {
+                let a = p.autoscale.as_ref()?;
+                Some(format!("{} {}..={} ({})", p.name, a.min_backends, a.max_backends, a.provider.kind.as_str()))
+            })
+            .collect();
+        let mut line = format!(
             "listen {}, admin {}, {} route(s), {} pool(s), {} backend(s) + {} launched",
             listen.join(" "),
             self.admin.listen,
@@ -280,7 +288,11 @@ impl Config {
             self.pools.len(),
             backends,
             launched
-        )
+        );
+        if !scaled.is_empty() {
+            line.push_str(&format!(", autoscaling {}", scaled.join(", ")));
+        }
+        line
     }
 }
 

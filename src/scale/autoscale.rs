@@ -94,6 +94,8 @@ struct Scaler {
     asking: u32,
     /// Backends a provider said would register themselves: (asked at, how many).
     awaiting: Vec<(Instant, u32)>,
+    /// Provider calls (and drains before them) running; aborted when the autoscaler stops.
+    calls: tokio::task::JoinSet<()>,
 }
 
 impl Scaler {
@@ -106,11 +108,13 @@ impl Scaler {
             releasing: HashSet::new(),
             asking: 0,
             awaiting: Vec::new(),
+            calls: tokio::task::JoinSet::new(),
         }
     }
 
     /// One look at the pool; false when the pool no longer autoscales.
     fn step(&mut self, done: &mpsc::UnboundedSender<Done>) -> bool {
+        while self.calls.try_join_next().is_some() {}
         let snap = self.gateway.snapshot();
         let Some(pool) = snap.pool(&self.name).cloned() else { return false };
         let Some(cfg) = pool.config.autoscale.clone() else { return false };
@@ -200,7 +204,7 @@ impl Scaler {
                 tracing::info!(pool = %pool.config.name, count, %reason, "scaling up");
                 self.asking += count;
                 let req = self.request(Action::ScaleUp, count, vec![], obs, reason);
-                tokio::spawn(scale_up(self.gateway.clone(), req, done.clone()));
+                self.calls.spawn(scale_up(self.gateway.clone(), req, done.clone()));
             }
             Decision::Down { count, reason } => {
                 let victims = self.victims(&pool, &file, count);
@@ -272,7 +276,7 @@ impl Scaler {
         }
         tracing::info!(pool = %pool.config.name, backend = %addr, action = action.as_str(), %reason, "releasing backend");
         let req = self.request(action, 1, vec![addr.to_string()], obs, reason);
-        tokio::spawn(release(self.gateway.clone(), addr, req, done.clone()));
+        self.calls.spawn(release(self.gateway.clone(), addr, req, done.clone()));
     }
 
     /// Books a finished call: policy, counters, metrics and the event log.

@@ -9,6 +9,7 @@
 //!   answered doesn't ask again.
 //! - Scale down when the demand stayed below the ready capacity with an empty queue for
 //!   `scale_down_window`; at most half the backends per step (or the last one, to reach zero).
+//! - Above `max_backends` (a reload lowered it), the surplus goes at once.
 //! - At most one action per direction per `cooldown`; a failed call waits an exponential
 //!   backoff before the next try, and doesn't start the cooldown.
 
@@ -108,6 +109,12 @@ impl Policy {
                     return Decision::Up { count, reason };
                 }
             }
+        }
+
+        // Above the maximum (lowered by a reload): shed the surplus without waiting for a window.
+        if obs.ready > cfg.max_backends && obs.starting == 0 && cooled(self.last_down) {
+            let count = obs.ready - cfg.max_backends;
+            return Decision::Down { count, reason: format!("{} ready backends, above max_backends", obs.ready) };
         }
 
         let calm = self.low_since.is_some_and(|t| now.duration_since(t) >= cfg.scale_down_window);
@@ -245,6 +252,12 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_maximum_sheds_the_surplus_at_once() {
+        let (c, t0, mut p) = (cfg(), Instant::now(), Policy::default());
+        assert!(matches!(p.decide(&c, &obs(6, 0, 0, 12), t0), Decision::Down { count: 2, .. }));
+    }
+
+    #[test]
     fn failures_back_off_exponentially() {
         let (c, t0, mut p) = (cfg(), Instant::now(), Policy::default());
         let o = obs(1, 0, 9, 2);
@@ -284,9 +297,14 @@ mod tests {
                         prop_assert!(present + count <= c.max_backends.max(c.min_backends));
                     }
                     Decision::Down { count, .. } => {
-                        prop_assert!(count > 0 && starting == 0 && queue == 0);
+                        prop_assert!(count > 0 && starting == 0);
                         prop_assert!(ready - count >= c.min_backends);
-                        prop_assert!(count <= (ready / 2).max(1));
+                        if ready > c.max_backends {
+                            prop_assert_eq!(ready - count, c.max_backends, "sheds exactly the surplus");
+                        } else {
+                            prop_assert!(queue == 0);
+                            prop_assert!(count <= (ready / 2).max(1));
+                        }
                     }
                     Decision::Hold => {}
                 }
