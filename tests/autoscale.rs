@@ -96,18 +96,24 @@ impl ScriptProvider {
 }
 
 /// A backend that answers after `delay` (`/slow`: after 4 s) and records when each request
-/// ran, as unix-time intervals.
+/// ran, as unix-time intervals. `/health` answers at once: 200 while `ready`, else 503.
 struct Timed {
     backend: TestBackend,
     spans: Arc<Mutex<Vec<(f64, f64)>>>,
+    ready: Arc<AtomicBool>,
 }
 
 async fn timed(delay: Duration) -> Timed {
     let spans = Arc::new(Mutex::new(Vec::new()));
-    let s = spans.clone();
+    let ready = Arc::new(AtomicBool::new(true));
+    let (s, r) = (spans.clone(), ready.clone());
     let backend = TestBackend::start(move |req: hyper::Request<Incoming>| {
-        let s = s.clone();
+        let (s, r) = (s.clone(), r.clone());
         async move {
+            if req.uri().path() == "/health" {
+                let status = if r.load(Ordering::SeqCst) { 200 } else { 503 };
+                return hyper::Response::builder().status(status).body(full("")).unwrap();
+            }
             let start = unix_now();
             let wait = if req.uri().path() == "/slow" { Duration::from_millis(4000) } else { delay };
             tokio::time::sleep(wait).await;
@@ -116,7 +122,7 @@ async fn timed(delay: Duration) -> Timed {
         }
     })
     .await;
-    Timed { backend, spans }
+    Timed { backend, spans, ready }
 }
 
 /// `n` clients sending GETs back to back until `stop`; returns (ok, failed).
@@ -171,9 +177,13 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let fixed = timed(Duration::from_millis(150)).await;
     let (b1, b2) = (timed(Duration::from_millis(150)).await, timed(Duration::from_millis(150)).await);
     provider.offer(&[b1.backend.addr, b2.backend.addr]);
+    // The new backends start unready: they stay `starting` (health-gated) until the test says.
+    b1.ready.store(false, Ordering::SeqCst);
+    b2.ready.store(false, Ordering::SeqCst);
     let pool = format!(
         "max_inflight_per_backend = 2\nqueue = {{ max_depth = 100, timeout = \"20s\" }}\n\
-         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 3\ntarget_inflight_per_backend = 2\n\
+         [pools.default.health]\ninterval = \"100ms\"\nhealthy_threshold = 1\n\
+         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 5\ntarget_inflight_per_backend = 2\n\
          scale_up_queue_depth = 2\nscale_up_window = \"300ms\"\nscale_down_window = \"2s\"\ncooldown = \"500ms\"\n{}",
         provider.provider("timeout = \"5s\"")
     );
@@ -187,12 +197,24 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let burst = load(hr.url("/work"), 5, stop.clone());
     poll_until(T, "the queue to reach the threshold", || async { hr.queue_depth().await >= 2 }).await;
     let crossed = unix_now();
+    // While the new backends are starting, the queue stays high past the window and the
+    // cooldown, with room under max_backends: they count as capacity, so nothing more is asked.
+    poll_until(T, "the scale-up call", || async { provider.calls_of("scale_up").len() == 1 }).await;
+    poll_until(T, "both new backends registered", || async { backends(&hr.pools().await).len() == 3 }).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pools = hr.pools().await;
+    assert!(pools["pools"][0]["queue_depth"].as_u64().unwrap() >= 2, "the queue stayed high: {pools}");
+    assert_eq!(backends(&pools).iter().filter(|(_, s)| s == "starting").count(), 2, "{pools}");
+    assert_eq!(provider.calls_of("scale_up").len(), 1, "asked again for capacity already on its way");
+    let became_ready = unix_now();
+    b1.ready.store(true, Ordering::SeqCst);
+    b2.ready.store(true, Ordering::SeqCst);
     poll_until(T, "both new backends to take traffic", || async {
         !b1.spans.lock().unwrap().is_empty() && !b2.spans.lock().unwrap().is_empty()
     })
     .await;
     poll_until(T, "the queue to drain", || async { hr.queue_depth().await == 0 }).await;
-    // Keep the burst on a while: nothing more may be asked for (max reached, capacity arrived).
+    // Keep the burst on a while: nothing more may be asked for (capacity arrived).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let ups = provider.calls_of("scale_up");
     assert_eq!(ups.len(), 1, "exactly one scale-up call: {ups:?}");
@@ -201,9 +223,11 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     let called = ups[0].0;
     let first_served = b1.spans.lock().unwrap()[0].0.min(b2.spans.lock().unwrap()[0].0);
     eprintln!(
-        "threshold crossed -> hook called: {:.0} ms (window 300 ms); hook called -> first request on a new backend: {:.0} ms",
+        "threshold crossed -> hook called: {:.0} ms (window 300 ms); hook called -> registered: {:.0} ms; \
+         health check passing -> first request on a new backend: {:.0} ms",
         (called - crossed) * 1000.0,
-        (first_served - called) * 1000.0
+        (ups_done(&hr).await - called) * 1000.0,
+        (first_served - became_ready) * 1000.0
     );
     // Below twice the threshold: the call came from the window, not from panic.
     let depth = ups[0].1["current"]["queue_depth"].as_u64().unwrap();
@@ -253,6 +277,11 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
         assert!(metrics.contains(needle), "missing {needle}");
     }
     hr.stop().await;
+}
+
+/// When the first scale-up call finished (its event's time).
+async fn ups_done(hr: &Headroom) -> f64 {
+    events(hr).await.iter().find(|e| e["action"] == "scale_up").unwrap()["time"].as_f64().unwrap()
 }
 
 async fn get_owned(url: String) -> u16 {
