@@ -40,6 +40,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         outlier: None,
         retry: None,
         autoscale: None,
+        tls: None,
     };
     let p = Pool::build(cfg, &[], None);
     // Some standing load, so scores differ and the picker has real work to do.

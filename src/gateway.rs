@@ -10,6 +10,7 @@ use crate::config::{BackendConfig, Config};
 use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
 use crate::scale::events::EventLog;
 use crate::scale::launch::Launched;
+use crate::tls::server::ServerTls;
 use arc_swap::ArcSwap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub launched: Arc<Launched>,
     /// The last scale events per pool.
     pub scale_events: EventLog,
+    /// TLS for the proxy listeners, when `[server.tls]` was set at start.
+    tls: OnceLock<Arc<ServerTls>>,
 }
 
 impl Gateway {
@@ -76,11 +79,21 @@ impl Gateway {
         Arc::new(Gateway {
             launched,
             scale_events: EventLog::default(),
+            tls: OnceLock::new(),
             current: ArcSwap::from_pointee(snapshot),
             unrouted: PoolMetrics::new("none"),
             config_status: ArcSwap::from_pointee(ConfigStatus::default()),
             reload: OnceLock::new(),
         })
+    }
+
+    /// Turns TLS on for the proxy listeners (once, at start).
+    pub fn set_tls(&self, tls: Arc<ServerTls>) {
+        let _ = self.tls.set(tls);
+    }
+
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.get().cloned()
     }
 
     pub fn config_status(&self) -> ConfigStatus {

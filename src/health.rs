@@ -12,7 +12,7 @@
 //! clock that returns ejected backends to service when their time is up.
 
 use crate::backend::{Backend, BackendState};
-use crate::config::HealthConfig;
+use crate::config::{HealthConfig, PoolConfig};
 use crate::gateway::Gateway;
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -52,9 +52,9 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
         for b in &pool.backends {
             if due.get(&b.addr).is_some_and(|d| d.is_some_and(|at| at <= now)) {
                 due.insert(b.addr, None);
-                let (backend, cfg) = (b.clone(), cfg.clone());
+                let (backend, cfg, pool) = (b.clone(), cfg.clone(), pool.clone());
                 probes.spawn(async move {
-                    let pass = probe(&backend, &cfg).await;
+                    let pass = probe(&backend, &pool.config, &cfg).await;
                     backend.metrics.health_check(pass);
                     apply(&backend, &cfg, pass);
                     let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
@@ -154,9 +154,10 @@ fn jittered(interval: Duration) -> Duration {
 }
 
 /// One check: `GET path` on a fresh connection; passes on an expected status within the timeout.
-async fn probe(backend: &Backend, cfg: &HealthConfig) -> bool {
+async fn probe(backend: &Backend, pool: &PoolConfig, cfg: &HealthConfig) -> bool {
     let check = async {
-        let stream = tokio::net::TcpStream::connect(backend.addr).await.ok()?;
+        // Over TLS too when the pool's backends speak it (HTTP/1.1 offered by ALPN).
+        let (stream, _) = crate::proxy::upstream::connect_io(backend, pool, true).await.ok()?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(conn);

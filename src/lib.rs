@@ -13,6 +13,7 @@ pub mod proxy; //    the data path
 pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //    admission queue, autoscaler, providers, local launcher
 pub mod server; //   client listeners, graceful drain
+pub mod tls; //      rustls: listener certificates by SNI, upstream TLS, dev certificates
 
 use config::Config;
 use gateway::{Gateway, Snapshot};
@@ -32,6 +33,8 @@ pub enum RunError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Launch(#[from] scale::launch::LaunchError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Binds every address in the config.
@@ -98,7 +101,11 @@ pub async fn run_with(
         .collect();
     let closers: Vec<(std::net::SocketAddr, watch::Sender<bool>)> =
         configured.iter().map(|a| (*a, watch::channel(false).0)).collect();
+    let server_tls = config.server.tls.as_ref().map(tls::server::ServerTls::new).transpose()?;
     let gateway = Gateway::with_launched(Snapshot::build(config, &extra, None), launched.clone());
+    if let Some(t) = server_tls {
+        gateway.set_tls(t);
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

@@ -1,4 +1,5 @@
-//! The `headroom` command line: run the gateway, check a config, or run the mock backend.
+//! The `headroom` command line: run the gateway, check a config, make a development certificate,
+//! or run the mock backend.
 
 use clap::{Parser, Subcommand};
 use headroom::config::{units::parse_duration, Config};
@@ -26,6 +27,15 @@ struct Cli {
 enum Command {
     /// Validate the config and print a one-line summary (exit 0), or the error (exit 1).
     Check,
+    /// Write a self-signed development certificate and key (dev.crt, dev.key).
+    GenCert {
+        /// Directory to write them to.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names and IP addresses the certificate is valid for, comma-separated.
+        #[arg(long, default_value = "localhost,127.0.0.1,::1", value_delimiter = ',')]
+        names: Vec<String>,
+    },
     /// Run the built-in mock inference server.
     MockBackend {
         /// Address to listen on, e.g. 127.0.0.1:9001.
@@ -83,6 +93,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 println!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Some(Command::GenCert { out, names }) => match headroom::tls::gen::write_dev_pair(&out, &names) {
+            Ok((crt, key)) => {
+                println!("wrote {} and {} (valid for {})", crt.display(), key.display(), names.join(", "));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gen-cert: {e}");
                 ExitCode::from(1)
             }
         },

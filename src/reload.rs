@@ -48,6 +48,11 @@ pub struct ConfigStatus {
     pub last_error_at: Option<f64>,
     /// Why the state file was ignored at start-up, if it was.
     pub state_error: Option<String>,
+    /// The last failed reload of the TLS certificate files, if any since the last good one
+    /// (the certificates in use stay).
+    pub tls_error: Option<String>,
+    /// When the certificates were last loaded, Unix seconds.
+    pub tls_loaded_at: Option<f64>,
 }
 
 /// The outcome of one reload request.
@@ -224,6 +229,10 @@ pub struct Reloader {
     /// Backends removed from the config but still finishing requests: (pool, addr).
     removed: Vec<(String, std::net::SocketAddr)>,
     file_events: mpsc::UnboundedReceiver<()>,
+    /// Watches the TLS certificate and key files.
+    cert_watcher: Option<notify::RecommendedWatcher>,
+    cert_events_tx: mpsc::UnboundedSender<()>,
+    cert_events: mpsc::UnboundedReceiver<()>,
 }
 
 impl Reloader {
@@ -242,10 +251,14 @@ impl Reloader {
             path: path.clone(),
             hash: running_hash.clone(),
             loaded_at: unix_now(),
+            tls_loaded_at: gateway.tls().map(|_| unix_now()),
             ..Default::default()
         });
         let (file_tx, file_events) = mpsc::unbounded_channel::<()>();
-        let watcher = path.as_deref().and_then(|p| watch_file(p, file_tx));
+        let watcher = path.as_deref().and_then(|p| watch_files(&[p.to_path_buf()], file_tx));
+        let (cert_events_tx, cert_events) = mpsc::unbounded_channel::<()>();
+        let cert_watcher =
+            gateway.snapshot().config.server.tls.as_ref().and_then(|t| watch_files(&t.files(), cert_events_tx.clone()));
         Reloader {
             gateway,
             path,
@@ -255,6 +268,9 @@ impl Reloader {
             tasks: PoolTasks::default(),
             watcher,
             file_events,
+            cert_watcher,
+            cert_events_tx,
+            cert_events,
             listeners: ProxyListeners { open: listeners },
             removed: Vec::new(),
         }
@@ -267,6 +283,7 @@ impl Reloader {
         let mut hup = sighup();
         let mut stop_rx = stop.clone();
         let mut settle_at: Option<tokio::time::Instant> = None;
+        let mut certs_settle_at: Option<tokio::time::Instant> = None;
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -276,8 +293,19 @@ impl Reloader {
                     None => std::future::pending().await,
                 }
             };
+            let certs_settle = async {
+                match certs_settle_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop_rx.wait_for(|s| *s) => break,
+                Some(()) = self.cert_events.recv() => certs_settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
+                _ = certs_settle => {
+                    certs_settle_at = None;
+                    self.reload_certs();
+                }
                 _ = sweep.tick(), if !self.removed.is_empty() => self.sweep(),
                 Some(()) = self.file_events.recv() => settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
                 _ = settle => {
@@ -301,6 +329,7 @@ impl Reloader {
             }
         }
         drop(self.watcher.take());
+        drop(self.cert_watcher.take());
         self.tasks.join().await;
     }
 
@@ -332,7 +361,9 @@ impl Reloader {
             Ok(b) => b,
             Err(e) => return Err(self.failed(format!("{}: {e}", path.display()))),
         };
+        let tls = config.server.tls.clone();
         self.publish(config);
+        self.apply_tls(tls.as_ref(), None);
         self.listeners.apply(&wanted, bound, &self.gateway, stop);
         self.tasks.ensure(&self.gateway, stop);
         self.running_hash = hash.clone();
@@ -482,6 +513,52 @@ impl Reloader {
         }
     }
 
+    /// Serves `tls`'s certificates to new connections (or records why not: `error`), and watches
+    /// its files.
+    fn apply_tls(&mut self, tls: Option<&crate::config::TlsConfig>, error: Option<String>) {
+        let Some(server) = self.gateway.tls() else {
+            if tls.is_some() {
+                tracing::warn!("[server.tls] was added to the config; TLS is turned on at start only");
+            }
+            return;
+        };
+        let Some(tls) = tls else {
+            tracing::warn!("[server.tls] was removed from the config; TLS stays on until restart");
+            return;
+        };
+        let mut status = self.gateway.config_status();
+        match error {
+            None => {
+                server.update(tls);
+                status.tls_error = None;
+                status.tls_loaded_at = Some(unix_now());
+                self.cert_watcher = watch_files(&tls.files(), self.cert_events_tx.clone());
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "TLS certificate reload rejected; the certificates in use stay");
+                status.tls_error = Some(e);
+            }
+        }
+        self.gateway.set_config_status(status);
+    }
+
+    /// Reads the certificate and key files again after they changed on disk.
+    fn reload_certs(&mut self) {
+        let running = self.gateway.snapshot();
+        let Some(current) = running.config.server.tls.as_ref() else { return };
+        match current.reload_files() {
+            Ok(fresh) => {
+                tracing::info!("TLS certificates reloaded");
+                metrics::tls_cert_reloaded(true);
+                self.apply_tls(Some(&fresh), None);
+            }
+            Err(e) => {
+                metrics::tls_cert_reloaded(false);
+                self.apply_tls(Some(current), Some(e));
+            }
+        }
+    }
+
     /// Records a failed reload; the running config stays.
     fn failed(&self, message: String) -> String {
         tracing::error!(error = %message, "config reload rejected; the running config stays");
@@ -494,21 +571,26 @@ impl Reloader {
     }
 }
 
-/// Watches the directory of `path` (so a file renamed over it is seen) and signals `tx` on any
-/// event that names the file.
-fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+/// Watches the directories of `paths` (so a file renamed over one is seen) and signals `tx` on
+/// any event that names one of the files.
+fn watch_files(paths: &[PathBuf], tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let file = path.file_name()?.to_os_string();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let names: Vec<std::ffi::OsString> = paths.iter().filter_map(|p| p.file_name().map(|f| f.to_os_string())).collect();
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     let handler = move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             if ev.kind.is_access() {
                 return;
             }
-            if ev.paths.iter().any(|p| p.file_name() == Some(file.as_os_str())) {
+            if ev.paths.iter().any(|p| p.file_name().is_some_and(|f| names.iter().any(|n| n == f))) {
                 let _ = tx.send(());
             }
         }
@@ -516,13 +598,15 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::Reco
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /api/reload");
+            tracing::warn!(error = %e, "cannot watch files for changes; reload with SIGHUP or POST /api/reload");
             return None;
         }
     };
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config directory");
-        return None;
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch a directory for changes");
+            return None;
+        }
     }
     Some(watcher)
 }

@@ -1,14 +1,16 @@
-//! Client-facing listeners: accept, tell HTTP/1.1 from h2c (prior knowledge) by peeking at the
-//! first bytes, wrap the socket in [`ClientIo`], serve it with hyper, and drain on shutdown.
+//! Client-facing listeners: accept, run the TLS handshake when `[server.tls]` is set (ALPN picks
+//! h2 or HTTP/1.1), else tell HTTP/1.1 from h2c (prior knowledge) by peeking at the first bytes;
+//! wrap the socket in [`ClientIo`], serve it with hyper, and drain on shutdown.
 
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
-use crate::proxy::conn::{ClientIo, ConnShared};
+use crate::proxy::conn::{ClientIo, ClientStream, ConnShared};
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
+use crate::tls::server::Handshake;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,32 @@ pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::Sock
     }
 }
 
+/// One accepted client connection and what serving it needs.
+struct Conn {
+    gateway: Arc<Gateway>,
+    builders: Arc<Builders>,
+    peer: std::net::SocketAddr,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Conn {
+    /// Serves HTTP on the (decrypted) stream until the client or the drain closes it.
+    async fn serve<S: ClientStream>(self, stream: S, h2: bool, scheme: &'static str, watcher: Watcher) {
+        let shared = ConnShared::new();
+        let io = TokioIo::new(ClientIo::new(stream, shared.clone(), self.header_timeout, self.idle_timeout));
+        let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
+        let result = if h2 {
+            watcher.watch(self.builders.http2.serve_connection(io, service)).await
+        } else {
+            watcher.watch(self.builders.http1.serve_connection(io, service)).await
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
 /// Serves one listener until `shutdown` resolves, then lets open connections finish for up to
 /// `server.shutdown_timeout`.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
@@ -99,22 +127,24 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let gateway = gateway.clone();
         let builders = builders.clone();
         let watcher = graceful.watcher();
+        let tls = gateway.tls();
         tokio::spawn(async move {
-            // A client that sends nothing (or only part of the preface) in time is closed quietly.
-            let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
-                Ok(Ok(h2)) => h2,
-                _ => return,
+            let conn = Conn { gateway, builders, peer, header_timeout, idle_timeout };
+            let Some(tls) = tls else {
+                // A client that sends nothing (or only part of the preface) in time is closed quietly.
+                let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
+                    Ok(Ok(h2)) => h2,
+                    _ => return,
+                };
+                return conn.serve(stream, h2, "http", watcher).await;
             };
-            let shared = ConnShared::new();
-            let io = TokioIo::new(ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout));
-            let service = ProxyService::new(gateway, Client::new(peer.ip(), "http"), shared);
-            let result = if h2 {
-                watcher.watch(builders.http2.serve_connection(io, service)).await
-            } else {
-                watcher.watch(builders.http1.serve_connection(io, service)).await
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            match tls.accept(stream).await {
+                Handshake::Done(stream) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    conn.serve(*stream, h2, "https", watcher).await
+                }
+                Handshake::Failed(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Handshake::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }

@@ -27,6 +27,24 @@ pub const BACKENDS: &str = "headroom_backends";
 pub const SCALE_EVENTS: &str = "headroom_scale_events_total";
 pub const DESIRED_BACKENDS: &str = "headroom_desired_backends";
 pub const PROVISION_SECONDS: &str = "headroom_provision_seconds";
+pub const TLS_HANDSHAKES: &str = "headroom_tls_handshakes_total";
+pub const TLS_CERT_EXPIRY: &str = "headroom_tls_cert_expiry_timestamp_seconds";
+pub const TLS_CERT_RELOADS: &str = "headroom_tls_cert_reloads_total";
+
+/// One client TLS handshake (`result`: ok, error, timeout).
+pub fn tls_handshake(result: &'static str) {
+    metrics::counter!(TLS_HANDSHAKES, "result" => result).increment(1);
+}
+
+/// When a served certificate expires (`name`: `default`, or the first SNI name of its entry).
+pub fn tls_cert_expiry(name: &str, unix_seconds: f64) {
+    metrics::gauge!(TLS_CERT_EXPIRY, "name" => name.to_string()).set(unix_seconds);
+}
+
+/// A reload of the certificate files (`outcome`: ok, error).
+pub fn tls_cert_reloaded(ok: bool) {
+    metrics::counter!(TLS_CERT_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
 
 /// One finished provider call (`action`: scale_up, scale_down, replace; `outcome`: ok, error).
 pub fn scale_event(pool: &str, action: &'static str, outcome: &'static str) {

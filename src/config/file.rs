@@ -30,6 +30,25 @@ pub struct FileServer {
     pub shutdown_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<usize>>,
     pub state_dir: Option<Spanned<String>>,
+    pub tls: Option<Spanned<FileTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub certs: Vec<FileSniCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSniCert {
+    pub server_names: Spanned<Vec<String>>,
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +85,9 @@ pub struct FilePool {
     pub outlier: Option<FileOutlier>,
     pub retry: Option<FileRetry>,
     pub autoscale: Option<Spanned<FileAutoscale>>,
+    pub tls: Option<bool>,
+    pub tls_ca: Option<Spanned<String>>,
+    pub tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

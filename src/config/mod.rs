@@ -7,6 +7,7 @@
 
 mod autoscale;
 mod file;
+mod tls;
 pub mod units;
 mod validate;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, ProviderConfig, ProviderKind};
+pub use tls::{CertPair, SniCert, TlsConfig, UpstreamTls};
 pub use validate::{validate, MAX_WEIGHT};
 
 /// The validated, runtime form of the config file.
@@ -49,6 +51,8 @@ pub struct ServerConfig {
     /// Where runtime state (backends added by the autoscaler or the API) is kept across restarts.
     /// Default: none (not kept).
     pub state_dir: Option<PathBuf>,
+    /// `[server.tls]`: TLS on every listen address; `None`: plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,12 +111,14 @@ impl BalanceKind {
 pub enum Protocol {
     /// HTTP/1.1 with keep-alive (default).
     Http1,
-    /// HTTP/2 over cleartext, prior knowledge.
+    /// HTTP/2: over cleartext with prior knowledge, or over TLS (ALPN `h2`) with `tls = true`.
     H2c,
+    /// With `tls = true`, whatever the backend picks by ALPN (h2 preferred); else HTTP/1.1.
+    Auto,
 }
 
 impl Protocol {
-    pub const ALLOWED: &'static str = "http1, h2c";
+    pub const ALLOWED: &'static str = "http1, h2c, auto";
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +155,8 @@ pub struct PoolConfig {
     pub retry: Option<RetryConfig>,
     /// Elastic scaling; `None` (no `[pools.X.autoscale]`) means the pool keeps the backends it has.
     pub autoscale: Option<AutoscaleConfig>,
+    /// TLS toward the backends (`tls = true`); `None`: plaintext.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// `[pools.X.retry]`.
@@ -291,6 +299,9 @@ impl Config {
         );
         if !scaled.is_empty() {
             line.push_str(&format!(", autoscaling {}", scaled.join(", ")));
+        }
+        if let Some(t) = &self.server.tls {
+            line.push_str(&format!(", TLS with {} certificate(s)", 1 + t.sni.len()));
         }
         line
     }

@@ -84,6 +84,10 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             }
             Some(d) => Some(base_dir.join(d.get_ref())),
         },
+        tls: match &s.tls {
+            None => None,
+            Some(t) => Some(super::tls::validate_server(t, text, base_dir, &duration)?),
+        },
     };
 
     // [admin]
@@ -104,7 +108,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(err(pool.span(), format!("pools.{name:?}: pool names use letters, digits, '-' and '_'")));
         }
-        pools.push(validate_pool(name, pool, text, &mut seen_addrs, duration)?);
+        pools.push(validate_pool(name, pool, text, &mut seen_addrs, base_dir, duration)?);
     }
     if pools.is_empty() {
         return Err(ConfigError::nowhere("pools: at least one pool is needed, e.g. [pools.default]"));
@@ -155,6 +159,7 @@ fn validate_pool(
     pool: &Spanned<FilePool>,
     text: &str,
     seen_addrs: &mut HashSet<SocketAddr>,
+    base_dir: &Path,
     duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError>,
 ) -> Result<PoolConfig, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
@@ -173,6 +178,7 @@ fn validate_pool(
     let protocol = match p.protocol.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
         None | Some(("http1", _)) => Protocol::Http1,
         Some(("h2c", _)) => Protocol::H2c,
+        Some(("auto", _)) => Protocol::Auto,
         Some((other, span)) => {
             return Err(err(
                 span,
@@ -390,7 +396,10 @@ fn validate_pool(
         }
     };
 
+    let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
+
     Ok(PoolConfig {
+        tls,
         autoscale,
         retry,
         slow_start,

@@ -68,9 +68,45 @@ impl Drop for ActiveRequest {
     }
 }
 
+/// A client socket: plain TCP or TLS over it.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Writes what it can right now without waiting (a best-effort last message).
+    fn write_now(&mut self, bytes: &[u8]);
+}
+
+impl ClientStream for TcpStream {
+    fn write_now(&mut self, bytes: &[u8]) {
+        let _ = self.try_write(bytes);
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn write_now(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        /// The socket as a non-blocking `Write`, for rustls to flush records into.
+        struct Now<'a>(&'a TcpStream);
+        impl Write for Now<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.try_write(buf)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (tcp, conn) = self.get_mut();
+        if conn.writer().write_all(bytes).is_ok() {
+            while conn.wants_write() {
+                if conn.write_tls(&mut Now(tcp)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// The client socket as hyper sees it.
-pub struct ClientIo {
-    inner: TcpStream,
+pub struct ClientIo<S = TcpStream> {
+    inner: S,
     shared: Arc<ConnShared>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -92,8 +128,8 @@ pub struct ClientIo {
 const RESPONSE_408_HEAD: &str =
     "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n";
 
-impl ClientIo {
-    pub fn new(inner: TcpStream, shared: Arc<ConnShared>, header_timeout: Duration, idle_timeout: Duration) -> Self {
+impl<S: ClientStream> ClientIo<S> {
+    pub fn new(inner: S, shared: Arc<ConnShared>, header_timeout: Duration, idle_timeout: Duration) -> Self {
         ClientIo {
             inner,
             shared,
@@ -182,18 +218,18 @@ impl ClientIo {
 
     /// Best-effort 408 on a half-received request head, written straight to the socket (hyper
     /// is not in the middle of writing anything: no request is active).
-    fn send_408(&self) {
+    fn send_408(&mut self) {
         let id = crate::proxy::headers::new_request_id();
         let body = crate::error::error_body("request header timeout", id.to_str().unwrap_or("-"));
         let msg = format!("{RESPONSE_408_HEAD}content-length: {}\r\n\r\n", body.len());
         let mut out = msg.into_bytes();
         out.extend_from_slice(&body);
-        let _ = self.inner.try_write(&out);
+        self.inner.write_now(&out);
         tracing::debug!("closed a connection whose request head did not arrive in time (408)");
     }
 }
 
-impl AsyncRead for ClientIo {
+impl<S: ClientStream> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.closed {
@@ -223,7 +259,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: ClientStream> AsyncWrite for ClientIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

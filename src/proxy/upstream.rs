@@ -1,5 +1,7 @@
 //! Connections to backends: a lock-free pool of idle HTTP/1.1 connections per backend, one shared
-//! multiplexed connection per backend for h2c, and the connect/handshake that fills them.
+//! multiplexed connection per backend for HTTP/2, and the connect (TCP, then TLS for pools with
+//! `tls = true`) and handshake that fill them. With `protocol = "auto"` over TLS, the first
+//! connection's ALPN answer decides the backend's protocol.
 //!
 //! Checking out an idle connection is a pop from a lock-free `ArrayQueue`; a connection goes back
 //! only once its response body has been read to the end, so it is clean for the next request.
@@ -15,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
@@ -46,13 +48,23 @@ pub struct Conns {
     /// Idle HTTP/1.1 connections, one lock-free queue per worker.
     idle: Box<[ArrayQueue<H1Sender>]>,
     h2: ArcSwapOption<H2Sender>,
+    /// What ALPN chose (`protocol = "auto"`): 0 not known yet, 1 HTTP/1.1, 2 h2.
+    alpn: AtomicU8,
 }
+
+const ALPN_UNKNOWN: u8 = 0;
+const ALPN_H1: u8 = 1;
+const ALPN_H2: u8 = 2;
 
 impl Conns {
     pub fn new(max_inflight: u32) -> Self {
         let per_worker = (max_inflight as usize).clamp(4, MAX_IDLE_PER_WORKER);
         let slots = WORKER_SLOTS.load(Ordering::Relaxed).max(1);
-        Conns { idle: (0..slots).map(|_| ArrayQueue::new(per_worker)).collect(), h2: ArcSwapOption::empty() }
+        Conns {
+            idle: (0..slots).map(|_| ArrayQueue::new(per_worker)).collect(),
+            h2: ArcSwapOption::empty(),
+            alpn: AtomicU8::new(ALPN_UNKNOWN),
+        }
     }
 
     fn local(&self) -> &ArrayQueue<H1Sender> {
@@ -113,10 +125,39 @@ pub async fn send(
     pool: &PoolConfig,
     req: Request<RequestBody>,
 ) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
-    match pool.protocol {
-        Protocol::Http1 => send_h1(backend, pool, req).await.map(|(r, c)| (r, Some(c))),
-        Protocol::H2c => send_h2(backend, pool, req).await.map(|r| (r, None)),
+    let h2 = match pool.protocol {
+        Protocol::Http1 => false,
+        Protocol::H2c => true,
+        Protocol::Auto if pool.tls.is_none() => false,
+        Protocol::Auto => match backend.conns.alpn.load(Ordering::Relaxed) {
+            ALPN_H1 => false,
+            ALPN_H2 => true,
+            _ => match learn_protocol(backend, pool).await {
+                Ok(h2) => h2,
+                Err(e) => return Err(SendError::unsent(e, req)),
+            },
+        },
+    };
+    if h2 {
+        send_h2(backend, pool, req).await.map(|r| (r, None))
+    } else {
+        send_h1(backend, pool, req).await.map(|(r, c)| (r, Some(c)))
     }
+}
+
+/// First contact with a `protocol = "auto"` TLS backend: connects, keeps the connection for the
+/// protocol ALPN chose, and remembers the choice.
+async fn learn_protocol(backend: &Backend, pool: &PoolConfig) -> Result<bool, ProxyError> {
+    let (io, negotiated_h2) = connect_io(backend, pool, false).await?;
+    if negotiated_h2 {
+        let sender = h2_handshake(backend, io).await?;
+        backend.conns.h2.store(Some(Arc::new(sender)));
+    } else {
+        let sender = h1_handshake(backend, io).await?;
+        backend.conns.put_back(sender);
+    }
+    backend.conns.alpn.store(if negotiated_h2 { ALPN_H2 } else { ALPN_H1 }, Ordering::Relaxed);
+    Ok(negotiated_h2)
 }
 
 async fn send_h1(
@@ -175,11 +216,35 @@ async fn tcp_connect(backend: &Backend, pool: &PoolConfig) -> Result<TcpStream, 
     Ok(stream)
 }
 
-async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, ProxyError> {
+/// A connection to a backend: TCP, then TLS when the pool says so (within `connect_timeout`
+/// for each). Returns whether ALPN chose h2. `h1_only` offers only `http/1.1` (health checks).
+pub(crate) async fn connect_io(
+    backend: &Backend,
+    pool: &PoolConfig,
+    h1_only: bool,
+) -> Result<(UpstreamIo, bool), ProxyError> {
     let stream = tcp_connect(backend, pool).await?;
+    let Some(tls) = &pool.tls else { return Ok((UpstreamIo::Plain(stream), false)) };
+    let name = tls.server_name.clone().unwrap_or_else(|| rustls::pki_types::ServerName::from(backend.addr.ip()));
+    let config = if h1_only { tls.client_h1.clone() } else { tls.client.clone() };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let stream = tokio::time::timeout(pool.connect_timeout, connector.connect(name, stream))
+        .await
+        .map_err(|_| ProxyError::Connect(format!("{}: TLS handshake timed out", backend.addr)))?
+        .map_err(|e| ProxyError::Connect(format!("{}: TLS: {e}", backend.addr)))?;
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    Ok((UpstreamIo::Tls(Box::new(stream)), h2))
+}
+
+async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, ProxyError> {
+    let (io, _) = connect_io(backend, pool, false).await?;
+    h1_handshake(backend, io).await
+}
+
+async fn h1_handshake(backend: &Backend, io: UpstreamIo) -> Result<H1Sender, ProxyError> {
     let (sender, conn) = http1::Builder::new()
         .writev(false)
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ProxyError::Connect(format!("{}: handshake: {e}", backend.addr)))?;
     let addr = backend.addr;
@@ -198,7 +263,8 @@ async fn send_h2(
 ) -> Result<Response<Incoming>, SendError> {
     // h2 wants the absolute form, naming this backend.
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    match format!("http://{}{}", backend.addr, path).parse() {
+    let scheme = if pool.tls.is_some() { "https" } else { "http" };
+    match format!("{scheme}://{}{}", backend.addr, path).parse() {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => return Err(SendError::sent(ProxyError::BadRequest("invalid request target"))),
     }
@@ -225,10 +291,14 @@ async fn send_h2(
 }
 
 async fn connect_h2(backend: &Backend, pool: &PoolConfig) -> Result<H2Sender, ProxyError> {
-    let stream = tcp_connect(backend, pool).await?;
+    let (io, _) = connect_io(backend, pool, false).await?;
+    h2_handshake(backend, io).await
+}
+
+async fn h2_handshake(backend: &Backend, io: UpstreamIo) -> Result<H2Sender, ProxyError> {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ProxyError::Connect(format!("{}: h2 handshake: {e}", backend.addr)))?;
     let addr = backend.addr;
@@ -238,6 +308,76 @@ async fn connect_h2(backend: &Backend, pool: &PoolConfig) -> Result<H2Sender, Pr
         }
     });
     Ok(sender)
+}
+
+/// An upstream socket: plain TCP or TLS over it.
+pub(crate) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// An error and its causes on one line.

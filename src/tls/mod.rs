@@ -1,0 +1,95 @@
+//! TLS by rustls, with the `ring` crypto provider (pure Rust and assembly, no C toolchain or
+//! cmake needed, quick to build; aws-lc-rs is faster at RSA signing but heavier to build).
+//!
+//! Owns reading PEM certificates and keys, the client configs for upstream TLS, the listener's
+//! SNI certificate resolver and handshake ([`server`]), and development certificates ([`gen`]).
+//! Never on the request path beyond the handshake: a resolved certificate is one `ArcSwap` load.
+
+pub mod gen;
+pub mod server;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{cert} and {key} do not belong together: {message}")]
+    Mismatch { cert: String, key: String, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The one crypto provider, shared by every config.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+}
+
+fn file_error(path: &Path, message: impl ToString) -> TlsError {
+    TlsError::File { path: path.display().to_string(), message: message.to_string() }
+}
+
+/// Reads a PEM certificate chain (leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no CERTIFICATE block in the file"));
+    }
+    Ok(certs)
+}
+
+/// Reads a certificate chain and its private key (PKCS#8, PKCS#1 RSA or SEC1 EC; RSA, ECDSA or
+/// Ed25519) and checks that the key belongs to the certificate.
+pub fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = load_certs(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, format!("no usable private key: {e}")))?;
+    let signing = provider().key_provider.load_private_key(der).map_err(|e| file_error(key, e))?;
+    let pair = CertifiedKey::new(chain, signing);
+    pair.keys_match().map_err(|e| TlsError::Mismatch {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(Arc::new(pair))
+}
+
+/// When the leaf certificate expires, Unix seconds.
+pub fn expiry(pair: &CertifiedKey) -> Option<f64> {
+    let leaf = pair.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp() as f64)
+}
+
+/// Trust roots from a PEM file of CA certificates.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| file_error(path, e))?;
+    }
+    Ok(roots)
+}
+
+/// The Mozilla roots (webpki-roots), for upstreams with public certificates.
+pub fn default_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }
+}
+
+/// A client config for upstream TLS: TLS 1.2 and 1.3, these roots, these ALPN protocols.
+pub fn client_config(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
