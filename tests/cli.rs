@@ -290,3 +290,30 @@ fn bad_config_exits_64_with_one_line() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("no backends"), "{err}");
 }
+
+#[test]
+fn gen_cert_writes_a_pair_that_check_accepts_and_check_refuses_a_mismatched_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["one", "two"] {
+        let out = Command::new(BIN)
+            .args(["gen-cert", "--names", "localhost,127.0.0.1", "--out"])
+            .arg(dir.path().join(sub))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let backend = "[pools.default]\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
+    let tls = |cert: &str, key: &str| {
+        let (c, k) = (dir.path().join(cert), dir.path().join(key));
+        format!("[server.tls]\ncert = {c:?}\nkey = {k:?}\n{backend}")
+    };
+    let (code, out) = check(&tls("one/dev.crt", "one/dev.key"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("TLS with 1 certificate(s)"), "{out}");
+    let (code, out) = check(&tls("one/dev.crt", "two/dev.key"));
+    assert_eq!(code, 1);
+    assert!(out.contains(":2:8:") && out.contains("do not belong together"), "{out}");
+    let (code, out) = check(&tls("one/missing.crt", "one/dev.key"));
+    assert_eq!(code, 1);
+    assert!(out.contains("missing.crt"), "{out}");
+}

@@ -46,7 +46,7 @@ pub struct ProviderConfig {
 pub enum ProviderKind {
     /// A program: the JSON request on its stdin, the JSON reply on its stdout.
     Command { command: Vec<String> },
-    /// An HTTP endpoint the JSON request is POSTed to; optional bearer token from an
+    /// An HTTP(S) endpoint the JSON request is POSTed to; optional bearer token from an
     /// environment variable (read at each call).
     Webhook { url: http::Uri, token_env: Option<String> },
     /// Local processes from the pool's `[launch]` command on free loopback ports.
@@ -151,10 +151,10 @@ pub(super) fn validate(
                         .get_ref()
                         .parse()
                         .map_err(|e| err(u.span(), format!("{}: invalid URL: {e}", field("provider.url"))))?;
-                    if url.scheme_str() != Some("http") || url.authority().is_none() {
+                    if !matches!(url.scheme_str(), Some("http" | "https")) || url.authority().is_none() {
                         return Err(err(
                             u.span(),
-                            format!("{}: must be an http:// URL with a host", field("provider.url")),
+                            format!("{}: must be an http:// or https:// URL with a host", field("provider.url")),
                         ));
                     }
                     ProviderKind::Webhook { url, token_env: pr.token_env.as_ref().map(|t| t.get_ref().clone()) }
@@ -240,7 +240,7 @@ mod tests {
         assert!(e.message.contains("command, webhook, local") && e.line == Some(4), "{e:?}");
         let hook =
             "[pools.p]\n[pools.p.autoscale]\n[pools.p.autoscale.provider]\nkind = \"webhook\"\nurl = \"ftp://x\"\n";
-        assert!(parse(hook).unwrap_err().message.contains("http:// URL"));
+        assert!(parse(hook).unwrap_err().message.contains("http:// or https:// URL"));
         let hook = hook.replace("ftp://x", "http://127.0.0.1:9/scale");
         assert!(parse(&hook).is_ok());
     }

@@ -3,8 +3,8 @@
 //!
 //! - `command`: the program gets the request on stdin and prints the reply on stdout; a non-zero
 //!   exit is a failure.
-//! - `webhook`: the request is POSTed (`content-type: application/json`, optional bearer token);
-//!   a non-2xx status is a failure.
+//! - `webhook`: the request is POSTed (`content-type: application/json`, optional bearer token)
+//!   over http:// or https:// (public roots); a non-2xx status is a failure.
 //! - `local`: headroom starts the pool's `[launch]` command itself on free loopback ports.
 //!
 //! Every call is bounded by the provider's `timeout` (a command that overstays is killed).
@@ -192,14 +192,22 @@ async fn post(url: &http::Uri, token_env: Option<&str>, body: Vec<u8>) -> Result
     let fail = |message: String| ProviderError::Http { url: url.to_string(), message };
     let authority = url.authority().ok_or_else(|| fail("no host".into()))?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
+    let https = url.scheme_str() == Some("https");
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| fail(format!("connect: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| fail(format!("handshake: {e}")))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut sender = if https {
+        // The system's usual public roots (webpki-roots): a webhook is an ordinary HTTPS service.
+        let config =
+            crate::tls::client_config(crate::tls::default_roots(), &[b"http/1.1"]).map_err(|e| fail(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| fail(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        handshake(tls).await.map_err(|e| fail(format!("handshake: {e}")))?
+    } else {
+        handshake(stream).await.map_err(|e| fail(format!("handshake: {e}")))?
+    };
     let path = url.path_and_query().map_or("/", |p| p.as_str());
     let mut req = http::Request::post(path)
         .header(http::header::HOST, authority.as_str())
@@ -220,6 +228,20 @@ async fn post(url: &http::Uri, token_env: Option<&str>, body: Vec<u8>) -> Result
         return Err(ProviderError::Status { url: url.to_string(), status: status.as_u16(), body });
     }
     Ok(bytes.to_vec())
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn handshake<T>(io: T) -> hyper::Result<Sender>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// The local provider: processes from the pool's launch template.
