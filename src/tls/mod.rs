@@ -93,3 +93,55 @@ pub fn client_config(roots: rustls::RootCertStore, alpn: &[&[u8]]) -> Result<Arc
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(
+        dir: &Path,
+        name: &str,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    #[test]
+    fn ecdsa_and_ed25519_pairs_load_and_mismatches_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p256 = pair(dir.path(), "p256", &rcgen::PKCS_ECDSA_P256_SHA256);
+        let p384 = pair(dir.path(), "p384", &rcgen::PKCS_ECDSA_P384_SHA384);
+        let ed = pair(dir.path(), "ed", &rcgen::PKCS_ED25519);
+        for (c, k) in [&p256, &p384, &ed] {
+            load_pair(c, k).unwrap_or_else(|e| panic!("{}: {e}", c.display()));
+        }
+        let e = load_pair(&p256.0, &ed.1).unwrap_err();
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+        let e = load_pair(&p256.0, &p256.0).unwrap_err();
+        assert!(e.to_string().contains("no usable private key"), "{e}");
+        let e = load_pair(&dir.path().join("none.crt"), &p256.1).unwrap_err();
+        assert!(e.to_string().contains("none.crt"), "{e}");
+    }
+
+    /// ring can't make RSA keys; the openssl command line (Debian's `openssl`) does.
+    #[test]
+    fn rsa_pairs_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("rsa.crt"), dir.path().join("rsa.key"));
+        let status = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&k)
+            .arg("-out")
+            .arg(&c)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("this test needs the openssl command (apt-get install openssl)");
+        assert!(status.success());
+        load_pair(&c, &k).unwrap();
+    }
+}
