@@ -320,6 +320,12 @@ impl Backend {
         self.errors.load(Ordering::Relaxed)
     }
 
+    /// Records a finished request's duration (metrics and the pool's history).
+    pub(crate) fn observe(&self, status: u16, failed: bool, seconds: f64) {
+        self.metrics.observe(status, seconds);
+        self.pool_state.traffic.record(failed, seconds);
+    }
+
     pub(crate) fn count_response(&self, status: u16, failed: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
@@ -451,6 +457,8 @@ pub struct PoolState {
     /// Requests and retries seen by a pool with `[retry]`, for the retry budget.
     pub retry_requests: AtomicU64,
     pub retries: AtomicU64,
+    /// Finished requests, errors and latencies, for the status page's history.
+    pub traffic: crate::admin::history::Traffic,
 }
 
 impl PoolState {

@@ -65,6 +65,8 @@ pub struct Gateway {
     pub launched: Arc<Launched>,
     /// The last scale events per pool.
     pub scale_events: EventLog,
+    /// The last 15 minutes of each pool (the status page's charts).
+    pub history: crate::admin::history::History,
     /// TLS for the proxy listeners, when `[server.tls]` was set at start.
     tls: OnceLock<Arc<ServerTls>>,
 }
@@ -76,7 +78,9 @@ impl Gateway {
 
     /// A gateway that owns the processes in `launched`.
     pub fn with_launched(snapshot: Snapshot, launched: Arc<Launched>) -> Arc<Self> {
+        let history = crate::admin::history::History::new(snapshot.config.admin.history_interval);
         Arc::new(Gateway {
+            history,
             launched,
             scale_events: EventLog::default(),
             tls: OnceLock::new(),

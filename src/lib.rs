@@ -168,6 +168,8 @@ pub async fn run_with(
         tracing::info!(%addr, "admin listening");
     }
     tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, reload::until_set(stop_rx.clone())));
+    let interval = gateway.snapshot().config.admin.history_interval;
+    tasks.spawn(admin::history::run(gateway.clone(), interval, reload::until_set(stop_rx.clone())));
 
     shutdown.await;
     tracing::info!("shutting down");

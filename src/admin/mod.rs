@@ -12,6 +12,7 @@
 //! - `GET /api/pools/{pool}/events`: the pool's last scale events.
 //! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
 
+pub mod history;
 pub mod metrics;
 
 use crate::gateway::Gateway;
@@ -127,6 +128,18 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
+        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => {
+            let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/history");
+            match gateway.snapshot().pool(pool) {
+                Some(_) => respond(
+                    StatusCode::OK,
+                    "application/json",
+                    json!({ "pool": pool, "capacity": gateway.history.capacity(), "samples": gateway.history.of(pool) })
+                        .to_string(),
+                ),
+                None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
+            }
+        }
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/events") => {
             let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/events");
             match gateway.snapshot().pool(pool) {

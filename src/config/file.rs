@@ -55,6 +55,7 @@ pub struct FileSniCert {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: Option<Spanned<String>>,
+    pub history_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,6 +59,8 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     /// Default `127.0.0.1:9901`.
     pub listen: SocketAddr,
+    /// How often the status page's history is sampled (15 minutes are kept). Default 5s.
+    pub history_interval: Duration,
 }
 
 #[derive(Debug, Clone)]

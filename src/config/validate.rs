@@ -96,6 +96,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             None => parse_addr(DEFAULT_ADMIN).map_err(ConfigError::nowhere)?,
             Some(a) => parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("admin.listen: {e}")))?,
         },
+        history_interval: duration(&raw.admin.history_interval, "admin.history_interval", Duration::from_secs(5))?,
     };
     if server.listen.contains(&admin.listen) {
         return Err(ConfigError::nowhere(format!("admin.listen: {} is also a server.listen address", admin.listen)));

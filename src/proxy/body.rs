@@ -241,8 +241,9 @@ fn finish(done: &mut Option<Upstream>, clean: bool) {
             backend.conns.put_back(conn);
         }
     }
-    backend.count_response(up.status, up.status >= 500 || !clean);
-    backend.metrics.observe(up.status, up.started.elapsed().as_secs_f64());
+    let failed = up.status >= 500 || !clean;
+    backend.count_response(up.status, failed);
+    backend.observe(up.status, failed, up.started.elapsed().as_secs_f64());
 }
 
 impl Body for ResponseBody {

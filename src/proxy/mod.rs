@@ -83,7 +83,10 @@ impl ConnCtx {
                 // Failures after a backend was chosen were counted against that backend.
                 if !track.counted_on_backend {
                     match &track.pool {
-                        Some(p) => p.metrics.record_local(status, seconds),
+                        Some(p) => {
+                            p.metrics.record_local(status, seconds);
+                            p.state.traffic.record(status >= 500, seconds);
+                        }
                         None => self.gateway.unrouted.record_local(status, seconds),
                     }
                 }
@@ -269,7 +272,7 @@ impl ConnCtx {
             };
             let status = e.status().as_u16();
             backend.count_response(status, e.status().is_server_error());
-            backend.metrics.observe(status, started.elapsed().as_secs_f64());
+            backend.observe(status, e.status().is_server_error(), started.elapsed().as_secs_f64());
             track.counted_on_backend = true;
             return Err(e);
         };
