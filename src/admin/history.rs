@@ -19,8 +19,28 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Upper bounds of the latency buckets, in milliseconds (the last one catches everything).
-const BUCKETS_MS: [u64; 20] =
-    [1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 750, 1_000, 2_000, 3_000, 5_000, 10_000, 30_000, 60_000, 300_000, u64::MAX];
+const BUCKETS_MS: [u64; 20] = [
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    300,
+    500,
+    750,
+    1_000,
+    2_000,
+    3_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    300_000,
+    u64::MAX,
+];
 
 /// How much history is kept.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);

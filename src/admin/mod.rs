@@ -4,16 +4,19 @@
 //! backend's state (drain).
 //!
 //! - `GET /metrics`: Prometheus text.
+//! - `GET /`: the status page.
 //! - `GET /healthz`: `ok` while the process serves.
 //! - `GET /api/pools`: pools, their queue depth and backends.
 //! - `POST /api/pools/{pool}/backends/{addr}/drain`: stop sending new requests to a backend.
 //! - `POST /api/pools/{pool}/backends`, `DELETE /api/pools/{pool}/backends/{addr}`: register and
 //!   deregister backends at run time.
 //! - `GET /api/pools/{pool}/events`: the pool's last scale events.
+//! - `GET /api/pools/{pool}/history`: the pool's last 15 minutes, sampled.
 //! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
 
 pub mod history;
 pub mod metrics;
+mod status;
 
 use crate::gateway::Gateway;
 use bytes::Bytes;
@@ -126,6 +129,7 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
         },
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&gateway)),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => {

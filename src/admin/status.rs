@@ -1,0 +1,60 @@
+//! The status page (`GET /` on the admin listener): server-rendered HTML of every pool and its
+//! backends, plus a small inline script that polls the JSON API to keep it live and draws the
+//! last 15 minutes as SVG charts. No external assets: it works offline.
+
+use crate::gateway::Gateway;
+use std::fmt::Write;
+
+const TEMPLATE: &str = include_str!("status.html");
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+}
+
+/// The page with the pools as they are now.
+pub fn page(gateway: &Gateway) -> String {
+    let snap = gateway.snapshot();
+    let mut pools = String::new();
+    for p in &snap.pools {
+        let name = esc(&p.config.name);
+        let _ = write!(
+            pools,
+            "<section class=\"pool\" id=\"pool-{name}\" data-pool=\"{name}\"><h2>{name}</h2>\
+             <div class=\"stats\"><span>queue <b class=\"queue\">{}</b>/{}</span><span>in flight <b>{}</b></span>\
+             <span>backends <b>{}</b></span></div><div class=\"scroll\"><table><thead><tr><th>backend</th><th>state</th>\
+             <th>in flight / capacity</th><th class=\"hide-sm\">weight</th><th class=\"hide-sm\">requests</th>\
+             <th class=\"hide-sm\">errors</th></tr></thead><tbody>",
+            p.queue.depth(),
+            p.queue.max_depth(),
+            p.in_flight(),
+            p.backends.len()
+        );
+        for b in &p.backends {
+            let (addr, state) = (esc(&b.label), b.state().as_str());
+            let cap = b.effective_max_inflight().max(1);
+            let pct = (100 * b.in_flight() / cap).min(100);
+            let _ = write!(
+                pools,
+                "<tr data-backend=\"{addr}\" data-state=\"{state}\"><td>{addr}</td>\
+                 <td><span class=\"badge {state}\">{state}</span></td>\
+                 <td><span class=\"bar\"><i style=\"width:{pct}%\"></i></span> {}/{cap}</td>\
+                 <td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td></tr>",
+                b.in_flight(),
+                b.weight(),
+                b.requests(),
+                b.errors()
+            );
+        }
+        pools.push_str("</tbody></table></div><div class=\"charts\"></div></section>\n");
+    }
+    TEMPLATE.replacen("{{POOLS}}", &pools, 1).replacen("{{UPDATED}}", "", 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(super::esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+}
