@@ -19,8 +19,17 @@ struct Cli {
     /// Config file.
     #[arg(long, short, global = true, default_value = "config/headroom.toml")]
     config: PathBuf,
+    /// Log line format (the access log included): text or json.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -63,10 +72,23 @@ fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-fn init_logs() {
+/// Logs to stderr through a background writer thread, so no request ever waits on the terminal
+/// or a pipe (if the writer falls 128k lines behind, lines are dropped rather than requests
+/// slowed); the guard flushes what is left when it is dropped at exit. `RUST_LOG` filters
+/// (default `info`; `RUST_LOG=info,access=off` turns the access log off).
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(std::io::stderr());
+    // Colours only on a terminal: piped or collected logs stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
 }
 
 /// Worker threads: `[server] workers`, else `TOKIO_WORKER_THREADS`, else one per core.
@@ -107,7 +129,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate }) => {
-            init_logs();
+            let _logs = init_logs(cli.log_format);
             if !(0.0..=1.0).contains(&fail_rate) {
                 eprintln!("--fail-rate must be between 0 and 1");
                 return ExitCode::from(64);
@@ -135,7 +157,7 @@ fn main() -> ExitCode {
             })
         }
         None => {
-            init_logs();
+            let _logs = init_logs(cli.log_format);
             let config = match Config::load(&cli.config) {
                 Ok(c) => c,
                 Err(e) => {

@@ -317,3 +317,80 @@ fn gen_cert_writes_a_pair_that_check_accepts_and_check_refuses_a_mismatched_pair
     assert_eq!(code, 1);
     assert!(out.contains("missing.crt"), "{out}");
 }
+
+/// Runs headroom with `args` in front of one echo backend, sends a GET and a request that gets a
+/// 404 (no route), stops it with SIGTERM, and returns its stderr.
+async fn access_log_of(extra_args: &[&str]) -> (String, SocketAddr) {
+    let backend = TestBackend::ok().await;
+    let (proxy, admin) = (free_addr(), free_addr());
+    let text = format!(
+        "[server]\nlisten = [\"{proxy}\"]\n[admin]\nlisten = \"{admin}\"\n[[routes]]\npath_prefix = \"/v1\"\npool = \"default\"\n\
+         [pools.default]\n[[pools.default.backends]]\naddr = \"{}\"\n",
+        backend.addr
+    );
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    let mut args = vec!["--config", f.path().to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    let child = Command::new(BIN)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hr = Proc(child);
+    wait_listening(proxy).await;
+    let req = Request::get(format!("http://{proxy}/v1/models?secret=1"))
+        .header("x-request-id", "req-abc-123")
+        .body(full(Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    assert_eq!(get(&format!("http://{proxy}/nope")).await.0, 404);
+    sigterm(&hr);
+    let mut hr = hr;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(hr.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (stderr, backend.addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_carry_every_field_in_text_and_json() {
+    let (text, backend) = access_log_of(&[]).await;
+    let line =
+        text.lines().find(|l| l.contains("access") && l.contains("status=200")).unwrap_or_else(|| panic!("{text}"));
+    for field in [
+        "method=GET",
+        "path=/v1/models",
+        "pool=\"default\"",
+        &format!("backend=\"{backend}\""),
+        "bytes=18",
+        "duration_ms=",
+        "ttfb_ms=",
+        "request_id=\"req-abc-123\"",
+        "client=127.0.0.1",
+        "outcome=\"complete\"",
+    ] {
+        assert!(line.contains(field), "{field} missing in: {line}");
+    }
+    assert!(!line.contains("secret"), "the query string is not logged: {line}");
+    assert!(text.lines().any(|l| l.contains("access") && l.contains("status=404") && l.contains("backend=\"-\"")));
+
+    let (json, backend) = access_log_of(&["--log-format", "json"]).await;
+    let lines: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let access: Vec<&serde_json::Value> = lines.iter().filter(|v| v["target"] == "access").collect();
+    assert_eq!(access.len(), 2, "{json}");
+    let ok = access.iter().find(|v| v["status"] == 200).unwrap();
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/v1/models");
+    assert_eq!(ok["pool"], "default");
+    assert_eq!(ok["backend"], backend.to_string());
+    assert_eq!(ok["bytes"], 18);
+    assert_eq!(ok["request_id"], "req-abc-123");
+    assert!(ok["duration_ms"].as_f64().unwrap() >= ok["ttfb_ms"].as_f64().unwrap());
+    let missed = access.iter().find(|v| v["status"] == 404).unwrap();
+    assert_eq!((missed["pool"].as_str(), missed["backend"].as_str()), (Some("-"), Some("-")));
+}

@@ -164,6 +164,11 @@ impl PoolMetrics {
         }
     }
 
+    /// The pool's name (shared, for log lines).
+    pub fn name(&self) -> &Arc<str> {
+        &self.pool
+    }
+
     pub fn record_local(&self, status: u16, seconds: f64) {
         count_request(&self.pool, "none", status, &self.codes);
         duration_histogram(&self.pool, status, &self.durations).record(seconds);

@@ -31,6 +31,7 @@ pub struct FileServer {
     pub workers: Option<Spanned<usize>>,
     pub state_dir: Option<Spanned<String>>,
     pub tls: Option<Spanned<FileTls>>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// `[server.tls]`: TLS on every listen address; `None`: plaintext.
     pub tls: Option<TlsConfig>,
+    /// One log line per request (target `access`). Default true.
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -84,6 +84,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             }
             Some(d) => Some(base_dir.join(d.get_ref())),
         },
+        access_log: s.access_log.unwrap_or(true),
         tls: match &s.tls {
             None => None,
             Some(t) => Some(super::tls::validate_server(t, text, base_dir, &duration)?),

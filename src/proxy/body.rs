@@ -205,6 +205,8 @@ pub struct Upstream {
     pub started: Instant,
     pub status: u16,
     pub stream_idle_timeout: Duration,
+    /// The access log line, when the access log is on.
+    pub log: Option<Box<super::access::Entry>>,
 }
 
 enum Inner {
@@ -244,6 +246,9 @@ fn finish(done: &mut Option<Upstream>, clean: bool) {
     let failed = up.status >= 500 || !clean;
     backend.count_response(up.status, failed);
     backend.observe(up.status, failed, up.started.elapsed().as_secs_f64());
+    if let Some(log) = &up.log {
+        log.write(up.status, &backend.label, clean);
+    }
 }
 
 impl Body for ResponseBody {
@@ -255,6 +260,9 @@ impl Body for ResponseBody {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream { body, done, idle } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(data), Some(Upstream { log: Some(log), .. })) = (frame.data_ref(), done.as_mut()) {
+                        log.bytes += data.len() as u64;
+                    }
                     if body.is_end_stream() {
                         finish(done, true);
                     } else if let Some(sleep) = idle {

@@ -5,6 +5,7 @@
 //! holding the slot until the body ends. Every failure becomes a [`ProxyError`] and is answered in
 //! one place. Reads one config snapshot per request and never takes a lock.
 
+mod access;
 pub mod body;
 pub mod conn;
 pub mod headers;
@@ -64,17 +65,24 @@ struct Tracking {
     pool: Option<Arc<Pool>>,
     /// Whether the outcome was already counted against a backend.
     counted_on_backend: bool,
+    /// The access log line (when on), until the response body takes it.
+    log: Option<Box<access::Entry>>,
 }
 
 impl ConnCtx {
     async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        let mut track = Tracking { active: Some(self.conn.start()), pool: None, counted_on_backend: false };
         let snapshot = self.gateway.snapshot();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if !v.is_empty() => v.clone(),
             _ => new_request_id(),
         };
+        let log = snapshot
+            .config
+            .server
+            .access_log
+            .then(|| access::Entry::new(req.method(), req.uri().path(), &request_id, self.client.ip, started));
+        let mut track = Tracking { active: Some(self.conn.start()), pool: None, counted_on_backend: false, log };
         match self.forward(req, &snapshot, &request_id, &mut track, started).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -91,7 +99,14 @@ impl ConnCtx {
                     }
                 }
                 tracing::debug!(error = %e, status, request_id = ?request_id, "request failed");
-                error_response(&e, &request_id, track.active.take())
+                let resp = error_response(&e, &request_id, track.active.take());
+                if let Some(mut log) = track.log.take() {
+                    log.pool = track.pool.as_ref().map(|p| p.metrics.name().clone());
+                    log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    log.bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+                    log.write(status, "-", true);
+                }
+                resp
             }
         }
     }
@@ -283,7 +298,12 @@ impl ConnCtx {
         headers::strip_hop_by_hop(&mut rparts.headers, &rscan);
         rparts.headers.insert(X_REQUEST_ID, request_id.clone());
         let status = rparts.status.as_u16();
-        let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout };
+        let log = track.log.take().map(|mut log| {
+            log.pool = Some(pool.metrics.name().clone());
+            log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+            log
+        });
+        let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout, log };
         Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
     }
 }
