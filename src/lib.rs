@@ -85,6 +85,7 @@ pub async fn run_with(
     let RunOptions { workers, config_path } = options;
     let workers = workers.max(1);
     let prom = admin::metrics::install();
+    admin::metrics::init_counters();
     proxy::upstream::set_worker_count(workers);
     let (mut extra, launched) = scale::launch::launch_all(&config).await?;
     let launched = std::sync::Arc::new(launched);

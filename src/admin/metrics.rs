@@ -46,9 +46,40 @@ pub fn tls_cert_reloaded(ok: bool) {
     metrics::counter!(TLS_CERT_RELOADS, "outcome" => if ok { "ok" } else { "error" }).increment(1);
 }
 
+/// Counters start at zero with their known labels, so `rate()` and dashboards see them before
+/// the first event (Prometheus practice).
+pub fn init_counters() {
+    for outcome in ["ok", "error"] {
+        metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(0);
+    }
+}
+
+/// Zero counters of an autoscaled pool.
+pub fn init_scale_counters(pool: &str) {
+    for action in ["scale_up", "scale_down", "replace"] {
+        for outcome in ["ok", "error"] {
+            scale_event_n(pool, action, outcome, 0);
+        }
+    }
+}
+
+/// Zero counters of the TLS listener.
+pub fn init_tls_counters() {
+    for result in ["ok", "error", "timeout"] {
+        metrics::counter!(TLS_HANDSHAKES, "result" => result).increment(0);
+    }
+    for outcome in ["ok", "error"] {
+        metrics::counter!(TLS_CERT_RELOADS, "outcome" => outcome).increment(0);
+    }
+}
+
+fn scale_event_n(pool: &str, action: &'static str, outcome: &'static str, n: u64) {
+    metrics::counter!(SCALE_EVENTS, "pool" => pool.to_string(), "action" => action, "outcome" => outcome).increment(n);
+}
+
 /// One finished provider call (`action`: scale_up, scale_down, replace; `outcome`: ok, error).
 pub fn scale_event(pool: &str, action: &'static str, outcome: &'static str) {
-    metrics::counter!(SCALE_EVENTS, "pool" => pool.to_string(), "action" => action, "outcome" => outcome).increment(1);
+    scale_event_n(pool, action, outcome, 1);
 }
 
 /// The backend count the autoscaler aims for.
@@ -114,6 +145,14 @@ impl BackendMetrics {
             durations: Default::default(),
             connects: metrics::counter!(UPSTREAM_CONNECTS, "pool" => pool.to_string(), "backend" => backend.to_string()),
         }
+        .with_zero_counters()
+    }
+
+    fn with_zero_counters(self) -> Self {
+        self.connects.increment(0);
+        metrics::counter!(EJECTIONS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string())
+            .increment(0);
+        self
     }
 
     /// Counts one response with this status.
@@ -156,6 +195,9 @@ pub struct PoolMetrics {
 
 impl PoolMetrics {
     pub fn new(pool: &str) -> Self {
+        for reason in crate::config::RetryConfig::KINDS {
+            metrics::counter!(RETRIES, "pool" => pool.to_string(), "reason" => reason).increment(0);
+        }
         PoolMetrics {
             pool: Arc::from(pool),
             codes: Default::default(),

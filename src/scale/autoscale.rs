@@ -62,6 +62,7 @@ struct Done {
 /// `[autoscale]` section is gone.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    metrics::init_scale_counters(&name);
     let mut scaler = Scaler::new(gateway, name);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     loop {

@@ -89,6 +89,7 @@ impl ServerTls {
             handshake_timeout_ms: AtomicU64::new(cfg.handshake_timeout.as_millis() as u64),
         });
         record_expiry(cfg);
+        metrics::init_tls_counters();
         Ok(tls)
     }
 
