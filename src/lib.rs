@@ -8,6 +8,7 @@ pub mod config; //   TOML → validated runtime config
 pub mod error; //    the one error → status mapping
 pub mod gateway; //  the shared snapshot
 pub mod health; //   active health checks (off the data path)
+pub mod load; //     `headroom load`: an open-loop, SSE-aware load generator
 pub mod mock; //     the mock inference server
 pub mod proxy; //    the data path
 pub mod reload; //   hot reload: file watch, SIGHUP, validated swap

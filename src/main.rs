@@ -45,6 +45,54 @@ enum Command {
         #[arg(long, default_value = "localhost,127.0.0.1,::1", value_delimiter = ',')]
         names: Vec<String>,
     },
+    /// Load-test an endpoint: open loop (--rate) or closed loop (--concurrency), SSE-aware.
+    Load {
+        /// URL to send to (http://).
+        #[arg(default_value = "http://127.0.0.1:8080/v1/chat/completions")]
+        url: String,
+        /// Arrival rate, e.g. 50/s or 50 (open loop; the default is 10/s).
+        #[arg(long, conflicts_with = "concurrency")]
+        rate: Option<String>,
+        /// Clients sending back to back (closed loop) instead of a rate.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// How long to send.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        duration: Duration,
+        /// Grow the rate linearly from 0 over this time (open loop).
+        #[arg(long, value_parser = duration)]
+        ramp: Option<Duration>,
+        /// Ask for a streamed (SSE) completion in the built-in request.
+        #[arg(long)]
+        stream: bool,
+        /// Send this file as the request body instead of the built-in chat completion.
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// HTTP method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Extra request header, "Name: value" (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Model name in the built-in request.
+        #[arg(long, default_value = "mock-model")]
+        model: String,
+        /// max_tokens in the built-in request.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// Per-request limit.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        /// Open requests at most (open loop); beyond it, requests are dropped and counted.
+        #[arg(long, default_value_t = 10_000)]
+        max_inflight: usize,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write latency and throughput over time as an SVG chart.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Run the built-in mock inference server.
     MockBackend {
         /// Address to listen on, e.g. 127.0.0.1:9001.
@@ -66,6 +114,73 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
     },
+}
+
+/// The `load` command's arguments, checked into a plan.
+struct LoadArgs {
+    url: String,
+    rate: Option<String>,
+    concurrency: Option<usize>,
+    duration: Duration,
+    ramp: Option<Duration>,
+    stream: bool,
+    body_file: Option<PathBuf>,
+    method: String,
+    headers: Vec<String>,
+    model: String,
+    max_tokens: u32,
+    timeout: Duration,
+    max_inflight: usize,
+}
+
+fn load_plan(a: LoadArgs) -> Result<headroom::load::Plan, String> {
+    use headroom::load::{Mode, Plan};
+    let url: http::Uri = a.url.parse().map_err(|e| format!("{}: {e}", a.url))?;
+    if url.scheme_str() != Some("http") || url.authority().is_none() {
+        return Err(format!("{}: an http:// URL with a host is needed", a.url));
+    }
+    let mode = match (a.rate, a.concurrency) {
+        (_, Some(0)) => return Err("--concurrency must be at least 1".into()),
+        (_, Some(n)) => Mode::Concurrency(n),
+        (rate, None) => {
+            let text = rate.unwrap_or_else(|| "10/s".into());
+            let per_second: f64 = text
+                .trim_end_matches("/s")
+                .trim()
+                .parse()
+                .map_err(|_| format!("--rate {text:?}: expected requests per second, e.g. 50/s"))?;
+            if !(per_second > 0.0 && per_second <= 1_000_000.0) {
+                return Err(format!("--rate {text:?}: must be above 0"));
+            }
+            Mode::Rate { per_second, ramp: a.ramp.unwrap_or_default() }
+        }
+    };
+    let method: http::Method = a.method.parse().map_err(|_| format!("--method {:?} is not a method", a.method))?;
+    let body = match &a.body_file {
+        Some(p) => std::fs::read(p).map_err(|e| format!("--body-file {}: {e}", p.display()))?.into(),
+        None if method == http::Method::GET || method == http::Method::HEAD => bytes::Bytes::new(),
+        None => headroom::load::chat_body(&a.model, a.stream, a.max_tokens, "Say hello."),
+    };
+    let mut headers = Vec::new();
+    for h in &a.headers {
+        let (k, v) = h.split_once(':').ok_or_else(|| format!("--header {h:?}: expected \"Name: value\""))?;
+        let name: http::HeaderName = k.trim().parse().map_err(|_| format!("--header {h:?}: bad name"))?;
+        let value: http::HeaderValue = v.trim().parse().map_err(|_| format!("--header {h:?}: bad value"))?;
+        headers.push((name, value));
+    }
+    if !body.is_empty() && !headers.iter().any(|(k, _)| k == http::header::CONTENT_TYPE) {
+        headers.push((http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json")));
+    }
+    Ok(Plan {
+        url,
+        method,
+        headers,
+        body,
+        mode,
+        duration: a.duration,
+        timeout: a.timeout,
+        max_inflight: a.max_inflight.max(1),
+    })
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -128,6 +243,69 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Some(Command::Load {
+            url,
+            rate,
+            concurrency,
+            duration,
+            ramp,
+            stream,
+            body_file,
+            method,
+            headers,
+            model,
+            max_tokens,
+            timeout,
+            max_inflight,
+            json,
+            plot,
+        }) => {
+            let plan = match load_plan(LoadArgs {
+                url,
+                rate,
+                concurrency,
+                duration,
+                ramp,
+                stream,
+                body_file,
+                method,
+                headers,
+                model,
+                max_tokens,
+                timeout,
+                max_inflight,
+            }) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("load: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(70);
+                }
+            };
+            let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let (report, samples, elapsed) = rt.block_on(headroom::load::run_with_progress(&plan, show));
+            let text =
+                if json { serde_json::to_string_pretty(&report).unwrap_or_default() + "\n" } else { report.table() };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+            if let Some(path) = plot {
+                if let Err(e) = headroom::load::plot::write_svg(&path, &report.url, &samples, elapsed) {
+                    eprintln!("load: --plot: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            if report.ok == 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate }) => {
             let _logs = init_logs(cli.log_format);
             if !(0.0..=1.0).contains(&fail_rate) {

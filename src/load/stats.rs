@@ -1,0 +1,191 @@
+//! What a load run measured, and its summary: percentiles over every sample (exact, from the
+//! sorted samples; a run holds at most `rate × duration` of them), rates, errors by status.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One finished request, times in milliseconds from its scheduled start (open loop) or its send
+/// (closed loop).
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// When it was scheduled, seconds since the run began.
+    pub at: f64,
+    /// HTTP status, or 0 when no response came (connect error, timeout).
+    pub status: u16,
+    pub ttfb_ms: Option<f64>,
+    /// First SSE event carrying a token.
+    pub ttft_ms: Option<f64>,
+    pub total_ms: f64,
+    pub tokens: u64,
+    /// Gaps between consecutive token events.
+    pub itl_ms: Vec<f64>,
+    pub error: Option<String>,
+}
+
+impl Sample {
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && (200..300).contains(&self.status)
+    }
+}
+
+/// p50/p90/p99/max of one metric.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Spread {
+    pub count: usize,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// Nearest-rank percentiles of `values`.
+    pub fn of(mut values: Vec<f64>) -> Spread {
+        if values.is_empty() {
+            return Spread::default();
+        }
+        values.sort_by(|a, b| a.total_cmp(b));
+        let n = values.len();
+        let rank = |p: f64| values[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Spread {
+            count: n,
+            mean: values.iter().sum::<f64>() / n as f64,
+            p50: rank(50.0),
+            p90: rank(90.0),
+            p99: rank(99.0),
+            max: values[n - 1],
+        }
+    }
+}
+
+/// The report of a run (`--json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub url: String,
+    pub mode: String,
+    /// Requests per second asked for (open loop).
+    pub target_rate: Option<f64>,
+    pub duration_s: f64,
+    pub sent: usize,
+    pub ok: usize,
+    pub errors: usize,
+    /// Requests not sent because `max_inflight` requests were already open (open loop).
+    pub dropped: usize,
+    /// Requests scheduled per second over the run (open loop: the pacing achieved).
+    pub achieved_rate: f64,
+    /// Successful requests per second.
+    pub throughput: f64,
+    pub tokens_per_s: f64,
+    pub ttfb_ms: Spread,
+    pub ttft_ms: Spread,
+    pub itl_ms: Spread,
+    pub total_ms: Spread,
+    pub tokens_per_request: Spread,
+    /// Count by status (`0`: no response) and by error kind.
+    pub statuses: BTreeMap<String, usize>,
+}
+
+impl Report {
+    pub fn build(
+        url: &str,
+        mode: String,
+        target_rate: Option<f64>,
+        elapsed: f64,
+        samples: &[Sample],
+        dropped: usize,
+    ) -> Report {
+        let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok()).collect();
+        let mut statuses = BTreeMap::new();
+        for s in samples {
+            let key = match &s.error {
+                Some(e) => format!("error: {e}"),
+                None => s.status.to_string(),
+            };
+            *statuses.entry(key).or_insert(0) += 1;
+        }
+        let tokens: u64 = ok.iter().map(|s| s.tokens).sum();
+        let last_scheduled = samples.iter().map(|s| s.at).fold(0.0, f64::max);
+        Report {
+            url: url.to_string(),
+            mode,
+            target_rate,
+            duration_s: elapsed,
+            sent: samples.len(),
+            ok: ok.len(),
+            errors: samples.len() - ok.len(),
+            dropped,
+            achieved_rate: if last_scheduled > 0.0 {
+                (samples.len() + dropped - 1) as f64 / last_scheduled
+            } else {
+                0.0
+            },
+            throughput: ok.len() as f64 / elapsed.max(1e-9),
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            ttfb_ms: Spread::of(ok.iter().filter_map(|s| s.ttfb_ms).collect()),
+            ttft_ms: Spread::of(ok.iter().filter_map(|s| s.ttft_ms).collect()),
+            itl_ms: Spread::of(ok.iter().flat_map(|s| s.itl_ms.iter().copied()).collect()),
+            total_ms: Spread::of(ok.iter().map(|s| s.total_ms).collect()),
+            tokens_per_request: Spread::of(ok.iter().map(|s| s.tokens as f64).collect()),
+            statuses,
+        }
+    }
+
+    /// The final table.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{} {} for {:.1}s: {} sent, {} ok, {} errors, {} dropped\n",
+            self.mode, self.url, self.duration_s, self.sent, self.ok, self.errors, self.dropped
+        );
+        if let Some(r) = self.target_rate {
+            out += &format!("rate: asked {r:.1}/s, scheduled {:.1}/s\n", self.achieved_rate);
+        }
+        out += &format!("throughput: {:.1} req/s, {:.1} tokens/s\n\n", self.throughput, self.tokens_per_s);
+        out += &format!("{:<16} {:>8} {:>10} {:>10} {:>10} {:>10}\n", "metric", "count", "p50", "p90", "p99", "max");
+        for (name, s) in [
+            ("ttfb ms", self.ttfb_ms),
+            ("ttft ms", self.ttft_ms),
+            ("itl ms", self.itl_ms),
+            ("total ms", self.total_ms),
+            ("tokens/request", self.tokens_per_request),
+        ] {
+            out +=
+                &format!("{name:<16} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n", s.count, s.p50, s.p90, s.p99, s.max);
+        }
+        out += "\nstatus:";
+        for (k, v) in &self.statuses {
+            out += &format!(" {k}={v}");
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Spread::of((1..=100).map(f64::from).rev().collect());
+        assert_eq!((s.p50, s.p90, s.p99, s.max, s.count), (50.0, 90.0, 99.0, 100.0, 100));
+        assert_eq!(s.mean, 50.5);
+        let one = Spread::of(vec![7.0]);
+        assert_eq!((one.p50, one.p99), (7.0, 7.0));
+        assert_eq!(Spread::of(vec![]), Spread::default());
+    }
+
+    #[test]
+    fn report_counts_errors_by_status_and_tokens() {
+        let ok = Sample { at: 0.0, status: 200, total_ms: 10.0, tokens: 5, ..Default::default() };
+        let bad = Sample { at: 1.0, status: 503, total_ms: 1.0, ..Default::default() };
+        let lost = Sample { at: 2.0, error: Some("connect".into()), ..Default::default() };
+        let r = Report::build("u", "open".into(), Some(1.0), 2.0, &[ok, bad, lost], 0);
+        assert_eq!((r.sent, r.ok, r.errors), (3, 1, 2));
+        assert_eq!(r.statuses["503"], 1);
+        assert_eq!(r.statuses["error: connect"], 1);
+        assert_eq!(r.tokens_per_s, 2.5);
+        assert_eq!(r.achieved_rate, 1.0);
+        assert!(r.table().contains("503=1"));
+    }
+}
