@@ -152,10 +152,12 @@ async fn one(
 ) -> Vec<Sample> {
     progress.sent.fetch_add(1, Ordering::Relaxed);
     progress.inflight.fetch_add(1, Ordering::Relaxed);
+    let lag_ms = ms(scheduled);
     let sample = match tokio::time::timeout(plan.timeout, exchange(client, plan, scheduled, at)).await {
-        Ok(s) => s,
+        Ok(s) => Sample { lag_ms, ..s },
         Err(_) => Sample {
             at,
+            lag_ms,
             total_ms: ms(scheduled),
             error: Some(format!("timeout after {:?}", plan.timeout)),
             ..Default::default()

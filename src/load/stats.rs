@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 pub struct Sample {
     /// When it was scheduled, seconds since the run began.
     pub at: f64,
+    /// How late it actually left after its scheduled time, ms (open loop: the pacing error).
+    pub lag_ms: f64,
     /// HTTP status, or 0 when no response came (connect error, timeout).
     pub status: u16,
     pub ttfb_ms: Option<f64>,
@@ -72,8 +74,10 @@ pub struct Report {
     pub errors: usize,
     /// Requests not sent because `max_inflight` requests were already open (open loop).
     pub dropped: usize,
-    /// Requests scheduled per second over the run (open loop: the pacing achieved).
+    /// Requests actually sent per second, first to last (open loop: the pacing achieved).
     pub achieved_rate: f64,
+    /// How late requests left after their scheduled times.
+    pub send_lag_ms: Spread,
     /// Successful requests per second.
     pub throughput: f64,
     pub tokens_per_s: f64,
@@ -105,7 +109,8 @@ impl Report {
             *statuses.entry(key).or_insert(0) += 1;
         }
         let tokens: u64 = ok.iter().map(|s| s.tokens).sum();
-        let last_scheduled = samples.iter().map(|s| s.at).fold(0.0, f64::max);
+        let sent: Vec<f64> = samples.iter().map(|s| s.at + s.lag_ms / 1000.0).collect();
+        let (first, last) = (sent.iter().copied().fold(f64::MAX, f64::min), sent.iter().copied().fold(0.0, f64::max));
         Report {
             url: url.to_string(),
             mode,
@@ -115,11 +120,8 @@ impl Report {
             ok: ok.len(),
             errors: samples.len() - ok.len(),
             dropped,
-            achieved_rate: if last_scheduled > 0.0 {
-                (samples.len() + dropped - 1) as f64 / last_scheduled
-            } else {
-                0.0
-            },
+            achieved_rate: if last > first { (samples.len() - 1) as f64 / (last - first) } else { 0.0 },
+            send_lag_ms: Spread::of(samples.iter().map(|s| s.lag_ms).collect()),
             throughput: ok.len() as f64 / elapsed.max(1e-9),
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             ttfb_ms: Spread::of(ok.iter().filter_map(|s| s.ttfb_ms).collect()),
@@ -138,7 +140,10 @@ impl Report {
             self.mode, self.url, self.duration_s, self.sent, self.ok, self.errors, self.dropped
         );
         if let Some(r) = self.target_rate {
-            out += &format!("rate: asked {r:.1}/s, scheduled {:.1}/s\n", self.achieved_rate);
+            out += &format!(
+                "rate: asked {r:.1}/s, sent {:.1}/s (send lag p99 {:.2} ms)\n",
+                self.achieved_rate, self.send_lag_ms.p99
+            );
         }
         out += &format!("throughput: {:.1} req/s, {:.1} tokens/s\n\n", self.throughput, self.tokens_per_s);
         out += &format!("{:<16} {:>8} {:>10} {:>10} {:>10} {:>10}\n", "metric", "count", "p50", "p90", "p99", "max");
