@@ -620,7 +620,11 @@ async fn connect_failures_fail_over_to_another_backend() {
     let text = String::from_utf8(text.to_vec()).unwrap();
     let retries = text
         .lines()
-        .find(|l| l.starts_with("headroom_retries_total") && l.contains("reason=\"connect-failure\""))
+        .find(|l| {
+            l.starts_with("headroom_retries_total")
+                && l.contains("pool=\"default\"")
+                && l.contains("reason=\"connect-failure\"")
+        })
         .unwrap_or_else(|| panic!("no retry counter:\n{text}"));
     assert!(retries.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 5.0, "{retries}");
     assert_eq!(live.hits.load(Ordering::SeqCst), 5);

@@ -195,8 +195,11 @@ pub struct PoolMetrics {
 
 impl PoolMetrics {
     pub fn new(pool: &str) -> Self {
-        for reason in crate::config::RetryConfig::KINDS {
-            metrics::counter!(RETRIES, "pool" => pool.to_string(), "reason" => reason).increment(0);
+        // Requests answered before routing (`pool="none"`) are never retried.
+        if pool != "none" {
+            for reason in crate::config::RetryConfig::KINDS {
+                metrics::counter!(RETRIES, "pool" => pool.to_string(), "reason" => reason).increment(0);
+            }
         }
         PoolMetrics {
             pool: Arc::from(pool),

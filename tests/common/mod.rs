@@ -372,3 +372,12 @@ pub async fn admin_call(admin: SocketAddr, method: http::Method, path: &str, bod
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
+
+/// The value of the series `name{labels}` exactly as written (e.g. `x_total{outcome="ok"}`) in a
+/// Prometheus text page; 0 when absent.
+pub fn metric_value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
