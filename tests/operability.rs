@@ -26,11 +26,7 @@ struct Browser {
 
 impl Browser {
     async fn open(url: &str) -> Browser {
-        assert!(
-            std::path::Path::new(CHROMIUM).exists(),
-            "{CHROMIUM} is missing: this test drives headless Chromium; install it with `apt-get install chromium` \
-             (scripts/test does)"
-        );
+        ensure_test_tool("chromium", || std::path::Path::new(CHROMIUM).exists());
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new(CHROMIUM)
             .args([
@@ -321,18 +317,8 @@ async fn every_metric_the_grafana_dashboard_uses_exists() {
 
 /// One GET over TLS with a fresh connection.
 async fn tls_get(addr: std::net::SocketAddr, ca: std::path::PathBuf) -> u16 {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let tls = tokio_rustls::TlsConnector::from(tls_client_config(&ca, &[]))
         .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();

@@ -133,6 +133,11 @@ mod tests {
     fn rsa_pairs_load() {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("rsa.crt"), dir.path().join("rsa.key"));
+        let has_openssl = || std::process::Command::new("openssl").arg("version").output().is_ok();
+        if !has_openssl() {
+            let _ =
+                std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install-test-deps")).status();
+        }
         let status = std::process::Command::new("openssl")
             .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
             .arg(&k)
@@ -140,7 +145,7 @@ mod tests {
             .arg(&c)
             .stderr(std::process::Stdio::null())
             .status()
-            .expect("this test needs the openssl command (apt-get install openssl)");
+            .expect("this test needs the openssl command; scripts/install-test-deps could not install it");
         assert!(status.success());
         load_pair(&c, &k).unwrap();
     }

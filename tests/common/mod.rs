@@ -381,3 +381,34 @@ pub fn metric_value(page: &str, series: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Makes sure a test tool from Debian's packages is there, running `scripts/install-test-deps`
+/// when `present` says it is not; panics, saying what is missing, if it still is not.
+pub fn ensure_test_tool(what: &str, present: impl Fn() -> bool) {
+    if present() {
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install-test-deps");
+    let ran = std::process::Command::new(script).status();
+    assert!(
+        present(),
+        "{what} is missing and {script} could not install it ({ran:?}); install it (Debian: apt-get install {what})"
+    );
+}
+
+/// A rustls client trusting the CA certificates in the PEM file `ca`, offering `alpn`.
+pub fn tls_client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
