@@ -47,45 +47,8 @@ enum Command {
     },
     /// Load-test an endpoint: open loop (--rate) or closed loop (--concurrency), SSE-aware.
     Load {
-        /// URL to send to (http://).
-        #[arg(default_value = "http://127.0.0.1:8080/v1/chat/completions")]
-        url: String,
-        /// Arrival rate, e.g. 50/s or 50 (open loop; the default is 10/s).
-        #[arg(long, conflicts_with = "concurrency")]
-        rate: Option<String>,
-        /// Clients sending back to back (closed loop) instead of a rate.
-        #[arg(long)]
-        concurrency: Option<usize>,
-        /// How long to send.
-        #[arg(long, default_value = "30s", value_parser = duration)]
-        duration: Duration,
-        /// Grow the rate linearly from 0 over this time (open loop).
-        #[arg(long, value_parser = duration)]
-        ramp: Option<Duration>,
-        /// Ask for a streamed (SSE) completion in the built-in request.
-        #[arg(long)]
-        stream: bool,
-        /// Send this file as the request body instead of the built-in chat completion.
-        #[arg(long)]
-        body_file: Option<PathBuf>,
-        /// HTTP method.
-        #[arg(long, default_value = "POST")]
-        method: String,
-        /// Extra request header, "Name: value" (repeatable).
-        #[arg(long = "header", short = 'H')]
-        headers: Vec<String>,
-        /// Model name in the built-in request.
-        #[arg(long, default_value = "mock-model")]
-        model: String,
-        /// max_tokens in the built-in request.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
-        /// Per-request limit.
-        #[arg(long, default_value = "60s", value_parser = duration)]
-        timeout: Duration,
-        /// Open requests at most (open loop); beyond it, requests are dropped and counted.
-        #[arg(long, default_value_t = 10_000)]
-        max_inflight: usize,
+        #[command(flatten)]
+        args: LoadArgs,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -116,20 +79,47 @@ enum Command {
     },
 }
 
-/// The `load` command's arguments, checked into a plan.
+/// The `load` command's arguments, checked into a plan by [`load_plan`].
+#[derive(clap::Args)]
 struct LoadArgs {
+    /// URL to send to (http://).
+    #[arg(default_value = "http://127.0.0.1:8080/v1/chat/completions")]
     url: String,
+    /// Arrival rate, e.g. 50/s or 50 (open loop; the default is 10/s).
+    #[arg(long, conflicts_with = "concurrency")]
     rate: Option<String>,
+    /// Clients sending back to back (closed loop) instead of a rate.
+    #[arg(long)]
     concurrency: Option<usize>,
+    /// How long to send.
+    #[arg(long, default_value = "30s", value_parser = duration)]
     duration: Duration,
+    /// Grow the rate linearly from 0 over this time (open loop).
+    #[arg(long, value_parser = duration)]
     ramp: Option<Duration>,
+    /// Ask for a streamed (SSE) completion in the built-in request.
+    #[arg(long)]
     stream: bool,
+    /// Send this file as the request body instead of the built-in chat completion.
+    #[arg(long)]
     body_file: Option<PathBuf>,
+    /// HTTP method.
+    #[arg(long, default_value = "POST")]
     method: String,
+    /// Extra request header, "Name: value" (repeatable).
+    #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
+    /// Model name in the built-in request.
+    #[arg(long, default_value = "mock-model")]
     model: String,
+    /// max_tokens in the built-in request.
+    #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    /// Per-request limit.
+    #[arg(long, default_value = "60s", value_parser = duration)]
     timeout: Duration,
+    /// Open requests at most (open loop); beyond it, requests are dropped and counted.
+    #[arg(long, default_value_t = 10_000)]
     max_inflight: usize,
 }
 
@@ -243,38 +233,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Some(Command::Load {
-            url,
-            rate,
-            concurrency,
-            duration,
-            ramp,
-            stream,
-            body_file,
-            method,
-            headers,
-            model,
-            max_tokens,
-            timeout,
-            max_inflight,
-            json,
-            plot,
-        }) => {
-            let plan = match load_plan(LoadArgs {
-                url,
-                rate,
-                concurrency,
-                duration,
-                ramp,
-                stream,
-                body_file,
-                method,
-                headers,
-                model,
-                max_tokens,
-                timeout,
-                max_inflight,
-            }) {
+        Some(Command::Load { args, json, plot }) => {
+            let plan = match load_plan(args) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("load: {e}");

@@ -8,7 +8,7 @@ use common::*;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,35 +60,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter_compat(ca) {
-        roots.add(c).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(cfg)
-}
-
-/// `pem_file_iter` without the trait import noise.
-trait PemCompat {
-    fn pem_file_iter_compat(path: &Path) -> Vec<CertificateDer<'static>>;
-}
-
-impl PemCompat for CertificateDer<'static> {
-    fn pem_file_iter_compat(path: &Path) -> Vec<CertificateDer<'static>> {
-        use rustls::pki_types::pem::PemObject;
-        CertificateDer::pem_file_iter(path).unwrap().map(|c| c.unwrap()).collect()
-    }
-}
-
 async fn tls_connect(addr: SocketAddr, ca: &Path, sni: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let connector = tokio_rustls::TlsConnector::from(client_config(ca, alpn));
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(ca, alpn));
     let tcp = TcpStream::connect(addr).await.unwrap();
     connector.connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap()
 }
@@ -193,7 +166,7 @@ async fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
     assert_eq!(peer_serial(&tls_connect(hr.addr, &ca, "x.b.test", &[]).await), 102, "wildcard");
     // A name no entry lists: the default certificate (whose name then doesn't match: the client
     // must refuse it).
-    let connector = tokio_rustls::TlsConnector::from(client_config(&ca, &[]));
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(&ca, &[]));
     let tcp = TcpStream::connect(hr.addr).await.unwrap();
     let err = connector.connect(ServerName::try_from("c.test").unwrap(), tcp).await.unwrap_err();
     assert!(err.to_string().contains("certificate not valid for name"), "{err}");

@@ -132,29 +132,18 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&gateway)),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
-        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => {
-            let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/history");
-            match gateway.snapshot().pool(pool) {
-                Some(_) => respond(
-                    StatusCode::OK,
-                    "application/json",
-                    json!({ "pool": pool, "capacity": gateway.history.capacity(), "samples": gateway.history.of(pool) })
-                        .to_string(),
-                ),
-                None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
-            }
-        }
-        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/events") => {
-            let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/events");
-            match gateway.snapshot().pool(pool) {
-                Some(_) => respond(
-                    StatusCode::OK,
-                    "application/json",
-                    json!({ "pool": pool, "events": gateway.scale_events.of(pool) }).to_string(),
-                ),
-                None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
-            }
-        }
+        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => pool_document(
+            &gateway,
+            path,
+            "/history",
+            |pool| json!({ "pool": pool, "capacity": gateway.history.capacity(), "samples": gateway.history.of(pool) }),
+        ),
+        (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/events") => pool_document(
+            &gateway,
+            path,
+            "/events",
+            |pool| json!({ "pool": pool, "events": gateway.scale_events.of(pool) }),
+        ),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/backends") => {
             let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/backends").to_string();
             register(&gateway, &pool, req).await
@@ -200,6 +189,20 @@ struct Registration {
     weight: Option<u32>,
     max_inflight: Option<u32>,
     backup: Option<bool>,
+}
+
+/// `GET /api/pools/{pool}{suffix}`: `document(pool)` for a pool that exists, else 404.
+fn pool_document(
+    gateway: &Gateway,
+    path: &str,
+    suffix: &str,
+    document: impl FnOnce(&str) -> serde_json::Value,
+) -> Response<Body> {
+    let pool = path.trim_start_matches("/api/pools/").trim_end_matches(suffix);
+    match gateway.snapshot().pool(pool) {
+        Some(_) => respond(StatusCode::OK, "application/json", document(pool).to_string()),
+        None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
+    }
 }
 
 /// `POST /api/pools/{pool}/backends` `{"addr", "weight"?, "max_inflight"?, "backup"?}`: adds a

@@ -159,11 +159,15 @@ impl ConnCtx {
 
         // 3. Admit: a slot on a backend, now or after queueing.
         let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
-        let (pool, guard, waited) = queue::admit(pool, latest).await.map_err(ProxyError::Unavailable)?;
-        let pool = &pool;
-        if waited.is_some() {
-            track.pool = Some(pool.clone());
-        }
+        let (guard, waited, newer) = queue::admit(pool, latest).await.map_err(ProxyError::Unavailable)?;
+        // A request that waited may have been admitted to a newer version of its pool.
+        let pool = match &newer {
+            Some(p) => {
+                track.pool = Some(p.clone());
+                p
+            }
+            None => pool,
+        };
         if let Some(w) = waited {
             pool.metrics.queued(w.as_secs_f64());
         }

@@ -40,6 +40,17 @@ impl Launched {
         Ok(BackendConfig { addr, weight: l.weight, max_inflight: l.max_inflight, backup: false })
     }
 
+    /// Starts `count` backends of `pool` together, so a slow-starting engine doesn't delay the
+    /// next one; one result per backend.
+    pub async fn start_many(
+        &self,
+        pool: &str,
+        l: &LaunchConfig,
+        count: u32,
+    ) -> Vec<Result<BackendConfig, LaunchError>> {
+        futures_util::future::join_all((0..count).map(|_| self.start_one(pool, l))).await
+    }
+
     /// Stops the process serving `addr`; false if none was launched there.
     pub async fn stop(&self, addr: SocketAddr) -> bool {
         let child = self.children.lock().await.remove(&addr);
@@ -84,9 +95,7 @@ pub async fn launch_all(config: &Config) -> Result<(Vec<Vec<BackendConfig>>, Lau
     for pool in &config.pools {
         let mut added = Vec::new();
         if let Some(l) = &pool.launch {
-            // Started together, so a slow-starting engine doesn't delay the next one.
-            let starts = (0..l.count).map(|_| launched.start_one(&pool.name, l));
-            for started in futures_util::future::join_all(starts).await {
+            for started in launched.start_many(&pool.name, l, l.count).await {
                 match started {
                     Ok(b) => added.push(b),
                     Err(e) => {

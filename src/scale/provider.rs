@@ -259,10 +259,9 @@ async fn local(pool: &PoolConfig, launched: &Launched, req: &HookRequest) -> Res
     if req.action == Action::ScaleDown {
         return Ok(HookReply::default());
     }
-    let starts = (0..req.count).map(|_| launched.start_one(&pool.name, l));
     let mut backends = Vec::new();
     let mut first_error = None;
-    for started in futures_util::future::join_all(starts).await {
+    for started in launched.start_many(&pool.name, l, req.count).await {
         match started {
             Ok(b) => backends.push(ReplyBackend {
                 addr: b.addr.to_string(),

@@ -134,8 +134,9 @@ impl Drop for Ticket<'_> {
 }
 
 /// Claims a slot on the pool: at once if one is free and nobody is waiting, else by waiting in
-/// the queue. Returns the pool the slot is in, the slot, and how long the request queued
-/// (`None` if it did not).
+/// the queue. Returns the slot, how long the request queued (`None` if it did not), and the
+/// newer version of the pool the slot is in when it is not `pool` (so the fast path costs no
+/// reference count).
 ///
 /// A waiting request looks at the newest version of its pool (`latest`) each time it is woken,
 /// so backends added while it waits (a reload, the autoscaler) serve it. A pool that autoscales
@@ -143,11 +144,11 @@ impl Drop for Ticket<'_> {
 pub async fn admit(
     pool: &Arc<Pool>,
     latest: impl Fn() -> Option<Arc<Pool>>,
-) -> Result<(Arc<Pool>, InflightGuard, Option<Duration>), Rejection> {
+) -> Result<(InflightGuard, Option<Duration>, Option<Arc<Pool>>), Rejection> {
     let queue = &pool.queue;
     if queue.depth() == 0 {
         if let Some(g) = pool.try_acquire() {
-            return Ok((pool.clone(), g, None));
+            return Ok((g, None, None));
         }
     }
     if !worth_waiting(pool) {
@@ -164,12 +165,13 @@ pub async fn admit(
         match tokio::time::timeout_at(deadline, &mut ticket.rx).await {
             Err(_) => return Err(Rejection::QueueTimeout),
             Ok(_) => {
-                let current = latest().filter(|p| Arc::ptr_eq(&p.queue, queue)).unwrap_or_else(|| pool.clone());
+                let newer = latest().filter(|p| !Arc::ptr_eq(p, pool) && Arc::ptr_eq(&p.queue, queue));
+                let current = newer.as_ref().unwrap_or(pool);
                 if let Some(g) = current.try_acquire() {
                     ticket.used = true;
-                    return Ok((current, g, Some(start.elapsed())));
+                    return Ok((g, Some(start.elapsed()), newer));
                 }
-                if !worth_waiting(&current) {
+                if !worth_waiting(current) {
                     ticket.used = true;
                     return Err(Rejection::NoBackend);
                 }
