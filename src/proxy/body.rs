@@ -9,7 +9,7 @@
 //! polling a body whose `is_end_stream()` is true.
 
 use super::conn::ActiveRequest;
-use super::upstream::H1Sender;
+use super::upstream::UpstreamBody;
 use crate::backend::InflightGuard;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -201,7 +201,6 @@ impl Body for RequestBody {
 /// What finishing an upstream response releases.
 pub struct Upstream {
     pub guard: InflightGuard,
-    pub conn: Option<H1Sender>,
     pub started: Instant,
     pub status: u16,
     pub stream_idle_timeout: Duration,
@@ -211,7 +210,7 @@ pub struct Upstream {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream { body: Incoming, done: Option<Upstream>, idle: Option<Pin<Box<Sleep>>> },
+    Upstream { body: UpstreamBody, done: Option<Upstream>, idle: Option<Pin<Box<Sleep>>> },
 }
 
 /// The body sent to the client.
@@ -229,17 +228,17 @@ impl ResponseBody {
         ResponseBody { inner: Inner::Full(Some(bytes)), _active: active }
     }
 
-    pub fn upstream(body: Incoming, done: Upstream, active: Option<ActiveRequest>) -> Self {
+    pub fn upstream(body: UpstreamBody, done: Upstream, active: Option<ActiveRequest>) -> Self {
         ResponseBody { inner: Inner::Upstream { body, done: Some(done), idle: None }, _active: active }
     }
 }
 
 /// Releases the slot, records the request, and gives the connection back if the body ended cleanly.
-fn finish(done: &mut Option<Upstream>, clean: bool) {
-    let Some(mut up) = done.take() else { return };
+fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, clean: bool) {
+    let Some(up) = done.take() else { return };
     let backend = up.guard.backend();
     if clean {
-        if let Some(conn) = up.conn.take() {
+        if let Some(conn) = body.take_reusable() {
             backend.conns.put_back(conn);
         }
     }
@@ -264,7 +263,7 @@ impl Body for ResponseBody {
                         log.bytes += data.len() as u64;
                     }
                     if body.is_end_stream() {
-                        finish(done, true);
+                        finish(done, body, true);
                     } else if let Some(sleep) = idle {
                         if let Some(up) = done {
                             sleep.as_mut().reset(tokio::time::Instant::now() + up.stream_idle_timeout);
@@ -273,11 +272,11 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    finish(done, false);
-                    Poll::Ready(Some(Err(Box::new(e))))
+                    finish(done, body, false);
+                    Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
-                    finish(done, true);
+                    finish(done, body, true);
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
@@ -287,7 +286,7 @@ impl Body for ResponseBody {
                     let timeout = up.stream_idle_timeout;
                     let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     if sleep.as_mut().poll(cx).is_ready() {
-                        finish(done, false);
+                        finish(done, body, false);
                         return Poll::Ready(Some(Err(Box::new(StreamIdle(timeout)))));
                     }
                     Poll::Pending
@@ -318,7 +317,7 @@ impl Drop for ResponseBody {
             // Dropped before the end means the client went away: the upstream connection is
             // mid-response and is closed rather than reused.
             let clean = body.is_end_stream();
-            finish(done, clean);
+            finish(done, body, clean);
         }
     }
 }

@@ -8,6 +8,7 @@
 mod access;
 pub mod body;
 pub mod conn;
+pub mod h1;
 pub mod headers;
 pub mod upstream;
 
@@ -159,7 +160,10 @@ impl ConnCtx {
 
         // 3. Admit: a slot on a backend, now or after queueing.
         let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
-        let (guard, waited, newer) = queue::admit(pool, latest).await.map_err(ProxyError::Unavailable)?;
+        let (guard, waited, newer) = match queue::admit_now(pool) {
+            Some(g) => (g, None, None),
+            None => Box::pin(queue::admit(pool, latest)).await.map_err(ProxyError::Unavailable)?,
+        };
         // A request that waited may have been admitted to a newer version of its pool.
         let pool = match &newer {
             Some(p) => {
@@ -224,9 +228,9 @@ impl ConnCtx {
         let mut req = upstream_req;
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0;
-        let (resp, conn) = loop {
+        let resp = loop {
             let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, req)).await;
-            if let Ok(Ok((r, _))) = &sent {
+            if let Ok(Ok(r)) = &sent {
                 if cfg.honor_retry_after && matches!(r.status().as_u16(), 429 | 503) {
                     if let Some(pause) = r.headers().get(header::RETRY_AFTER).and_then(headers::retry_after) {
                         backend.saturate(pause);
@@ -241,8 +245,8 @@ impl ConnCtx {
                 {
                     Some("refused-stream")
                 }
-                (Ok(Ok((r, _))), Some(rc)) if method_ok && r.status() == 503 && rc.on_503 => Some("503"),
-                (Ok(Ok((r, _))), Some(rc)) if method_ok && r.status() == 429 && rc.on_429 => Some("429"),
+                (Ok(Ok(r)), Some(rc)) if method_ok && r.status() == 503 && rc.on_503 => Some("503"),
+                (Ok(Ok(r)), Some(rc)) if method_ok && r.status() == 429 && rc.on_429 => Some("429"),
                 (Ok(Err(upstream::SendError { unsent: None, error: ProxyError::Upstream(_), .. })), Some(rc))
                     if method_ok && rc.on_reset =>
                 {
@@ -256,7 +260,7 @@ impl ConnCtx {
                 let next = again.as_ref().and_then(|_| untried_backend(pool, &mut tried, &backend));
                 if let (Some(again), Some(next)) = (again, next.filter(|_| pool.state.take_retry(rc.budget_percent))) {
                     let status = match &sent {
-                        Ok(Ok((r, _))) => r.status().as_u16(),
+                        Ok(Ok(r)) => r.status().as_u16(),
                         _ => 502,
                     };
                     drop(sent); // a 503/429 answer is discarded with its connection
@@ -307,7 +311,7 @@ impl ConnCtx {
             log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
             log
         });
-        let done = Upstream { guard, conn, started, status, stream_idle_timeout: cfg.stream_idle_timeout, log };
+        let done = Upstream { guard, started, status, stream_idle_timeout: cfg.stream_idle_timeout, log };
         Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
     }
 }

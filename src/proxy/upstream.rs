@@ -1,27 +1,30 @@
-//! Connections to backends: a lock-free pool of idle HTTP/1.1 connections per backend, one shared
-//! multiplexed connection per backend for HTTP/2, and the connect (TCP, then TLS for pools with
-//! `tls = true`) and handshake that fill them. With `protocol = "auto"` over TLS, the first
-//! connection's ALPN answer decides the backend's protocol.
+//! Connections to backends: a lock-free pool of idle HTTP/1.1 connections per backend (driven by
+//! [`super::h1`] on the requesting task), one shared multiplexed hyper connection per backend for
+//! HTTP/2, and the connect (TCP, then TLS for pools with `tls = true`) that fills them. With
+//! `protocol = "auto"` over TLS, the first connection's ALPN answer decides the backend's protocol.
 //!
 //! Checking out an idle connection is a pop from a lock-free `ArrayQueue`; a connection goes back
 //! only once its response body has been read to the end, so it is clean for the next request.
 
-use super::body::RequestBody;
+use super::body::{BoxError, RequestBody};
+use super::h1;
 use crate::backend::Backend;
 use crate::config::{PoolConfig, Protocol};
 use crate::error::ProxyError;
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::cell::Cell;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 
-pub type H1Sender = http1::SendRequest<RequestBody>;
 type H2Sender = http2::SendRequest<RequestBody>;
 
 /// Upper bound on idle HTTP/1.1 connections kept per backend and worker.
@@ -46,7 +49,7 @@ pub fn set_current_worker(id: usize) {
 /// A backend's upstream connections.
 pub struct Conns {
     /// Idle HTTP/1.1 connections, one lock-free queue per worker.
-    idle: Box<[ArrayQueue<H1Sender>]>,
+    idle: Box<[ArrayQueue<h1::Conn>]>,
     h2: ArcSwapOption<H2Sender>,
     /// What ALPN chose (`protocol = "auto"`): 0 not known yet, 1 HTTP/1.1, 2 h2.
     alpn: AtomicU8,
@@ -67,16 +70,24 @@ impl Conns {
         }
     }
 
-    fn local(&self) -> &ArrayQueue<H1Sender> {
+    fn local(&self) -> &ArrayQueue<h1::Conn> {
         &self.idle[WORKER.with(Cell::get) % self.idle.len()]
     }
 
     /// Returns a connection whose response was read to the end. Dropped (closed) when the
-    /// pool is full or the connection is already closed.
-    pub fn put_back(&self, conn: H1Sender) {
-        if !conn.is_closed() {
-            let _ = self.local().push(conn);
+    /// pool is full.
+    pub fn put_back(&self, conn: h1::Conn) {
+        let _ = self.local().push(conn);
+    }
+
+    /// Pops idle connections until one is usable (not closed by the backend meanwhile).
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<h1::Conn> {
+        while let Some(mut c) = self.local().pop() {
+            if c.poll_usable(cx) {
+                return Some(c);
+            }
         }
+        None
     }
 
     /// Idle HTTP/1.1 connections over all workers.
@@ -118,13 +129,57 @@ fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Sends `req` to `backend`. On success returns the response and, for HTTP/1.1, the connection
-/// to give back once the body is done.
+/// A backend's response body: read by this task from an HTTP/1.1 connection, or a stream of a
+/// shared h2 connection.
+pub enum UpstreamBody {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl UpstreamBody {
+    /// The HTTP/1.1 connection, once the body ended cleanly and the connection may be reused.
+    pub fn take_reusable(&mut self) -> Option<h1::Conn> {
+        match self {
+            UpstreamBody::H1(b) => b.take_reusable(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Sends `req` to `backend` and returns the response; an HTTP/1.1 connection travels inside the
+/// body and goes back to the pool from there.
 pub async fn send(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Option<H1Sender>), SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     let h2 = match pool.protocol {
         Protocol::Http1 => false,
         Protocol::H2c => true,
@@ -132,16 +187,18 @@ pub async fn send(
         Protocol::Auto => match backend.conns.alpn.load(Ordering::Relaxed) {
             ALPN_H1 => false,
             ALPN_H2 => true,
-            _ => match learn_protocol(backend, pool).await {
+            _ => match Box::pin(learn_protocol(backend, pool)).await {
                 Ok(h2) => h2,
                 Err(e) => return Err(SendError::unsent(e, req)),
             },
         },
     };
+    // Cold paths are boxed so that the common one (a pooled HTTP/1.1 connection) stays a small
+    // future: every byte of it is moved on each request.
     if h2 {
-        send_h2(backend, pool, req).await.map(|r| (r, None))
+        Box::pin(send_h2(backend, pool, req)).await.map(|r| r.map(UpstreamBody::H2))
     } else {
-        send_h1(backend, pool, req).await.map(|(r, c)| (r, Some(c)))
+        send_h1(backend, pool, req).await.map(|r| r.map(UpstreamBody::H1))
     }
 }
 
@@ -153,8 +210,7 @@ async fn learn_protocol(backend: &Backend, pool: &PoolConfig) -> Result<bool, Pr
         let sender = h2_handshake(backend, io).await?;
         backend.conns.h2.store(Some(Arc::new(sender)));
     } else {
-        let sender = h1_handshake(backend, io).await?;
-        backend.conns.put_back(sender);
+        backend.conns.put_back(h1::Conn::new(io));
     }
     backend.conns.alpn.store(if negotiated_h2 { ALPN_H2 } else { ALPN_H1 }, Ordering::Relaxed);
     Ok(negotiated_h2)
@@ -164,46 +220,33 @@ async fn send_h1(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     mut req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, H1Sender), SendError> {
+) -> Result<Response<h1::Body>, SendError> {
     // A pooled connection can turn out to be closed by the backend at the very moment we use it;
-    // hyper hands the request back when it was never written, and then a fresh connection is safe.
+    // the request comes back when that is certain to be safe, and then a fresh connection is used.
     let mut fresh_tries = 0;
     loop {
-        let mut conn = match checkout(&backend.conns).await {
+        let conn = match std::future::poll_fn(|cx| Poll::Ready(backend.conns.checkout(cx))).await {
             Some(c) => c,
             None => {
                 fresh_tries += 1;
-                match connect_h1(backend, pool).await {
-                    Ok(c) => c,
+                match Box::pin(connect_io(backend, pool, false)).await {
+                    Ok((io, _)) => h1::Conn::new(io),
                     Err(e) => return Err(SendError::unsent(e, req)),
                 }
             }
         };
-        match conn.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, conn)),
-            Err(mut e) => {
-                let error = ProxyError::Upstream(error_chain(e.error()));
-                match e.take_message() {
+        match h1::exchange(conn, req).await {
+            Ok(resp) => return Ok(resp),
+            Err(failed) => {
+                let error = ProxyError::Upstream(error_chain(&failed.error));
+                match failed.request {
                     Some(back) if fresh_tries < 2 => req = back,
-                    Some(back) => return Err(SendError::unsent(error, back)),
-                    None => return Err(SendError::sent(error)),
+                    Some(back) if !failed.stale => return Err(SendError::unsent(error, back)),
+                    _ => return Err(SendError::sent(error)),
                 }
             }
         }
     }
-}
-
-/// Pops idle connections until one is usable.
-async fn checkout(conns: &Conns) -> Option<H1Sender> {
-    while let Some(mut c) = conns.local().pop() {
-        if c.is_closed() {
-            continue;
-        }
-        if c.is_ready() || c.ready().await.is_ok() {
-            return Some(c);
-        }
-    }
-    None
 }
 
 async fn tcp_connect(backend: &Backend, pool: &PoolConfig) -> Result<TcpStream, ProxyError> {
@@ -234,26 +277,6 @@ pub(crate) async fn connect_io(
         .map_err(|e| ProxyError::Connect(format!("{}: TLS: {e}", backend.addr)))?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     Ok((UpstreamIo::Right(Box::new(stream)), h2))
-}
-
-async fn connect_h1(backend: &Backend, pool: &PoolConfig) -> Result<H1Sender, ProxyError> {
-    let (io, _) = connect_io(backend, pool, false).await?;
-    h1_handshake(backend, io).await
-}
-
-async fn h1_handshake(backend: &Backend, io: UpstreamIo) -> Result<H1Sender, ProxyError> {
-    let (sender, conn) = http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ProxyError::Connect(format!("{}: handshake: {e}", backend.addr)))?;
-    let addr = backend.addr;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
 }
 
 async fn send_h2(

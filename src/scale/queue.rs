@@ -133,6 +133,16 @@ impl Drop for Ticket<'_> {
     }
 }
 
+/// The fast path of [`admit`]: a slot right now, when nobody is queued ahead.
+#[inline]
+pub fn admit_now(pool: &Pool) -> Option<InflightGuard> {
+    if pool.queue.depth() == 0 {
+        pool.try_acquire()
+    } else {
+        None
+    }
+}
+
 /// Claims a slot on the pool: at once if one is free and nobody is waiting, else by waiting in
 /// the queue. Returns the slot, how long the request queued (`None` if it did not), and the
 /// newer version of the pool the slot is in when it is not `pool` (so the fast path costs no

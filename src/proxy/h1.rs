@@ -1,0 +1,714 @@
+//! The HTTP/1.1 client half of the data path: writes one request on a backend connection and
+//! reads the response, on the task of the client connection that asked for it.
+//!
+//! hyper's client runs every connection as a task of its own and talks to it over channels, so
+//! each exchange costs two task hops and several moves of the request and response. Here the
+//! request future, and then the response body, drive the socket themselves.
+//!
+//! This module owns request framing (the client's Content-Length, or chunked when the length is
+//! unknown); response framing by RFC 9112 §6.3 (no body, Content-Length, chunked, or until
+//! close); skipping 1xx answers; refusing malformed or ambiguous responses (invalid or
+//! conflicting Content-Length, oversized heads, broken chunks); and deciding whether the
+//! connection may carry another request. It never buffers a body: frames are slices of the read
+//! buffer, handed on as they arrive. It never spawns a task and never locks; timeouts belong to
+//! the caller.
+
+use super::body::{BoxError, RequestBody};
+use super::upstream::UpstreamIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use memchr::memchr;
+use std::future::poll_fn;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::AsyncWrite;
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response header fields accepted.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions), and the most trailer bytes, accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+/// Request body bytes gathered into one write (with the head, when they are already there).
+const COALESCE: usize = 16 * 1024;
+
+/// Why an exchange, or a response body, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing the request: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the response: {0}")]
+    Read(#[source] io::Error),
+    #[error("backend closed the connection before answering")]
+    ClosedBeforeAnswer,
+    #[error("backend closed the connection in the middle of the response")]
+    ClosedEarly,
+    #[error("invalid response from backend: {0}")]
+    Malformed(&'static str),
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+}
+
+/// One connection to a backend.
+pub struct Conn {
+    io: UpstreamIo,
+    /// Bytes read and not yet handed on.
+    buf: BytesMut,
+    /// The request being written (its allocation is reused).
+    out: Vec<u8>,
+    /// Whether it carried an exchange before.
+    reused: bool,
+}
+
+impl Conn {
+    pub fn new(io: UpstreamIo) -> Self {
+        Conn { io, buf: BytesMut::new(), out: Vec::new(), reused: false }
+    }
+
+    /// Whether an idle connection can take a request: the backend has neither closed it nor sent
+    /// anything unasked. Costs no system call while the socket has nothing to read.
+    pub fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        // Pending is the healthy answer; data, end of stream or an error all disqualify it.
+        matches!(self.poll_fill(cx), Poll::Pending)
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+/// A failed exchange. `request` comes back when it may be sent again on another connection:
+/// nothing of it was written, or the connection was a reused one that the backend had closed
+/// (`stale`) and the request is idempotent with no body consumed.
+pub struct Failed {
+    pub error: Error,
+    pub request: Option<Request<RequestBody>>,
+    pub stale: bool,
+}
+
+/// How the request body goes on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReqFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `req` on `conn` and reads the response head. The response body then reads from the
+/// connection itself and hands it back at its end if it may carry another request.
+pub async fn exchange(mut conn: Conn, req: Request<RequestBody>) -> Result<Response<Body>, Failed> {
+    let (parts, mut body) = req.into_parts();
+    let framing = match encode_head(&mut conn.out, &parts, &body) {
+        Ok(f) => f,
+        Err(error) => return Err(Failed { error, request: None, stale: false }),
+    };
+    let reused = conn.reused;
+    conn.reused = true;
+    let mut w = Writer::new(framing);
+    let mut answered = false;
+    let head = poll_fn(|cx| {
+        if !w.finished(&conn) {
+            if let Poll::Ready(Err(e)) = w.poll(cx, &mut conn, &mut body) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        // The answer is read while the request is still going out: a backend may answer early
+        // (and refuse the body).
+        loop {
+            match ready!(poll_head(cx, &mut conn, &mut answered)) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => continue, // a 1xx answer; the final one follows
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    })
+    .await;
+    match head {
+        Ok(head) => {
+            // Answered before the whole request went out: the rest of the body is dropped and
+            // the connection is not reused (the backend may still be reading it).
+            let request_done = w.finished(&conn);
+            conn.out.clear();
+            head.into_response(conn, parts.method == Method::HEAD, request_done).map_err(|error| Failed {
+                error,
+                request: None,
+                stale: false,
+            })
+        }
+        Err(error) => {
+            let stale =
+                reused && !answered && matches!(error, Error::ClosedBeforeAnswer | Error::Read(_) | Error::Write(_));
+            let unsent = !w.sent_any && !w.body_polled;
+            let again = unsent || (stale && !w.body_polled && parts.method.is_idempotent());
+            let request = again.then(|| Request::from_parts(parts, body));
+            Err(Failed { error, request, stale })
+        }
+    }
+}
+
+/// Serialises the request line and headers into `out`, adding the body's framing header.
+fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &RequestBody) -> Result<ReqFraming, Error> {
+    use http_body::Body as _;
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some(p) if !p.is_empty() => out.extend_from_slice(p.as_bytes()),
+        _ => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut declared = None;
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue; // framing is ours to choose (and it is stripped as hop-by-hop anyway)
+        }
+        if name == header::CONTENT_LENGTH {
+            let n = value.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+            declared = Some(n.ok_or(Error::RequestBody("invalid Content-Length".into()))?);
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if body.is_end_stream() {
+        if declared.is_none() && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        ReqFraming::None
+    } else if let Some(n) = declared {
+        ReqFraming::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        let _ = write!(out, "content-length: {n}\r\n");
+        ReqFraming::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        ReqFraming::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    Ok(framing)
+}
+
+/// Writes the head and streams the request body, a bounded batch of frames per write.
+struct Writer {
+    framing: ReqFraming,
+    /// Bytes of `out` already written.
+    written: usize,
+    flushed: bool,
+    sent_any: bool,
+    /// A body frame was taken (the body can no longer be sent again as it is).
+    body_polled: bool,
+    body_done: bool,
+    seen: u64,
+}
+
+impl Writer {
+    fn new(framing: ReqFraming) -> Self {
+        Writer {
+            framing,
+            written: 0,
+            flushed: true,
+            sent_any: false,
+            body_polled: false,
+            body_done: framing == ReqFraming::None,
+            seen: 0,
+        }
+    }
+
+    fn finished(&self, conn: &Conn) -> bool {
+        self.body_done && self.written == conn.out.len() && self.flushed
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, conn: &mut Conn, body: &mut RequestBody) -> Poll<Result<(), Error>> {
+        use http_body::Body as _;
+        loop {
+            // Gather what the body has ready, up to a batch.
+            while !self.body_done && conn.out.len() - self.written < COALESCE {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => self.end_body(&mut conn.out)?,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::RequestBody(e))),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        self.body_polled = true;
+                        self.frame(&mut conn.out, frame)?;
+                    }
+                }
+            }
+            if self.written < conn.out.len() {
+                match Pin::new(&mut conn.io).poll_write(cx, &conn.out[self.written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into()))),
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.sent_any = true;
+                        self.flushed = false;
+                        if self.written == conn.out.len() {
+                            conn.out.clear();
+                            self.written = 0;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Write(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.flushed {
+                ready!(Pin::new(&mut conn.io).poll_flush(cx)).map_err(Error::Write)?;
+                self.flushed = true;
+            }
+            // All written: done, or waiting for the body (which holds our waker).
+            return if self.body_done { Poll::Ready(Ok(())) } else { Poll::Pending };
+        }
+    }
+
+    fn frame(&mut self, out: &mut Vec<u8>, frame: Frame<Bytes>) -> Result<(), Error> {
+        match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    return Ok(());
+                }
+                self.seen += data.len() as u64;
+                match self.framing {
+                    ReqFraming::Length(n) if self.seen > n => {
+                        return Err(Error::RequestBody("request body longer than its Content-Length".into()))
+                    }
+                    ReqFraming::Chunked => {
+                        let _ = write!(out, "{:x}\r\n", data.len());
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    _ => out.extend_from_slice(&data),
+                }
+            }
+            Err(frame) => {
+                // Trailers end the body; only chunked framing can carry them.
+                if let (ReqFraming::Chunked, Ok(trailers)) = (self.framing, frame.into_trailers()) {
+                    out.extend_from_slice(b"0\r\n");
+                    for (name, value) in &trailers {
+                        out.extend_from_slice(name.as_str().as_bytes());
+                        out.extend_from_slice(b": ");
+                        out.extend_from_slice(value.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    self.body_done = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_body(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
+        match self.framing {
+            ReqFraming::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            ReqFraming::Length(n) if self.seen != n => {
+                return Err(Error::RequestBody("request body shorter than its Content-Length".into()))
+            }
+            _ => {}
+        }
+        self.body_done = true;
+        Ok(())
+    }
+}
+
+/// A parsed response head.
+struct Head {
+    status: u16,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Reads until a complete head is buffered. `Ok(None)` for a 1xx answer (consumed).
+fn poll_head(cx: &mut Context<'_>, conn: &mut Conn, answered: &mut bool) -> Poll<Result<Option<Head>, Error>> {
+    loop {
+        if !conn.buf.is_empty() {
+            *answered = true;
+            if let Some(parsed) = parse_head(&mut conn.buf)? {
+                return Poll::Ready(Ok(parsed));
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Poll::Ready(Err(Error::Malformed("response head larger than 64 KiB")));
+            }
+        }
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) if conn.buf.is_empty() => return Poll::Ready(Err(Error::ClosedBeforeAnswer)),
+            Ok(0) => return Poll::Ready(Err(Error::ClosedEarly)),
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(Error::Read(e))),
+        }
+    }
+}
+
+/// Parses a head at the front of `buf`. `None` when incomplete; `Some(None)` for a 1xx answer,
+/// which is consumed; `Some(Some(head))` otherwise, with the head's bytes consumed.
+#[allow(clippy::type_complexity)]
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("more than 128 header fields")),
+        Err(_) => return Err(Error::Malformed("unparsable response head")),
+    };
+    let status = resp.code.unwrap_or(0);
+    if (100..200).contains(&status) && status != 101 {
+        buf.advance(len);
+        return Ok(Some(None));
+    }
+    let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Offsets into the head, so that names and values are read from it once it is frozen.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|_| Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Some(Head { status, version, headers })))
+}
+
+impl Head {
+    /// The response, with its body framed as RFC 9112 §6.3 says.
+    fn into_response(mut self, conn: Conn, head_only: bool, request_done: bool) -> Result<Response<Body>, Error> {
+        let status = StatusCode::from_u16(self.status).map_err(|_| Error::Malformed("invalid status code"))?;
+        if self.status == 101 {
+            return Err(Error::Malformed("switched protocols without an upgrade request"));
+        }
+        let mut reusable = request_done && keep_alive(self.version, &self.headers);
+        let state = if head_only || self.status == 204 || self.status == 304 {
+            State::Done
+        } else if self.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding wins over Content-Length; a message with both is suspect, so the
+            // length goes and the connection is not trusted again.
+            if self.headers.remove(header::CONTENT_LENGTH).is_some() {
+                reusable = false;
+            }
+            if chunked_last(&self.headers) {
+                State::Chunked(Chunk::Size)
+            } else {
+                reusable = false;
+                State::UntilClose
+            }
+        } else if self.headers.contains_key(header::CONTENT_LENGTH) {
+            match content_length(&self.headers) {
+                Some(0) => State::Done,
+                Some(n) => State::Length(n),
+                None => return Err(Error::Malformed("invalid or conflicting Content-Length")),
+            }
+        } else {
+            reusable = false;
+            State::UntilClose
+        };
+        let mut resp = Response::new(Body { conn: Some(conn), state, reusable });
+        *resp.status_mut() = status;
+        *resp.version_mut() = self.version;
+        *resp.headers_mut() = self.headers;
+        Ok(resp)
+    }
+}
+
+/// Whether the backend lets the connection carry another request.
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let (mut close, mut keep) = (false, false);
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|&b| b == b',') {
+            let t = token.trim_ascii();
+            close |= t.eq_ignore_ascii_case(b"close");
+            keep |= t.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    if version == Version::HTTP_10 {
+        keep && !close
+    } else {
+        !close
+    }
+}
+
+/// Whether the last transfer coding is chunked.
+fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The Content-Length: every value (lists included) must be the same number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let t = part.trim_ascii();
+            if t.is_empty() || t.len() > 19 || !t.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n: u64 = std::str::from_utf8(t).ok()?.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// Where a response body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Done,
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines (discarded) up to an empty line; bytes seen so far.
+    Trailers(usize),
+}
+
+/// What one decoding step produced.
+enum Step {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+/// The response body, read straight from the backend connection.
+pub struct Body {
+    conn: Option<Conn>,
+    state: State,
+    reusable: bool,
+}
+
+impl Body {
+    /// The connection, once the body has ended cleanly and it may carry another request.
+    pub fn take_reusable(&mut self) -> Option<Conn> {
+        let reusable =
+            self.state == State::Done && self.reusable && self.conn.as_ref().is_some_and(|c| c.buf.is_empty());
+        if reusable {
+            self.conn.take()
+        } else {
+            None
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = State::Done;
+        self.reusable = false;
+        self.conn = None;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+/// One step of chunked decoding over the buffered bytes.
+fn decode_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Step, Error> {
+    loop {
+        match *chunk {
+            Chunk::Size => {
+                let Some(nl) = memchr(b'\n', buf) else {
+                    return if buf.len() > MAX_CHUNK_LINE {
+                        Err(Error::Malformed("chunk-size line too long"))
+                    } else {
+                        Ok(Step::NeedMore)
+                    };
+                };
+                let size = chunk_size(&buf[..nl])?;
+                buf.advance(nl + 1);
+                *chunk = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
+            }
+            Chunk::Data(rem) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let n = rem.min(buf.len() as u64);
+                let data = buf.split_to(n as usize).freeze();
+                *chunk = if n == rem { Chunk::DataEnd } else { Chunk::Data(rem - n) };
+                return Ok(Step::Data(data));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(Error::Malformed("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *chunk = Chunk::Size;
+            }
+            Chunk::Trailers(seen) => {
+                let Some(nl) = memchr(b'\n', buf) else {
+                    return if seen + buf.len() > MAX_TRAILERS {
+                        Err(Error::Malformed("trailers too large"))
+                    } else {
+                        Ok(Step::NeedMore)
+                    };
+                };
+                let empty = nl == 1 && buf[0] == b'\r';
+                if nl == 0 || (!empty && buf[nl - 1] != b'\r') {
+                    return Err(Error::Malformed("trailer line not ended by CRLF"));
+                }
+                buf.advance(nl + 1);
+                if empty {
+                    return Ok(Step::End);
+                }
+                *chunk = Chunk::Trailers(seen + nl + 1);
+            }
+        }
+    }
+}
+
+/// How many buffered bytes finish the body from `chunk` without more data (the CRLF after the
+/// data, the last chunk and the trailers), if they are all here.
+fn end_ahead(mut chunk: Chunk, buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        match chunk {
+            Chunk::DataEnd => {
+                if !rest.starts_with(b"\r\n") {
+                    return None;
+                }
+                at += 2;
+                chunk = Chunk::Size;
+            }
+            Chunk::Size => {
+                let nl = memchr(b'\n', rest)?;
+                if chunk_size(&rest[..nl]).ok()? != 0 {
+                    return None;
+                }
+                at += nl + 1;
+                chunk = Chunk::Trailers(0);
+            }
+            Chunk::Trailers(_) => {
+                let nl = memchr(b'\n', rest)?;
+                at += nl + 1;
+                match &rest[..nl] {
+                    b"\r" => return Some(at),
+                    line if line.len() > 1 && line.ends_with(b"\r") => {}
+                    _ => return None,
+                }
+            }
+            Chunk::Data(_) => return None,
+        }
+    }
+}
+
+/// Parses `1*HEXDIG [ BWS ";" ext ] CR` (the LF is already cut off).
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let line = line.strip_suffix(b"\r").ok_or(Error::Malformed("chunk-size line not ended by CRLF"))?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(Error::Malformed("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    if !rest.is_empty() && !matches!(rest.trim_ascii_start().first(), Some(b';')) {
+        return Err(Error::Malformed("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| Error::Malformed("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| Error::Malformed("invalid chunk size"))
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(rem) => {
+                    if !conn.buf.is_empty() {
+                        let n = (*rem).min(conn.buf.len() as u64);
+                        let data = conn.buf.split_to(n as usize).freeze();
+                        *rem -= n;
+                        if *rem == 0 {
+                            this.state = State::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                State::UntilClose => {
+                    if !conn.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split().freeze()))));
+                    }
+                }
+                State::Chunked(chunk) => match decode_chunked(chunk, &mut conn.buf) {
+                    Ok(Step::Data(data)) => {
+                        // Consume framing that is already here (the CRLF, the last chunk), so the
+                        // end shows at once and the connection goes back without another read.
+                        if let Some(n) = end_ahead(*chunk, &conn.buf) {
+                            conn.buf.advance(n);
+                            this.state = State::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Step::End) => {
+                        this.state = State::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::NeedMore) => {}
+                    Err(e) => return this.fail(e),
+                },
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if this.state == State::UntilClose => {
+                    this.state = State::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => return this.fail(Error::ClosedEarly),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(Error::Read(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
