@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# CPU time each proxy spends per request, headroom beside nginx and HAProxy (one worker each,
+# same backends, same load), measured in the same run. Requests per second on a shared machine
+# stop at whatever saturates first (often the load generator and backends, not the proxy); the
+# proxy's own CPU microseconds per request is what one core of it can carry: 1e6 / us_per_req.
+#
+# Layout: the proxy under test on CPU 0; wrk and the backends (one nginx worker serving four
+# ports with a ~130-byte JSON answer, like peerbench's `fast`) on CPU 1. Each round measures
+# every proxy once (order rotated); the table gives medians and ratios to nginx.
+#
+# Needs nginx, haproxy, wrk and a release build (cargo build --release).
+# Env: ROUNDS (3), DURATION (8 s), CONNS (64), PROXY_CPU (0), LOAD_CPU (1), HEADROOM_BIN (the
+# release build).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin=${HEADROOM_BIN:-$repo/target/release/headroom}
+rounds=${ROUNDS:-3} duration=${DURATION:-8} conns=${CONNS:-64}
+pcpu=${PROXY_CPU:-0} lcpu=${LOAD_CPU:-1}
+for tool in nginx haproxy wrk taskset; do
+  command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install nginx-light haproxy wrk)" >&2; exit 1; }
+done
+[ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+mkdir -p "$dir/tmp"
+ports=(18601 18602 18603 18604)
+body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"index":0,"text":"ok","finish_reason":"stop"}]}'
+{
+  echo "daemon off; master_process off; worker_processes 1; pid $dir/b.pid; error_log $dir/b.err warn;"
+  echo "events { worker_connections 8192; }"
+  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;"
+  echo "  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
+  for p in "${ports[@]}"; do
+    echo "  server { listen 127.0.0.1:$p backlog=4096; location / { default_type application/json; return 200 '$body\n'; } }"
+  done
+  echo "}"
+} > "$dir/backends.conf"
+{
+  echo "daemon off; master_process off; worker_processes 1; pid $dir/n.pid; error_log $dir/n.err warn;"
+  echo "events { worker_connections 8192; }"
+  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;"
+  echo "  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
+  echo "  upstream be { least_conn; keepalive 1024; keepalive_requests 10000000;"
+  for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=3 fail_timeout=10s;"; done
+  echo "  }"
+  echo "  server { listen 127.0.0.1:18611 backlog=4096; location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  echo "}"
+} > "$dir/nginx.conf"
+{
+  printf 'global\n  nbthread 1\n  maxconn 9900\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
+  printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout http-keep-alive 120s\n'
+  printf 'frontend fe\n  bind 127.0.0.1:18612 backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n'
+  for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
+} > "$dir/haproxy.cfg"
+{
+  printf '[server]\nlisten = ["127.0.0.1:18613"]\nworkers = 1\naccess_log = false\n'
+  printf '[admin]\nlisten = "127.0.0.1:18614"\n[pools.default]\nmax_inflight_per_backend = 100000\n'
+  for p in "${ports[@]}"; do printf '[[pools.default.backends]]\naddr = "127.0.0.1:%s"\n' "$p"; done
+} > "$dir/headroom.toml"
+
+taskset -c "$lcpu" nginx -c "$dir/backends.conf" >/dev/null 2>&1 & pids+=($!)
+
+# name port command...: starts a proxy on the proxy CPU, prints its pid
+start() {
+  local port=$1; shift
+  taskset -c "$pcpu" "$@" >"$dir/proxy.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  echo "$pid"
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+tck=$(getconf CLK_TCK)
+
+declare -A us rps
+names=(headroom nginx haproxy)
+for r in $(seq "$rounds"); do
+  for k in $(seq 0 2); do
+    name=${names[$(( (k + r) % 3 ))]}
+    case $name in
+      headroom) port=18613; pid=$(RUST_LOG=warn start $port "$bin" --config "$dir/headroom.toml") ;;
+      nginx) port=18611; pid=$(start $port nginx -c "$dir/nginx.conf") ;;
+      haproxy) port=18612; pid=$(start $port haproxy -db -f "$dir/haproxy.cfg") ;;
+    esac
+    taskset -c "$lcpu" wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/fast" >/dev/null
+    before=$(cpu_ticks "$pid")
+    out=$(taskset -c "$lcpu" wrk -t1 -c"$conns" -d"${duration}s" "http://127.0.0.1:$port/fast")
+    after=$(cpu_ticks "$pid")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    per=$(awk -v t=$((after - before)) -v hz="$tck" -v n="$n" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
+    echo "round $r $name: $rate req/s, $per us CPU per request" >&2
+    us[$name]+="$per "
+    rps[$name]+="$rate "
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+done
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+n_us=$(median <<<"${us[nginx]}")
+echo
+echo "| proxy | req/s (median) | CPU us per request (median) | requests per CPU-second | per-core capacity vs nginx |"
+echo "|---|---:|---:|---:|---:|"
+for name in "${names[@]}"; do
+  m=$(median <<<"${us[$name]}")
+  q=$(median <<<"${rps[$name]}")
+  awk -v n="$name" -v m="$m" -v q="$q" -v b="$n_us" 'BEGIN {printf "| %s | %.0f | %.2f | %.0f | %.3f |\n", n, q, m, 1e6 / m, b / m}'
+done
