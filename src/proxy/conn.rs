@@ -308,6 +308,14 @@ impl HeadScanner {
         let mut flagged = false;
         let mut pos = 0;
         loop {
+            // Only Content-Length and Transfer-Encoding lines (and the blank line ending a head)
+            // matter: any other line is skipped whole from its first byte.
+            if self.collecting && self.len == 0 && pos < data.len() {
+                let first = data[pos];
+                if !matches!(first | 0x20, b'c' | b't') && first != b'\r' && first != b'\n' {
+                    self.collecting = false;
+                }
+            }
             if self.collecting {
                 while pos < data.len() && self.len < self.prefix.len() && data[pos] != b'\n' {
                     self.prefix[self.len] = data[pos].to_ascii_lowercase();

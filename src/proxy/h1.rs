@@ -323,11 +323,48 @@ impl Writer {
     }
 }
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// A parsed response head.
 struct Head {
     status: u16,
     version: Version,
     headers: HeaderMap,
+    conn: ConnectionTokens,
+}
+
+/// What the Connection header fields said.
+#[derive(Default)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    /// Reads one Connection value; true when it holds nothing but `close` and `keep-alive`.
+    fn read(&mut self, value: &[u8]) -> bool {
+        let mut only_ours = true;
+        for token in value.split(|&b| b == b',') {
+            let t = token.trim_ascii();
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !t.is_empty() {
+                only_ours = false;
+            }
+        }
+        only_ours
+    }
+
+    /// Whether the backend lets the connection carry another request.
+    fn reusable(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive && !self.close
+        } else {
+            !self.close
+        }
+    }
 }
 
 /// Reads until a complete head is buffered. `Ok(None)` for a 1xx answer (consumed).
@@ -380,14 +417,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut conn = ConnectionTokens::default();
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Malformed("invalid header name"))?;
+        let raw = &head[vs as usize..ve as usize];
+        // Connection and Keep-Alive concern this hop only. They are read here and left out,
+        // unless Connection names other headers: then the caller's hop-by-hop strip needs it.
+        if name == header::CONNECTION {
+            if conn.read(raw) {
+                continue;
+            }
+        } else if name == KEEP_ALIVE {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    Ok(Some(Some(Head { status, version, headers })))
+    Ok(Some(Some(Head { status, version, headers, conn })))
 }
 
 impl Head {
@@ -397,7 +445,7 @@ impl Head {
         if self.status == 101 {
             return Err(Error::Malformed("switched protocols without an upgrade request"));
         }
-        let mut reusable = request_done && keep_alive(self.version, &self.headers);
+        let mut reusable = request_done && self.conn.reusable(self.version);
         let state = if head_only || self.status == 204 || self.status == 304 {
             State::Done
         } else if self.headers.contains_key(header::TRANSFER_ENCODING) {
@@ -427,23 +475,6 @@ impl Head {
         *resp.version_mut() = self.version;
         *resp.headers_mut() = self.headers;
         Ok(resp)
-    }
-}
-
-/// Whether the backend lets the connection carry another request.
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let (mut close, mut keep) = (false, false);
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let t = token.trim_ascii();
-            close |= t.eq_ignore_ascii_case(b"close");
-            keep |= t.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    if version == Version::HTTP_10 {
-        keep && !close
-    } else {
-        !close
     }
 }
 

@@ -179,6 +179,9 @@ impl ConnCtx {
         let cfg = &pool.config;
 
         // 4. The upstream request.
+        // Room for the forwarding headers and the request id in one allocation, instead of
+        // regrowing hyper's exactly-sized map on the way.
+        parts.headers.reserve(8);
         headers::strip_hop_by_hop(&mut parts.headers, &scan);
         headers::strip_expect(&mut parts.headers, &scan);
         headers::add_forwarding(&mut parts.headers, &scan, &self.client, host_value.as_ref(), parts.version);
