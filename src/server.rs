@@ -91,18 +91,21 @@ struct Conn {
 }
 
 impl Conn {
-    /// Serves HTTP on the (decrypted) stream until the client or the drain closes it.
+    /// Serves HTTP on the (decrypted) stream until the client or the drain closes it. Only the
+    /// common case, HTTP/1.1 over plain TCP, is awaited inline: the others are boxed, so that every
+    /// connection's task is as small as that case needs (the task lives as long as the connection).
     async fn serve<S: ClientStream>(self, stream: S, h2: bool, scheme: &'static str, watcher: Watcher) {
+        let peer = self.peer;
         let shared = ConnShared::new();
         let io = TokioIo::new(ClientIo::new(stream, shared.clone(), self.header_timeout, self.idle_timeout));
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
         let result = if h2 {
-            watcher.watch(self.builders.http2.serve_connection(io, service)).await
+            Box::pin(watcher.watch(self.builders.http2.serve_connection(io, service))).await
         } else {
             watcher.watch(self.builders.http1.serve_connection(io, service)).await
         };
         if let Err(e) = result {
-            tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     }
 }
@@ -128,7 +131,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let builders = builders.clone();
         let watcher = graceful.watcher();
         let tls = gateway.tls();
-        tokio::spawn(async move {
+        let fut = async move {
             let conn = Conn { gateway, builders, peer, header_timeout, idle_timeout };
             let Some(tls) = tls else {
                 // A client that sends nothing (or only part of the preface) in time is closed quietly.
@@ -138,15 +141,16 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
                 };
                 return conn.serve(stream, h2, "http", watcher).await;
             };
-            match tls.accept(stream).await {
+            match Box::pin(tls.accept(stream)).await {
                 Handshake::Done(stream) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    conn.serve(*stream, h2, "https", watcher).await
+                    Box::pin(conn.serve(*stream, h2, "https", watcher)).await
                 }
                 Handshake::Failed(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Handshake::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),
             }
-        });
+        };
+        tokio::spawn(fut);
     }
     drop(listener);
     tracing::info!(listen = ?local, "stopped accepting; draining connections");
