@@ -152,7 +152,9 @@ pub async fn exchange(mut conn: Conn, req: Request<RequestBody>) -> Result<Respo
             let stale =
                 reused && !answered && matches!(error, Error::ClosedBeforeAnswer | Error::Read(_) | Error::Write(_));
             let unsent = !w.sent_any && !w.body_polled;
-            let again = unsent || (stale && !w.body_polled && parts.method.is_idempotent());
+            // A failing request body is the client's doing: sending it elsewhere cannot help.
+            let client_side = matches!(error, Error::RequestBody(_));
+            let again = !client_side && (unsent || (stale && !w.body_polled && parts.method.is_idempotent()));
             let request = again.then(|| Request::from_parts(parts, body));
             Err(Failed { error, request, stale })
         }
