@@ -114,7 +114,10 @@ pub fn install() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    spawn_upkeep(h.clone());
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot install the Prometheus recorder");
                     None
@@ -122,6 +125,22 @@ pub fn install() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The exporter keeps every histogram sample until it is folded into buckets, which otherwise
+/// happens only when `/metrics` is rendered: without a scraper, memory would grow with every
+/// request. A small thread folds them on a fixed interval instead.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(UPKEEP_INTERVAL);
+        handle.run_upkeep();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are folded only when scraped");
+    }
 }
 
 /// Status codes whose counters are cached per backend; others are looked up on use.
