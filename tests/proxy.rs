@@ -635,3 +635,70 @@ async fn connect_failures_fail_over_to_another_backend() {
     let hr = Headroom::start(&config(&[(dead2, 1), (dead3, 1)], "connect_timeout = \"1s\"", "")).await;
     assert_eq!(get(&hr.url("/")).await.0, 502);
 }
+
+/// A backend that answers every request on a connection with the same raw bytes.
+async fn raw_backend(answer: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // Requests here have no body: one answer per blank line.
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn malformed_or_ambiguous_backend_responses_are_refused_or_reframed() {
+    // Two different lengths: which one the client would believe is exactly what smuggling needs.
+    let conflicting = raw_backend(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!").await;
+    let hr = Headroom::start(&config(&[(conflicting, 1)], "", "")).await;
+    let (status, body) = get(&hr.url("/")).await;
+    assert_eq!(status, 502);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("invalid response from backend"), "{text}");
+
+    // Transfer-Encoding and Content-Length together: read by its chunks, the length is dropped.
+    let both = raw_backend(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let hr = Headroom::start(&config(&[(both, 1)], "", "")).await;
+    for _ in 0..3 {
+        let resp = client().request(Request::get(hr.url("/")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("content-length").is_none_or(|v| v == "5"), "{:?}", resp.headers());
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"hello");
+    }
+    // ... and such a connection is not reused: each request opened its own.
+    let (_, page) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let metrics = String::from_utf8_lossy(&page).to_string();
+    let connects =
+        metric_value(&metrics, &format!("headroom_upstream_connects_total{{pool=\"default\",backend=\"{both}\"}}"));
+    assert_eq!(connects, 3.0, "{metrics}");
+
+    // A head that never ends within 64 KiB.
+    let endless: &'static [u8] =
+        Box::leak(format!("HTTP/1.1 200 OK\r\nx-pad: {}\r\n\r\n", "a".repeat(70_000)).into_bytes().into_boxed_slice());
+    let hr = Headroom::start(&config(&[(raw_backend(endless).await, 1)], "", "")).await;
+    assert_eq!(get(&hr.url("/")).await.0, 502);
+}
