@@ -381,13 +381,17 @@ impl Replay {
     }
 }
 
-/// A Host value without its port, lower-case.
-fn host_without_port(raw: &str) -> String {
+/// A Host value without its port, lower-case (borrowed when it already is).
+fn host_without_port(raw: &str) -> std::borrow::Cow<'_, str> {
     let host = match raw.rfind(':') {
         Some(i) if !raw.ends_with(']') && raw[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &raw[..i],
         _ => raw,
     };
-    host.to_ascii_lowercase()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// The one shape of every error answer.
