@@ -12,9 +12,12 @@ use crate::scale::events::EventLog;
 use crate::scale::launch::Launched;
 use crate::tls::server::ServerTls;
 use arc_swap::ArcSwap;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
+#[derive(Clone)]
 pub struct Snapshot {
     pub config: Arc<Config>,
     /// Same order as `config.pools`.
@@ -53,8 +56,29 @@ impl Snapshot {
     }
 }
 
+static GATEWAY_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Gateways a thread keeps copies for (one in a running headroom; tests start several).
+const LOCAL_COPIES: usize = 8;
+
+/// A thread's copy of a gateway's snapshot, current as of `generation`. An idle thread keeps its
+/// copy (and the pools in it) until it next asks.
+struct LocalCopy {
+    gateway: u64,
+    generation: u64,
+    snapshot: Arc<Snapshot>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Vec<LocalCopy>> = const { RefCell::new(Vec::new()) };
+}
+
 pub struct Gateway {
     current: ArcSwap<Snapshot>,
+    /// Bumped after every publish, so each thread knows when its copy is out of date.
+    generation: AtomicU64,
+    /// Tells gateways apart in the per-thread copies (tests run several in one process).
+    id: u64,
     /// Requests answered before any pool was chosen (bad requests, no route).
     pub unrouted: PoolMetrics,
     /// The running config's origin and the last reload error (`GET /api/config`).
@@ -85,6 +109,8 @@ impl Gateway {
             scale_events: EventLog::default(),
             tls: OnceLock::new(),
             current: ArcSwap::from_pointee(snapshot),
+            generation: AtomicU64::new(0),
+            id: GATEWAY_IDS.fetch_add(1, Ordering::Relaxed),
             unrouted: PoolMetrics::new("none"),
             config_status: ArcSwap::from_pointee(ConfigStatus::default()),
             reload: OnceLock::new(),
@@ -130,14 +156,67 @@ impl Gateway {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// The current snapshot (one reference-count increment).
+    /// The current snapshot. Every request takes one, on every worker: cloning one shared `Arc`
+    /// would make all workers write its reference count, a cache line bouncing between cores on
+    /// every request. So each thread keeps its own copy (its own `Arc` of the same pools) and
+    /// refreshes it when the generation moves; the shared state it reads per call (the
+    /// generation) is only written by a reload.
     #[inline]
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.load_full()
+        let generation = self.generation.load(Ordering::Acquire);
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            if let Some(copy) = local.iter_mut().find(|c| c.gateway == self.id) {
+                if copy.generation != generation {
+                    copy.generation = generation;
+                    copy.snapshot = Arc::new(Snapshot::clone(&self.current.load()));
+                }
+                return copy.snapshot.clone();
+            }
+            let snapshot = Arc::new(Snapshot::clone(&self.current.load()));
+            if local.len() >= LOCAL_COPIES {
+                local.remove(0);
+            }
+            local.push(LocalCopy { gateway: self.id, generation, snapshot: snapshot.clone() });
+            snapshot
+        })
     }
 
     /// Publishes a new snapshot atomically.
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        // After the store: a thread that sees the new generation is sure to load the new snapshot.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn snapshot(pool: &str) -> Snapshot {
+        let text = format!("[pools.{pool}]\n[[pools.{pool}.backends]]\naddr = \"127.0.0.1:9\"\n");
+        Snapshot::build(Config::parse(&text, Path::new(".")).unwrap(), &[], None)
+    }
+
+    #[test]
+    fn each_thread_keeps_its_own_copy_and_sees_every_publish() {
+        let gateway = Gateway::new(snapshot("a"));
+        let first = gateway.snapshot();
+        let again = gateway.snapshot();
+        assert!(Arc::ptr_eq(&first, &again), "one copy per thread, cloned per call");
+        let elsewhere = std::thread::scope(|s| s.spawn(|| gateway.snapshot()).join().unwrap());
+        assert!(!Arc::ptr_eq(&first, &elsewhere), "another thread has its own copy");
+        assert!(Arc::ptr_eq(&first.pools[0], &elsewhere.pools[0]), "of the same pools");
+
+        gateway.publish(snapshot("b"));
+        assert!(gateway.snapshot().pool("b").is_some(), "this thread sees the publish");
+        let other = std::thread::scope(|s| s.spawn(|| gateway.snapshot()).join().unwrap());
+        assert!(other.pool("b").is_some(), "and so does another");
+        // A second gateway on the same thread is not confused with the first.
+        let second = Gateway::new(snapshot("c"));
+        assert!(second.snapshot().pool("c").is_some());
+        assert!(gateway.snapshot().pool("b").is_some());
     }
 }
