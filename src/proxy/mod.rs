@@ -22,6 +22,7 @@ use headers::{new_request_id, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -59,11 +60,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 /// What a request leaves behind for its answer, whichever way it ends.
-struct Tracking {
+struct Tracking<'s> {
     /// Marks the connection busy until the response body is done.
     active: Option<ActiveRequest>,
     /// The pool chosen, once routed.
-    pool: Option<Arc<Pool>>,
+    /// The pool chosen, once routed: borrowed from the request's snapshot (no reference count
+    /// written per request), owned only when a queued request moved to a newer pool.
+    pool: Option<Cow<'s, Arc<Pool>>>,
     /// Whether the outcome was already counted against a backend.
     counted_on_backend: bool,
     /// The access log line (when on), until the response body takes it.
@@ -112,12 +115,12 @@ impl ConnCtx {
         }
     }
 
-    async fn forward(
+    async fn forward<'s>(
         &self,
         req: Request<Incoming>,
-        snap: &Snapshot,
+        snap: &'s Snapshot,
         request_id: &HeaderValue,
-        track: &mut Tracking,
+        track: &mut Tracking<'s>,
         started: Instant,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let server = &snap.config.server;
@@ -156,7 +159,7 @@ impl ConnCtx {
         };
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
-        track.pool = Some(pool.clone());
+        track.pool = Some(Cow::Borrowed(pool));
 
         // 3. Admit: a slot on a backend, now or after queueing.
         let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
@@ -167,7 +170,7 @@ impl ConnCtx {
         // A request that waited may have been admitted to a newer version of its pool.
         let pool = match &newer {
             Some(p) => {
-                track.pool = Some(p.clone());
+                track.pool = Some(Cow::Owned(p.clone()));
                 p
             }
             None => pool,
