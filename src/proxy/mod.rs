@@ -178,7 +178,6 @@ impl ConnCtx {
         if let Some(w) = waited {
             pool.metrics.queued(w.as_secs_f64());
         }
-        let backend = guard.backend().clone();
         let cfg = &pool.config;
 
         // 4. The upstream request.
@@ -229,17 +228,18 @@ impl ConnCtx {
 
         // 5. Send, bounded by the response header timeout. A request that never reached its
         //    backend (no connection) goes to another one, up to MAX_FAILOVER times.
+        // The backend is always the guard's (borrowed, not cloned: no reference count written).
         let mut guard = guard;
-        let mut backend = backend;
         let mut req = upstream_req;
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0;
         let resp = loop {
-            let sent = tokio::time::timeout(cfg.response_header_timeout, upstream::send(&backend, cfg, req)).await;
+            let sent =
+                tokio::time::timeout(cfg.response_header_timeout, upstream::send(guard.backend(), cfg, req)).await;
             if let Ok(Ok(r)) = &sent {
                 if cfg.honor_retry_after && matches!(r.status().as_u16(), 429 | 503) {
                     if let Some(pause) = r.headers().get(header::RETRY_AFTER).and_then(headers::retry_after) {
-                        backend.saturate(pause);
+                        guard.backend().saturate(pause);
                     }
                 }
             }
@@ -263,14 +263,14 @@ impl ConnCtx {
             if let (Some(kind), Some(rc), Some(template)) = (retry_kind, &cfg.retry, replay.as_mut()) {
                 let again = if retries < rc.attempts { template.request() } else { None };
                 // The budget is spent only when another backend actually takes the retry.
-                let next = again.as_ref().and_then(|_| untried_backend(pool, &mut tried, &backend));
+                let next = again.as_ref().and_then(|_| untried_backend(pool, &mut tried, guard.backend()));
                 if let (Some(again), Some(next)) = (again, next.filter(|_| pool.state.take_retry(rc.budget_percent))) {
                     let status = match &sent {
                         Ok(Ok(r)) => r.status().as_u16(),
                         _ => 502,
                     };
                     drop(sent); // a 503/429 answer is discarded with its connection
-                    (guard, backend) = hand_over(pool, &backend, status, kind, next);
+                    guard = hand_over(pool, guard.backend(), status, kind, next);
                     req = again;
                     retries += 1;
                     continue;
@@ -279,11 +279,10 @@ impl ConnCtx {
             let e = match sent {
                 Ok(Ok(r)) => break r,
                 Ok(Err(upstream::SendError { error, unsent: Some(back), .. })) if tried.len() < MAX_FAILOVER => {
-                    match untried_backend(pool, &mut tried, &backend) {
+                    match untried_backend(pool, &mut tried, guard.backend()) {
                         Some(next) => {
                             tracing::debug!(error = %error, "request never reached its backend");
-                            (guard, backend) =
-                                hand_over(pool, &backend, error.status().as_u16(), "connect-failure", next);
+                            guard = hand_over(pool, guard.backend(), error.status().as_u16(), "connect-failure", next);
                             req = back;
                             continue;
                         }
@@ -300,8 +299,8 @@ impl ConnCtx {
                 Err(_) => ProxyError::ResponseTimeout(cfg.response_header_timeout),
             };
             let status = e.status().as_u16();
-            backend.count_response(status, e.status().is_server_error());
-            backend.observe(status, e.status().is_server_error(), started.elapsed().as_secs_f64());
+            guard.backend().count_response(status, e.status().is_server_error());
+            guard.backend().observe(status, e.status().is_server_error(), started.elapsed().as_secs_f64());
             track.counted_on_backend = true;
             return Err(e);
         };
@@ -331,18 +330,11 @@ fn untried_backend(pool: &Pool, tried: &mut Vec<usize>, failed: &Arc<Backend>) -
 }
 
 /// Counts the failed attempt against `failed` and moves the request to `next`'s slot.
-fn hand_over(
-    pool: &Pool,
-    failed: &Backend,
-    status: u16,
-    kind: &'static str,
-    next: InflightGuard,
-) -> (InflightGuard, Arc<Backend>) {
+fn hand_over(pool: &Pool, failed: &Backend, status: u16, kind: &'static str, next: InflightGuard) -> InflightGuard {
     failed.count_response(status, true);
     pool.metrics.retried(kind);
     tracing::debug!(failed = %failed.addr, next = %next.backend().addr, kind, "sending the request to another backend");
-    let backend = next.backend().clone();
-    (next, backend)
+    next
 }
 
 /// What it takes to send a request again.
