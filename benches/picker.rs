@@ -6,12 +6,15 @@
 // The baseline is a mutex on purpose: it is what the lock-free design is measured against.
 #![allow(clippy::disallowed_types)]
 
+mod common;
+
+use common::concurrent;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use headroom::backend::{InflightGuard, Pool};
 use headroom::config::{BackendConfig, BalanceKind, PoolConfig, Protocol, QueueConfig};
 use std::hint::black_box;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
     let backends: Vec<BackendConfig> = (0..n)
@@ -80,21 +83,6 @@ impl MutexPool {
     fn release(&self, i: usize) {
         self.state.lock().unwrap()[i].0 -= 1;
     }
-}
-
-/// Runs `op` `iters` times on each of `threads` threads at once; returns the per-op time.
-fn concurrent(iters: u64, threads: usize, op: impl Fn() + Sync) -> Duration {
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                for _ in 0..iters {
-                    op();
-                }
-            });
-        }
-    });
-    start.elapsed()
 }
 
 fn bench(c: &mut Criterion) {

@@ -4,32 +4,20 @@
 //!
 //! `cargo bench --bench snapshot`
 
+mod common;
+
 use arc_swap::ArcSwap;
+use common::concurrent;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use headroom::config::Config;
 use headroom::gateway::{Gateway, Snapshot};
 use std::hint::black_box;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn snapshot() -> Snapshot {
     let text = "[pools.a]\n[[pools.a.backends]]\naddr = \"127.0.0.1:9\"\n";
     Snapshot::build(Config::parse(text, Path::new(".")).expect("bench config"), &[], None)
-}
-
-/// Runs `op` `iters` times on each of `threads` threads at once; returns the wall time.
-fn concurrent(iters: u64, threads: usize, op: impl Fn() + Sync) -> Duration {
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                for _ in 0..iters {
-                    op();
-                }
-            });
-        }
-    });
-    start.elapsed()
 }
 
 fn bench(c: &mut Criterion) {

@@ -131,7 +131,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let builders = builders.clone();
         let watcher = graceful.watcher();
         let tls = gateway.tls();
-        let fut = async move {
+        tokio::spawn(async move {
             let conn = Conn { gateway, builders, peer, header_timeout, idle_timeout };
             let Some(tls) = tls else {
                 // A client that sends nothing (or only part of the preface) in time is closed quietly.
@@ -149,8 +149,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
                 Handshake::Failed(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Handshake::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),
             }
-        };
-        tokio::spawn(fut);
+        });
     }
     drop(listener);
     tracing::info!(listen = ?local, "stopped accepting; draining connections");

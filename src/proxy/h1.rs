@@ -181,10 +181,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &RequestBo
             let n = value.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
             declared = Some(n.ok_or(Error::RequestBody("invalid Content-Length".into()))?);
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     let framing = if body.is_end_stream() {
         if declared.is_none() && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -202,6 +199,14 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &RequestBo
     };
     out.extend_from_slice(b"\r\n");
     Ok(framing)
+}
+
+/// Appends one `name: value` line.
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the head and streams the request body, a bounded batch of frames per write.
@@ -299,10 +304,7 @@ impl Writer {
                 if let (ReqFraming::Chunked, Ok(trailers)) = (self.framing, frame.into_trailers()) {
                     out.extend_from_slice(b"0\r\n");
                     for (name, value) in &trailers {
-                        out.extend_from_slice(name.as_str().as_bytes());
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(value.as_bytes());
-                        out.extend_from_slice(b"\r\n");
+                        put_field(out, name, value);
                     }
                     out.extend_from_slice(b"\r\n");
                     self.body_done = true;
@@ -530,9 +532,10 @@ enum Chunk {
     Trailers(usize),
 }
 
-/// What one decoding step produced.
+/// What one step of chunked decoding found.
 enum Step {
-    Data(Bytes),
+    /// The next this many buffered bytes are body data.
+    Data(usize),
     NeedMore,
     End,
 }
@@ -564,95 +567,62 @@ impl Body {
     }
 }
 
-/// One step of chunked decoding over the buffered bytes.
-fn decode_chunked(chunk: &mut Chunk, buf: &mut BytesMut) -> Result<Step, Error> {
-    loop {
-        match *chunk {
-            Chunk::Size => {
-                let Some(nl) = memchr(b'\n', buf) else {
-                    return if buf.len() > MAX_CHUNK_LINE {
-                        Err(Error::Malformed("chunk-size line too long"))
-                    } else {
-                        Ok(Step::NeedMore)
-                    };
-                };
-                let size = chunk_size(&buf[..nl])?;
-                buf.advance(nl + 1);
-                *chunk = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
-            }
-            Chunk::Data(rem) => {
-                if buf.is_empty() {
-                    return Ok(Step::NeedMore);
-                }
-                let n = rem.min(buf.len() as u64);
-                let data = buf.split_to(n as usize).freeze();
-                *chunk = if n == rem { Chunk::DataEnd } else { Chunk::Data(rem - n) };
-                return Ok(Step::Data(data));
-            }
-            Chunk::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(Step::NeedMore);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(Error::Malformed("chunk data not followed by CRLF"));
-                }
-                buf.advance(2);
-                *chunk = Chunk::Size;
-            }
-            Chunk::Trailers(seen) => {
-                let Some(nl) = memchr(b'\n', buf) else {
-                    return if seen + buf.len() > MAX_TRAILERS {
-                        Err(Error::Malformed("trailers too large"))
-                    } else {
-                        Ok(Step::NeedMore)
-                    };
-                };
-                let empty = nl == 1 && buf[0] == b'\r';
-                if nl == 0 || (!empty && buf[nl - 1] != b'\r') {
-                    return Err(Error::Malformed("trailer line not ended by CRLF"));
-                }
-                buf.advance(nl + 1);
-                if empty {
-                    return Ok(Step::End);
-                }
-                *chunk = Chunk::Trailers(seen + nl + 1);
-            }
-        }
-    }
-}
-
-/// How many buffered bytes finish the body from `chunk` without more data (the CRLF after the
-/// data, the last chunk and the trailers), if they are all here.
-fn end_ahead(mut chunk: Chunk, buf: &[u8]) -> Option<usize> {
+/// One step of chunked decoding over the buffered bytes, from state `chunk`. Returns what it
+/// found and how many framing bytes at the front of `buf` it consumed (data is left for the
+/// caller to take). Pure over the slice, so it also serves to look ahead.
+fn chunk_step(chunk: &mut Chunk, buf: &[u8]) -> Result<(Step, usize), Error> {
     let mut at = 0;
     loop {
         let rest = &buf[at..];
-        match chunk {
+        match *chunk {
+            Chunk::Size => {
+                let Some(nl) = memchr(b'\n', rest) else {
+                    return if rest.len() > MAX_CHUNK_LINE {
+                        Err(Error::Malformed("chunk-size line too long"))
+                    } else {
+                        Ok((Step::NeedMore, at))
+                    };
+                };
+                let size = chunk_size(&rest[..nl])?;
+                at += nl + 1;
+                *chunk = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
+            }
+            Chunk::Data(rem) => {
+                if rest.is_empty() {
+                    return Ok((Step::NeedMore, at));
+                }
+                let n = rem.min(rest.len() as u64);
+                *chunk = if n == rem { Chunk::DataEnd } else { Chunk::Data(rem - n) };
+                return Ok((Step::Data(n as usize), at));
+            }
             Chunk::DataEnd => {
-                if !rest.starts_with(b"\r\n") {
-                    return None;
+                if rest.len() < 2 {
+                    return Ok((Step::NeedMore, at));
+                }
+                if &rest[..2] != b"\r\n" {
+                    return Err(Error::Malformed("chunk data not followed by CRLF"));
                 }
                 at += 2;
-                chunk = Chunk::Size;
+                *chunk = Chunk::Size;
             }
-            Chunk::Size => {
-                let nl = memchr(b'\n', rest)?;
-                if chunk_size(&rest[..nl]).ok()? != 0 {
-                    return None;
+            Chunk::Trailers(seen) => {
+                let Some(nl) = memchr(b'\n', rest) else {
+                    return if seen + rest.len() > MAX_TRAILERS {
+                        Err(Error::Malformed("trailers too large"))
+                    } else {
+                        Ok((Step::NeedMore, at))
+                    };
+                };
+                let empty = nl == 1 && rest[0] == b'\r';
+                if nl == 0 || (!empty && rest[nl - 1] != b'\r') {
+                    return Err(Error::Malformed("trailer line not ended by CRLF"));
                 }
                 at += nl + 1;
-                chunk = Chunk::Trailers(0);
-            }
-            Chunk::Trailers(_) => {
-                let nl = memchr(b'\n', rest)?;
-                at += nl + 1;
-                match &rest[..nl] {
-                    b"\r" => return Some(at),
-                    line if line.len() > 1 && line.ends_with(b"\r") => {}
-                    _ => return None,
+                if empty {
+                    return Ok((Step::End, at));
                 }
+                *chunk = Chunk::Trailers(seen + nl + 1);
             }
-            Chunk::Data(_) => return None,
         }
     }
 }
@@ -698,21 +668,26 @@ impl http_body::Body for Body {
                         return Poll::Ready(Some(Ok(Frame::data(conn.buf.split().freeze()))));
                     }
                 }
-                State::Chunked(chunk) => match decode_chunked(chunk, &mut conn.buf) {
-                    Ok(Step::Data(data)) => {
-                        // Consume framing that is already here (the CRLF, the last chunk), so the
-                        // end shows at once and the connection goes back without another read.
-                        if let Some(n) = end_ahead(*chunk, &conn.buf) {
-                            conn.buf.advance(n);
+                State::Chunked(chunk) => match chunk_step(chunk, &conn.buf) {
+                    Ok((Step::Data(n), used)) => {
+                        conn.buf.advance(used);
+                        let data = conn.buf.split_to(n).freeze();
+                        // If the rest of the framing (the CRLF, the last chunk, trailers) is already
+                        // here, take it now: the end shows at once and the connection goes back
+                        // without another read. Anything else is left for the next poll.
+                        let mut ahead = *chunk;
+                        if let Ok((Step::End, used)) = chunk_step(&mut ahead, &conn.buf) {
+                            conn.buf.advance(used);
                             this.state = State::Done;
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    Ok(Step::End) => {
+                    Ok((Step::End, used)) => {
+                        conn.buf.advance(used);
                         this.state = State::Done;
                         return Poll::Ready(None);
                     }
-                    Ok(Step::NeedMore) => {}
+                    Ok((Step::NeedMore, used)) => conn.buf.advance(used),
                     Err(e) => return this.fail(e),
                 },
             }

@@ -63,7 +63,6 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 struct Tracking<'s> {
     /// Marks the connection busy until the response body is done.
     active: Option<ActiveRequest>,
-    /// The pool chosen, once routed.
     /// The pool chosen, once routed: borrowed from the request's snapshot (no reference count
     /// written per request), owned only when a queued request moved to a newer pool.
     pool: Option<Cow<'s, Arc<Pool>>>,
@@ -377,15 +376,15 @@ impl Replay {
 }
 
 /// A Host value without its port, lower-case (borrowed when it already is).
-fn host_without_port(raw: &str) -> std::borrow::Cow<'_, str> {
+fn host_without_port(raw: &str) -> Cow<'_, str> {
     let host = match raw.rfind(':') {
         Some(i) if !raw.ends_with(']') && raw[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &raw[..i],
         _ => raw,
     };
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+        Cow::Owned(host.to_ascii_lowercase())
     } else {
-        std::borrow::Cow::Borrowed(host)
+        Cow::Borrowed(host)
     }
 }
 

@@ -156,10 +156,8 @@ pub async fn admit(
     latest: impl Fn() -> Option<Arc<Pool>>,
 ) -> Result<(InflightGuard, Option<Duration>, Option<Arc<Pool>>), Rejection> {
     let queue = &pool.queue;
-    if queue.depth() == 0 {
-        if let Some(g) = pool.try_acquire() {
-            return Ok((g, None, None));
-        }
+    if let Some(g) = admit_now(pool) {
+        return Ok((g, None, None));
     }
     if !worth_waiting(pool) {
         return Err(Rejection::NoBackend);
