@@ -5,6 +5,7 @@
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 use crate::proxy::conn::{ClientIo, ClientStream, ConnShared};
+use crate::proxy::h1::server as own_h1;
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
 use crate::tls::server::Handshake;
@@ -86,8 +87,7 @@ struct Conn {
     gateway: Arc<Gateway>,
     builders: Arc<Builders>,
     peer: std::net::SocketAddr,
-    header_timeout: Duration,
-    idle_timeout: Duration,
+    limits: own_h1::Limits,
 }
 
 impl Conn {
@@ -97,7 +97,8 @@ impl Conn {
     async fn serve<S: ClientStream>(self, stream: S, h2: bool, scheme: &'static str, watcher: Watcher) {
         let peer = self.peer;
         let shared = ConnShared::new();
-        let io = TokioIo::new(ClientIo::new(stream, shared.clone(), self.header_timeout, self.idle_timeout));
+        let (header_timeout, idle_timeout) = (self.limits.header_timeout, self.limits.idle_timeout);
+        let io = TokioIo::new(ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout));
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
         let result = if h2 {
             Box::pin(watcher.watch(self.builders.http2.serve_connection(io, service))).await
@@ -108,6 +109,13 @@ impl Conn {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
     }
+
+    /// Serves HTTP/1.x over plain TCP with the own codec.
+    async fn serve_h1(self, stream: TcpStream, drain: own_h1::Drain) {
+        let shared = ConnShared::new();
+        let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), "http"), shared.clone());
+        own_h1::serve(stream, service, shared, self.limits, drain).await;
+    }
 }
 
 /// Serves one listener until `shutdown` resolves, then lets open connections finish for up to
@@ -116,6 +124,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
     let cfg = gateway.snapshot().config.server.clone();
     let builders = Arc::new(builders(&cfg));
     let graceful = GracefulShutdown::new();
+    let (drain_trigger, drain) = own_h1::drain();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
     loop {
@@ -126,20 +135,30 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let _ = stream.set_nodelay(true);
         // Timeouts come from the current snapshot, so a reload applies to new connections.
         let server = &gateway.snapshot().config.server;
-        let (header_timeout, idle_timeout) = (server.request_header_timeout, server.idle_timeout);
+        let limits = own_h1::Limits {
+            header_timeout: server.request_header_timeout,
+            idle_timeout: server.idle_timeout,
+            max_head: (server.max_header_bytes + 8 * 1024).max(16 * 1024),
+        };
+        let header_timeout = limits.header_timeout;
         let gateway = gateway.clone();
         let builders = builders.clone();
         let watcher = graceful.watcher();
+        let drain = drain.clone();
         let tls = gateway.tls();
         tokio::spawn(async move {
-            let conn = Conn { gateway, builders, peer, header_timeout, idle_timeout };
+            let conn = Conn { gateway, builders, peer, limits };
             let Some(tls) = tls else {
                 // A client that sends nothing (or only part of the preface) in time is closed quietly.
                 let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
                     Ok(Ok(h2)) => h2,
                     _ => return,
                 };
-                return conn.serve(stream, h2, "http", watcher).await;
+                if h2 {
+                    return Box::pin(conn.serve(stream, true, "http", watcher)).await;
+                }
+                drop(watcher);
+                return conn.serve_h1(stream, drain).await;
             };
             match Box::pin(tls.accept(stream)).await {
                 Handshake::Done(stream) => {
@@ -152,8 +171,10 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         });
     }
     drop(listener);
+    drop(drain);
     tracing::info!(listen = ?local, "stopped accepting; draining connections");
-    if tokio::time::timeout(cfg.shutdown_timeout, graceful.shutdown()).await.is_err() {
+    let both = futures_util::future::join(graceful.shutdown(), drain_trigger.drain());
+    if tokio::time::timeout(cfg.shutdown_timeout, both).await.is_err() {
         tracing::warn!(listen = ?local, timeout = ?cfg.shutdown_timeout, "connections still open at the end of the drain period");
     }
 }

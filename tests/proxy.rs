@@ -702,3 +702,128 @@ async fn malformed_or_ambiguous_backend_responses_are_refused_or_reframed() {
     let hr = Headroom::start(&config(&[(raw_backend(endless).await, 1)], "", "")).await;
     assert_eq!(get(&hr.url("/")).await.0, 502);
 }
+
+/// One response as a client reads it off the wire: status, head text, body (de-chunked).
+struct WireResponse {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Splits the bytes of consecutive responses. `head_only[i]` marks answers to HEAD requests.
+fn split_responses(mut wire: &[u8], head_only: &[bool]) -> Vec<WireResponse> {
+    let mut out = Vec::new();
+    while !wire.is_empty() {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut fields);
+        let len = match resp.parse(wire).expect("unparsable response") {
+            httparse::Status::Complete(len) => len,
+            httparse::Status::Partial => panic!("truncated head: {:?}", String::from_utf8_lossy(wire)),
+        };
+        let field = |name: &str| {
+            resp.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        };
+        let head = String::from_utf8_lossy(&wire[..len]).to_ascii_lowercase();
+        let status = resp.code.unwrap();
+        let (length, chunked) = (field("content-length"), field("transfer-encoding").is_some_and(|t| t == "chunked"));
+        let rest = &wire[len..];
+        let (body, used) = if head_only.get(out.len()).copied().unwrap_or(false) {
+            (Vec::new(), 0)
+        } else if chunked {
+            let (mut body, mut at) = (Vec::new(), 0);
+            loop {
+                let nl = rest[at..].windows(2).position(|w| w == b"\r\n").unwrap() + at;
+                let size = usize::from_str_radix(std::str::from_utf8(&rest[at..nl]).unwrap(), 16).unwrap();
+                at = nl + 2;
+                if size == 0 {
+                    assert_eq!(&rest[at..at + 2], b"\r\n", "trailers where none were expected");
+                    break (body, at + 2);
+                }
+                body.extend_from_slice(&rest[at..at + size]);
+                assert_eq!(&rest[at + size..at + size + 2], b"\r\n");
+                at += size + 2;
+            }
+        } else if let Some(n) = length {
+            let n: usize = n.parse().unwrap();
+            (rest[..n].to_vec(), n)
+        } else {
+            (rest.to_vec(), rest.len())
+        };
+        out.push(WireResponse { status, head, body });
+        wire = &rest[used..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_pipeline_keep_alive_and_get_framing_their_version_understands() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(echo.addr, 1)], "", "")).await;
+
+    // Three pipelined requests in one write (a GET, a POST with its body, a HEAD) and a last one
+    // that closes: four answers, in order, each framed so the next one parses.
+    let wire = raw(
+        hr.addr,
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+          HEAD /c HTTP/1.1\r\nHost: a\r\n\r\nGET /d HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        T,
+    )
+    .await;
+    let answers = split_responses(wire.as_bytes(), &[false, false, true, false]);
+    assert_eq!(answers.len(), 4, "{wire}");
+    let seen: Vec<serde_json::Value> =
+        [&answers[0], &answers[1], &answers[3]].iter().map(|a| serde_json::from_slice(&a.body).unwrap()).collect();
+    assert_eq!(
+        (seen[0]["uri"].as_str(), seen[1]["uri"].as_str(), seen[2]["uri"].as_str()),
+        (Some("/a"), Some("/b"), Some("/d"))
+    );
+    assert_eq!(seen[1]["body_len"], 3);
+    assert!(answers.iter().all(|a| a.status == 200 && a.head.contains("\r\ndate: ")), "{wire}");
+    // HEAD: the backend's length, no body.
+    assert!(answers[2].head.contains("content-length: "), "{}", answers[2].head);
+    assert!(answers[3].head.contains("connection: close"), "{}", answers[3].head);
+
+    // HTTP/1.0 without keep-alive: answered with a length, then closed.
+    let wire = raw(hr.addr, b"GET /e HTTP/1.0\r\nHost: a\r\n\r\n", T).await;
+    let answers = split_responses(wire.as_bytes(), &[]);
+    assert_eq!(answers.len(), 1);
+    assert!(answers[0].head.contains("content-length: ") && answers[0].head.contains("connection: close"));
+
+    // HTTP/1.0 with keep-alive: told so, and the connection carries a second request.
+    let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    s.write_all(b"GET /f HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap().unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(first.contains("connection: keep-alive"), "{first}");
+    s.write_all(b"GET /g HTTP/1.0\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let second = split_responses(&rest, &[]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&second[0].body).unwrap()["uri"], "/g");
+
+    // A body of unknown length: chunked for HTTP/1.1, until close for HTTP/1.0.
+    let (streaming, mut streams) = streaming_backend().await;
+    let hr2 = Headroom::start(&config(&[(streaming.addr, 1)], "", "")).await;
+    tokio::spawn(async move {
+        while let Some(events) = streams.recv().await {
+            for part in ["data: one\n\n", "data: two\n\n"] {
+                events.send(Bytes::from_static(part.as_bytes())).await.unwrap();
+            }
+        }
+    });
+    let wire = raw(hr2.addr, b"GET /s HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", T).await;
+    let answers = split_responses(wire.as_bytes(), &[]);
+    assert!(answers[0].head.contains("transfer-encoding: chunked"), "{wire}");
+    assert_eq!(answers[0].body, b"data: one\n\ndata: two\n\n");
+    let wire = raw(hr2.addr, b"GET /s HTTP/1.0\r\nHost: a\r\n\r\n", T).await;
+    let answers = split_responses(wire.as_bytes(), &[]);
+    assert!(!answers[0].head.contains("transfer-encoding") && !answers[0].head.contains("content-length"), "{wire}");
+    assert_eq!(answers[0].body, b"data: one\n\ndata: two\n\n");
+    hr.stop().await;
+    hr2.stop().await;
+}

@@ -41,6 +41,41 @@ struct Keeper {
 pub mod outcome {
     pub const TOO_LARGE: u8 = 1;
     pub const IDLE: u8 = 2;
+    /// The client's body itself failed (malformed chunks, connection closed mid-body).
+    pub const CLIENT: u8 = 3;
+}
+
+/// A client's request body as it arrives: from our own HTTP/1.1 codec, or from hyper (h2, TLS).
+pub enum ClientBody {
+    Own(super::h1::server::Body),
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Own(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Own(b) => b.is_end_stream(),
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Own(b) => b.size_hint(),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// The client's request body on its way upstream. It fails (aborting the upstream request) when
@@ -48,7 +83,7 @@ pub mod outcome {
 /// shared `outcome` says which, so the caller answers 413 or 408 rather than 502.
 pub struct RequestBody {
     /// `None`: a body from memory (`replay`), or none at all.
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     /// A kept body being sent again, front first.
     replay: Vec<Bytes>,
     /// Set while the frames are kept for a retry.
@@ -71,7 +106,7 @@ pub enum RequestBodyError {
 impl RequestBody {
     /// Wraps `inner`. `limit` is enforced on what streams through (a declared length was checked
     /// before). `outcome` is only needed, and only allocated, for requests that have a body.
-    pub fn new(inner: Incoming, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
+    pub fn new(inner: ClientBody, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
         let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
         let body = RequestBody {
             inner: Some(inner),
@@ -91,7 +126,7 @@ impl RequestBody {
     pub fn keep(&mut self) -> Kept {
         let (done, kept) = tokio::sync::oneshot::channel();
         self.keep = Some(Keeper { frames: Vec::new(), bytes: 0, done });
-        if self.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+        if self.inner.as_ref().is_some_and(ClientBody::is_end_stream) {
             self.finish_keep();
         }
         kept
@@ -155,7 +190,7 @@ impl Body for RequestBody {
                     }
                 }
                 // hyper stops polling once the body says it has ended, so the end is seen here.
-                if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+                if this.inner.as_ref().is_some_and(ClientBody::is_end_stream) {
                     this.finish_keep();
                 }
                 if let Some(sleep) = &mut this.idle {
@@ -165,7 +200,10 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.keep = None;
-                Poll::Ready(Some(Err(Box::new(e))))
+                if let Some(o) = &this.outcome {
+                    o.store(outcome::CLIENT, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.finish_keep();

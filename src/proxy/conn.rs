@@ -35,6 +35,9 @@ pub struct ConnShared {
     idle_since_ms: AtomicU64,
     /// A header block with two Content-Lengths, or Content-Length and Transfer-Encoding, was read.
     suspicious: AtomicBool,
+    /// The current response's head is being written (own HTTP/1.1 codec): too late for a
+    /// `100 Continue`.
+    pub(crate) responding: AtomicBool,
 }
 
 impl ConnShared {
@@ -53,6 +56,11 @@ impl ConnShared {
     /// Whether the bytes read so far contain a smuggling shape (HTTP/1 only).
     pub fn suspicious(&self) -> bool {
         self.suspicious.load(Ordering::Relaxed)
+    }
+
+    /// Records a smuggling shape found while parsing a head: the proxy refuses the request.
+    pub(crate) fn set_suspicious(&self) {
+        self.suspicious.store(true, Ordering::Relaxed);
     }
 }
 

@@ -1,5 +1,6 @@
 //! The HTTP/1.1 client half of the data path: writes one request on a backend connection and
-//! reads the response, on the task of the client connection that asked for it.
+//! reads the response, on the task of the client connection that asked for it. The server half,
+//! which reads requests from clients, is [`server`]; both share the chunked decoder.
 //!
 //! hyper's client runs every connection as a task of its own and talks to it over channels, so
 //! each exchange costs two task hops and several moves of the request and response. Here the
@@ -717,6 +718,8 @@ impl http_body::Body for Body {
         }
     }
 }
+
+pub mod server;
 
 #[cfg(test)]
 mod tests;

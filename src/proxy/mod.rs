@@ -16,7 +16,7 @@ use crate::backend::{Backend, InflightGuard, Pool};
 use crate::error::{error_body, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::scale::queue;
-use body::{RequestBody, ResponseBody, Upstream};
+use body::{ClientBody, RequestBody, ResponseBody, Upstream};
 use conn::{ActiveRequest, ConnShared};
 use headers::{new_request_id, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
@@ -55,7 +55,26 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.0.clone();
-        Box::pin(async move { Ok(ctx.handle(req).await) })
+        Box::pin(async move { Ok(ctx.handle(req.map(ClientBody::Hyper)).await) })
+    }
+}
+
+impl ProxyService {
+    /// Serves one request (the entry point of the own HTTP/1.1 codec).
+    pub(crate) fn handle_request(
+        &self,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + '_ {
+        self.0.handle(req)
+    }
+
+    /// The answer to a request refused before it could be parsed (malformed or oversized head,
+    /// header timeout), counted like any other unrouted failure.
+    pub(crate) fn local_error(&self, e: &ProxyError) -> Response<ResponseBody> {
+        let status = e.status().as_u16();
+        self.0.gateway.unrouted.record_local(status, 0.0);
+        tracing::debug!(error = %e, status, "request refused before parsing finished");
+        error_response(e, &new_request_id(), None)
     }
 }
 
@@ -73,7 +92,7 @@ struct Tracking<'s> {
 }
 
 impl ConnCtx {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         let started = Instant::now();
         let snapshot = self.gateway.snapshot();
         let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -116,7 +135,7 @@ impl ConnCtx {
 
     async fn forward<'s>(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         snap: &'s Snapshot,
         request_id: &HeaderValue,
         track: &mut Tracking<'s>,
@@ -292,6 +311,7 @@ impl ConnCtx {
                     match body_outcome.as_ref().map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
                         Some(body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
                         Some(body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
+                        Some(body::outcome::CLIENT) => ProxyError::ClientBody(error.to_string()),
                         _ => error,
                     }
                 }

@@ -1,0 +1,189 @@
+use super::*;
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+fn parse(text: &[u8]) -> Result<Option<Head>, HeadError> {
+    let mut buf = BytesMut::from(text);
+    parse_head(&mut buf)
+}
+
+fn head(text: &[u8]) -> Head {
+    match parse(text) {
+        Ok(Some(h)) => h,
+        Ok(None) => panic!("incomplete: {:?}", String::from_utf8_lossy(text)),
+        Err(e) => panic!("refused ({e:?}): {:?}", String::from_utf8_lossy(text)),
+    }
+}
+
+#[test]
+fn heads_are_parsed_with_their_framing_and_connection_intent() {
+    let h = head(b"GET /v1/models?x=1 HTTP/1.1\r\nHost: a\r\nX-Two: 1\r\nX-Two: 2\r\n\r\n");
+    assert_eq!(h.request.method, Method::GET);
+    assert_eq!(h.request.uri, "/v1/models?x=1");
+    assert_eq!(h.request.version, Version::HTTP_11);
+    assert_eq!(h.request.headers.get_all("x-two").iter().count(), 2);
+    assert_eq!((h.body, h.close, h.keep_alive_10, h.suspicious), (BodyKind::None, false, false, false));
+
+    let h = head(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+    assert_eq!(h.body, BodyKind::Length(12));
+    assert_eq!(h.request.headers["content-length"], "12");
+    let h = head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(h.body, BodyKind::None);
+
+    // Transfer-Encoding is decoded here and not passed on.
+    let h = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+    assert_eq!(h.body, BodyKind::Chunked);
+    assert!(h.request.headers.get("transfer-encoding").is_none());
+
+    // HTTP/1.0 closes unless it asks otherwise; 1.1 stays open unless it asks otherwise.
+    assert!(head(b"GET / HTTP/1.0\r\n\r\n").close);
+    let h = head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+    assert!(!h.close && h.keep_alive_10);
+    assert!(head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").close);
+
+    // A Connection field naming other headers stays, for the proxy's hop-by-hop strip.
+    let h = head(b"GET / HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n");
+    assert!(h.close);
+    assert!(h.request.headers.contains_key("connection"));
+    let h = head(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n");
+    assert!(!h.request.headers.contains_key("connection") && !h.request.headers.contains_key("keep-alive"));
+
+    assert!(head(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+    assert_eq!(head(b"GET http://b.example/x HTTP/1.1\r\n\r\n").request.uri.host(), Some("b.example"));
+}
+
+#[test]
+fn smuggling_shapes_and_broken_heads_are_flagged_or_refused() {
+    for shape in [
+        &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+    ] {
+        let h = head(shape);
+        assert!(h.suspicious, "{:?}", String::from_utf8_lossy(shape));
+        assert_eq!(h.body, BodyKind::None, "a refused request's body is never read as one");
+    }
+    assert_eq!(
+        parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").err(),
+        Some(HeadError::Bad("Transfer-Encoding without chunked as the last coding"))
+    );
+    for bad in ["+5", "5 5", "0x10", "", "99999999999999999999"] {
+        let text = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+        assert_eq!(parse(text.as_bytes()).err(), Some(HeadError::Bad("invalid Content-Length")), "{bad:?}");
+    }
+    assert!(matches!(parse(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::Bad(_))));
+    assert!(matches!(parse(b"G\x01T / HTTP/1.1\r\n\r\n"), Err(HeadError::Bad(_))));
+    let many: String = (0..300).map(|i| format!("x-{i}: v\r\n")).collect();
+    assert_eq!(parse(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()).err(), Some(HeadError::TooLarge));
+}
+
+#[test]
+fn a_head_split_anywhere_is_incomplete_until_its_end_and_leaves_what_follows() {
+    let text = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n";
+    let end = text.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    for cut in 1..end {
+        assert!(matches!(parse(&text[..cut]), Ok(None)), "complete at {cut}");
+    }
+    let mut buf = BytesMut::from(&text[..]);
+    let h = parse_head(&mut buf).unwrap().unwrap();
+    assert_eq!(h.body, BodyKind::Length(3));
+    assert_eq!(&buf[..], b"abcGET /b HTTP/1.1\r\n\r\n");
+}
+
+#[test]
+fn content_length_digits_only() {
+    assert_eq!(parse_length(b"0"), Some(0));
+    assert_eq!(parse_length(b" 42 "), Some(42));
+    assert_eq!(parse_length(b"18446744073709551615"), None); // 20 digits
+    assert_eq!(parse_length(b"9223372036854775807"), Some(i64::MAX as u64));
+    assert_eq!(parse_length(b"-1"), None);
+}
+
+#[test]
+fn date_is_an_imf_fixdate() {
+    let mut out = Vec::new();
+    date::append(&mut out);
+    date::append(&mut out);
+    assert_eq!(out.len(), 58);
+    let text = std::str::from_utf8(&out[..29]).unwrap();
+    assert!(text.ends_with(" GMT"), "{text}");
+    assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+}
+
+/// A connected pair: our read side (as the server holds it) and the client's socket.
+async fn pair() -> (Reader, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let (rd, wr) = server.into_split();
+    // The write half must outlive the test body: dropping it would shut the socket down.
+    std::mem::forget(wr);
+    (Reader { rd, buf: BytesMut::new() }, client)
+}
+
+fn streaming(reader: Reader, framing: Framing) -> (Body, oneshot::Receiver<Reader>) {
+    let (back, rx) = oneshot::channel();
+    let body = Body(Inner::Stream(Stream {
+        reader: Some(reader),
+        framing,
+        back: Some(back),
+        expect_continue: false,
+        shared: ConnShared::new(),
+    }));
+    (body, rx)
+}
+
+/// Writes `bytes` in pieces of `piece`, each flushed on its own.
+async fn trickle(mut client: TcpStream, bytes: Vec<u8>, piece: usize) -> TcpStream {
+    for p in bytes.chunks(piece) {
+        client.write_all(p).await.unwrap();
+        client.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    client
+}
+
+#[tokio::test]
+async fn chunked_and_sized_bodies_stream_however_split_and_hand_the_reader_back() {
+    let cases: [(&[u8], Framing, &[u8]); 2] = [
+        (b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n", Framing::Chunked(Chunk::Size), b"hello world"),
+        (b"hello world", Framing::Length(11), b"hello world"),
+    ];
+    for (wire, framing, want) in cases {
+        for piece in [1, 3, 1000] {
+            let (reader, client) = pair().await;
+            let mut bytes = wire.to_vec();
+            bytes.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            let writer = tokio::spawn(trickle(client, bytes, piece));
+            let (body, back) = streaming(reader, framing);
+            let got = body.collect().await.expect("body failed").to_bytes();
+            assert_eq!(&got[..], want, "pieces of {piece}");
+            let mut reader = back.await.expect("the reader did not come back");
+            let _client = writer.await.unwrap();
+            // What follows the body is the next request, untouched.
+            let next = b"GET /next HTTP/1.1\r\n\r\n";
+            while reader.buf.len() < next.len() {
+                poll_fn(|cx| reader.poll_fill(cx)).await.unwrap();
+            }
+            assert_eq!(&reader.buf[..], next, "pieces of {piece}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_cut_short_or_garbled_fails_and_keeps_the_reader() {
+    let cases: [(&[u8], Framing); 3] = [
+        (b"hel", Framing::Length(11)),
+        (b"5\r\nhel", Framing::Chunked(Chunk::Size)),
+        (b"zz\r\nhello\r\n", Framing::Chunked(Chunk::Size)),
+    ];
+    for (wire, framing) in cases {
+        let (reader, mut client) = pair().await;
+        client.write_all(wire).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (body, back) = streaming(reader, framing);
+        assert!(body.collect().await.is_err(), "{:?}", String::from_utf8_lossy(wire));
+        assert!(back.await.is_err(), "a failed body must not hand the connection back");
+    }
+}
