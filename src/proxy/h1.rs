@@ -412,18 +412,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
     }
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that names and values are read from it once it is frozen.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
-    }
+    let spans = field_spans(buf, resp.headers);
+    let count = spans.len();
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let mut conn = ConnectionTokens::default();
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in &spans {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Malformed("invalid header name"))?;
         let raw = &head[vs as usize..ve as usize];
@@ -441,6 +435,21 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
         headers.append(name, value);
     }
     Ok(Some(Some(Head { status, version, headers, conn })))
+}
+
+/// Where each field's name and value sit in `head`, as offsets: the fields are read again from
+/// the head once it is split off and frozen (the parser's slices borrow the buffer being split).
+/// Sized by the fields present, not by the most allowed: no large array to initialise.
+fn field_spans(head: &[u8], fields: &[httparse::Header<'_>]) -> Vec<(u32, u32, u32, u32)> {
+    let base = head.as_ptr() as usize;
+    fields
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32)
+        })
+        .collect()
 }
 
 impl Head {

@@ -306,13 +306,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or("");
     let target = (path.as_ptr() as usize - base, path.len());
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = req.headers.len();
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
-    }
+    let spans = super::field_spans(buf, req.headers);
+    let count = spans.len();
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| HeadError::Bad("invalid request target"))?;
@@ -321,7 +316,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let mut conn = ConnectionTokens::default();
     let (mut lengths, mut length, mut te, mut chunked) = (0, None, false, false);
     let mut expect_continue = false;
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in &spans {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| HeadError::Bad("invalid header name"))?;
         let raw = &head[vs as usize..ve as usize];
