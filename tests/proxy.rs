@@ -827,3 +827,49 @@ async fn http1_clients_pipeline_keep_alive_and_get_framing_their_version_underst
     hr.stop().await;
     hr2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_connections_at_once_and_lets_a_request_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (release, held) = watch::channel(false);
+    let backend = TestBackend::start(move |req| {
+        let mut held = held.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = held.wait_for(|r| *r).await;
+            }
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "shutdown_timeout = \"20s\"")).await;
+
+    // An idle keep-alive connection, after one request.
+    let mut idle = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(T, idle.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // A request in flight on another.
+    let mut busy = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    busy.write_all(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    poll_until(T, "request reached backend", || async { backend.hits.load(Ordering::SeqCst) == 2 }).await;
+
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(hr.stop());
+    // The idle connection is closed without a word, long before the drain period ends.
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, idle.read_to_end(&mut rest)).await.expect("idle connection left open").unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() < Duration::from_secs(5), "idle close took {:?}", started.elapsed());
+
+    // The busy one gets its answer, marked as the last on this connection, then the close.
+    release.send(true).unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, busy.read_to_end(&mut answer)).await.expect("busy connection left open").unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+    assert!(answer.ends_with("done"), "{answer}");
+    tokio::time::timeout(T, stopping).await.expect("drain did not finish").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(8), "drain took {:?}", started.elapsed());
+}
