@@ -1,6 +1,9 @@
-//! The client connection's IO wrapper: enforces the header and idle timeouts (hyper closes on its
-//! own header timeout without a response, and conflates it with keep-alive idleness), and spots
-//! request-smuggling shapes that hyper normalises away before the service could see them.
+//! State shared by a client connection and its requests ([`ConnShared`]), and the IO wrapper of
+//! the connections hyper serves (h2c, and everything over TLS): it enforces the header and idle
+//! timeouts (hyper closes on its own header timeout without a response, and conflates it with
+//! keep-alive idleness), and spots request-smuggling shapes that hyper normalises away before the
+//! service could see them. Plain-TCP HTTP/1.x connections are served by `h1::server` instead, which
+//! does both itself.
 //!
 //! [`ClientIo`] sits between the socket and hyper. It keeps its own state, shares three atomics
 //! with the service ([`ConnShared`]), and arms a single lazily-reset timer per connection, so a
