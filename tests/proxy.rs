@@ -873,3 +873,28 @@ async fn shutdown_closes_idle_connections_at_once_and_lets_a_request_in_flight_f
     tokio::time::timeout(T, stopping).await.expect("drain did not finish").unwrap();
     assert!(started.elapsed() < Duration::from_secs(8), "drain took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_a_whole_refused_body_before_reading_gets_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "max_request_body = \"1KiB\"")).await;
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+        // A 512 KiB body, refused by its declared length: the client writes all of it before it
+        // reads, and still gets the answer (headroom closes with FIN, then reads and discards).
+        let head = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 524288\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..8 {
+            s.write_all(&chunk).await.expect("writing the body failed: the connection was reset");
+        }
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(T, s.read_to_end(&mut answer)).await.expect("no answer");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(read.is_ok(), "reading the answer failed: {read:?} after {text:?}");
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(text.contains("request body larger than"), "{text}");
+    }
+    assert_eq!(backend.hits.load(Ordering::SeqCst), 0);
+}
