@@ -412,12 +412,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
     }
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that names and values are read from it once it is frozen.
-    let spans = field_spans(buf, resp.headers);
-    let count = spans.len();
+    let spans = Spans::of(buf, resp.headers);
+    let count = spans.len;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the request id the proxy adds.
+    let mut headers = HeaderMap::with_capacity(count + 1);
     let mut conn = ConnectionTokens::default();
-    for &(ns, ne, vs, ve) in &spans {
+    for &(ns, ne, vs, ve) in spans.as_slice() {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Malformed("invalid header name"))?;
         let raw = &head[vs as usize..ve as usize];
@@ -437,19 +438,47 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
     Ok(Some(Some(Head { status, version, headers, conn })))
 }
 
-/// Where each field's name and value sit in `head`, as offsets: the fields are read again from
-/// the head once it is split off and frozen (the parser's slices borrow the buffer being split).
-/// Sized by the fields present, not by the most allowed: no large array to initialise.
-fn field_spans(head: &[u8], fields: &[httparse::Header<'_>]) -> Vec<(u32, u32, u32, u32)> {
-    let base = head.as_ptr() as usize;
-    fields
-        .iter()
-        .map(|h| {
+/// A field's name and value, as offsets into its head.
+type Span = (u32, u32, u32, u32);
+/// Heads with up to this many fields (nearly all) keep their spans on the stack.
+const INLINE_SPANS: usize = 32;
+
+/// Where each field's name and value sit in a head: the fields are read again from the head
+/// once it is split off and frozen (the parser's slices borrow the buffer being split). Kept on
+/// the stack for ordinary heads, in a `Vec` for long ones: neither a large array to initialise
+/// nor an allocation per request.
+struct Spans {
+    inline: [Span; INLINE_SPANS],
+    heap: Vec<Span>,
+    len: usize,
+}
+
+impl Spans {
+    fn of(head: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+        let base = head.as_ptr() as usize;
+        let span = |h: &httparse::Header<'_>| {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32)
-        })
-        .collect()
+        };
+        let mut spans = Spans { inline: [(0, 0, 0, 0); INLINE_SPANS], heap: Vec::new(), len: fields.len() };
+        if fields.len() <= INLINE_SPANS {
+            for (slot, h) in spans.inline.iter_mut().zip(fields) {
+                *slot = span(h);
+            }
+        } else {
+            spans.heap = fields.iter().map(span).collect();
+        }
+        spans
+    }
+
+    fn as_slice(&self) -> &[Span] {
+        if self.len <= INLINE_SPANS {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
 }
 
 impl Head {

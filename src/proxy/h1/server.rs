@@ -306,8 +306,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or("");
     let target = (path.as_ptr() as usize - base, path.len());
-    let spans = super::field_spans(buf, req.headers);
-    let count = spans.len();
+    let spans = super::Spans::of(buf, req.headers);
+    let count = spans.len;
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| HeadError::Bad("invalid request target"))?;
@@ -316,7 +316,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let mut conn = ConnectionTokens::default();
     let (mut lengths, mut length, mut te, mut chunked) = (0, None, false, false);
     let mut expect_continue = false;
-    for &(ns, ne, vs, ve) in &spans {
+    for &(ns, ne, vs, ve) in spans.as_slice() {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| HeadError::Bad("invalid header name"))?;
         let raw = &head[vs as usize..ve as usize];

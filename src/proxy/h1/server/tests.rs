@@ -50,6 +50,14 @@ fn heads_are_parsed_with_their_framing_and_connection_intent() {
     assert!(!h.request.headers.contains_key("connection") && !h.request.headers.contains_key("keep-alive"));
 
     assert!(head(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+
+    // Long heads (their field offsets no longer fit on the stack) keep every field and value.
+    for n in [31, 32, 33, 200] {
+        let fields: String = (0..n).map(|i| format!("x-f{i}: value-{i}\r\n")).collect();
+        let h = head(format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes());
+        assert_eq!(h.request.headers.len(), n);
+        assert_eq!(h.request.headers[format!("x-f{}", n - 1).as_str()], format!("value-{}", n - 1).as_str());
+    }
     assert_eq!(head(b"GET http://b.example/x HTTP/1.1\r\n\r\n").request.uri.host(), Some("b.example"));
 }
 
