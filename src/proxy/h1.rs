@@ -666,6 +666,50 @@ fn chunk_step(chunk: &mut Chunk, buf: &[u8]) -> Result<(Step, usize), Error> {
     }
 }
 
+/// Takes the next data frame of a body framed by `state` out of the buffered bytes, consuming
+/// framing bytes on the way: `Some` with a frame (after which `state` may be `Done`), `None` when
+/// the body has ended (`state` is `Done`) or more bytes are needed. Frames are slices of `buf`.
+/// Shared by response bodies (client half) and request bodies (server half).
+fn next_frame(state: &mut State, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+    match state {
+        State::Done => Ok(None),
+        State::Length(_) | State::UntilClose if buf.is_empty() => Ok(None),
+        State::Length(rem) => {
+            let n = (*rem).min(buf.len() as u64);
+            *rem -= n;
+            if *rem == 0 {
+                *state = State::Done;
+            }
+            Ok(Some(buf.split_to(n as usize).freeze()))
+        }
+        State::UntilClose => Ok(Some(buf.split().freeze())),
+        State::Chunked(chunk) => match chunk_step(chunk, buf)? {
+            (Step::Data(n), used) => {
+                buf.advance(used);
+                let data = buf.split_to(n).freeze();
+                // If the rest of the framing (the CRLF, the last chunk, trailers) is already here,
+                // take it now: the end shows at once and the connection goes back without another
+                // read. Anything else is left for the next call.
+                let mut ahead = *chunk;
+                if let Ok((Step::End, used)) = chunk_step(&mut ahead, buf) {
+                    buf.advance(used);
+                    *state = State::Done;
+                }
+                Ok(Some(data))
+            }
+            (Step::End, used) => {
+                buf.advance(used);
+                *state = State::Done;
+                Ok(None)
+            }
+            (Step::NeedMore, used) => {
+                buf.advance(used);
+                Ok(None)
+            }
+        },
+    }
+}
+
 /// Parses `1*HEXDIG [ BWS ";" ext ] CR` (the LF is already cut off).
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let line = line.strip_suffix(b"\r").ok_or(Error::Malformed("chunk-size line not ended by CRLF"))?;
@@ -689,46 +733,11 @@ impl http_body::Body for Body {
         let this = &mut *self;
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
-            match &mut this.state {
-                State::Done => return Poll::Ready(None),
-                State::Length(rem) => {
-                    if !conn.buf.is_empty() {
-                        let n = (*rem).min(conn.buf.len() as u64);
-                        let data = conn.buf.split_to(n as usize).freeze();
-                        *rem -= n;
-                        if *rem == 0 {
-                            this.state = State::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                State::UntilClose => {
-                    if !conn.buf.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(conn.buf.split().freeze()))));
-                    }
-                }
-                State::Chunked(chunk) => match chunk_step(chunk, &conn.buf) {
-                    Ok((Step::Data(n), used)) => {
-                        conn.buf.advance(used);
-                        let data = conn.buf.split_to(n).freeze();
-                        // If the rest of the framing (the CRLF, the last chunk, trailers) is already
-                        // here, take it now: the end shows at once and the connection goes back
-                        // without another read. Anything else is left for the next poll.
-                        let mut ahead = *chunk;
-                        if let Ok((Step::End, used)) = chunk_step(&mut ahead, &conn.buf) {
-                            conn.buf.advance(used);
-                            this.state = State::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Ok((Step::End, used)) => {
-                        conn.buf.advance(used);
-                        this.state = State::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok((Step::NeedMore, used)) => conn.buf.advance(used),
-                    Err(e) => return this.fail(e),
-                },
+            match next_frame(&mut this.state, &mut conn.buf) {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) if this.state == State::Done => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => return this.fail(e),
             }
             match conn.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,

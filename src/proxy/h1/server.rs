@@ -15,12 +15,12 @@
 //! are written as they come. It holds no buffer while a connection is idle. It never spawns a
 //! task and never locks. h2 and TLS connections are served by hyper (see `server.rs`).
 
-use super::{chunk_step, Chunk, ConnectionTokens, Step, KEEP_ALIVE};
+use super::{next_frame, Chunk, ConnectionTokens, State as Framing, KEEP_ALIVE};
 use crate::error::ProxyError;
 use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
 use crate::proxy::conn::{now_ms, ConnShared};
 use crate::proxy::ProxyService;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -131,14 +131,6 @@ pub enum BodyError {
     Malformed(&'static str),
 }
 
-/// How much of a request body is still to come.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked(Chunk),
-    Done,
-}
-
 /// A request body on the client connection.
 pub struct Body(Inner);
 
@@ -184,40 +176,22 @@ impl Stream {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
             let Some(reader) = self.reader.as_mut() else { return Poll::Ready(None) };
-            match &mut self.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(rem) => {
-                    if !reader.buf.is_empty() {
-                        let n = (*rem).min(reader.buf.len() as u64);
-                        let data = reader.buf.split_to(n as usize).freeze();
-                        *rem -= n;
-                        if *rem == 0 {
-                            self.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                }
-                Framing::Chunked(chunk) => match chunk_step(chunk, &reader.buf) {
-                    Ok((Step::Data(n), used)) => {
-                        reader.buf.advance(used);
-                        let data = reader.buf.split_to(n).freeze();
-                        let mut ahead = *chunk;
-                        if let Ok((Step::End, used)) = chunk_step(&mut ahead, &reader.buf) {
-                            reader.buf.advance(used);
-                            self.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Ok((Step::End, used)) => {
-                        reader.buf.advance(used);
+            match next_frame(&mut self.framing, &mut reader.buf) {
+                Ok(frame) => {
+                    if self.framing == Framing::Done {
                         self.finish();
+                    }
+                    if let Some(data) = frame {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if self.framing == Framing::Done {
                         return Poll::Ready(None);
                     }
-                    Ok((Step::NeedMore, used)) => reader.buf.advance(used),
-                    Err(super::Error::Malformed(m)) => return self.fail(BodyError::Malformed(m)),
-                    Err(_) => return self.fail(BodyError::Malformed("broken chunk")),
-                },
+                }
+                Err(super::Error::Malformed(m)) => return self.fail(BodyError::Malformed(m)),
+                Err(_) => return self.fail(BodyError::Malformed("broken chunk")),
             }
+            let Some(reader) = self.reader.as_mut() else { return Poll::Ready(None) };
             if std::mem::take(&mut self.expect_continue) && !self.shared.responding.load(Ordering::Relaxed) {
                 // The client waits for this before sending the body. Nothing else is being
                 // written on the connection before the response, and 25 bytes fit an empty
