@@ -73,18 +73,8 @@ fn free_addr() -> SocketAddr {
 /// A child process killed on drop.
 struct Proc(Child);
 impl Drop for Proc {
-    /// Stops the process the way an operator would (SIGTERM), so that headroom stops the backends
-    /// it launched; SIGKILL only if it has not exited within 10 s.
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        stop_process(&mut self.0);
     }
 }
 

@@ -160,8 +160,7 @@ async fn the_command_streams_from_a_mock_backend_and_through_the_default_config(
     .await;
     let url = format!("http://{proxy}/v1/chat/completions");
     let r = load_json(&[&url, "--concurrency", "4", "--duration", "2s", "--stream", "--max-tokens", "4"]);
-    let _ = hr.kill();
-    let _ = hr.wait();
+    stop_process(&mut hr);
     assert!(r["ok"].as_u64().unwrap() >= 4, "{r}");
     assert_eq!(r["errors"], 0);
     assert_eq!(r["tokens_per_request"]["max"], 4.0);

@@ -209,7 +209,9 @@ pub fn add_forwarding(
 ) {
     set_or_append(headers, scan.found & XFF != 0, X_FORWARDED_FOR, &client.ip_value);
     set_or_append(headers, scan.found & XFP != 0, X_FORWARDED_PROTO, &client.proto);
-    let mut forwarded = Vec::with_capacity(client.forwarded.len() + 32);
+    // Sized exactly: a full Vec becomes `Bytes` without a second allocation.
+    let host_len = host.map_or(0, |h| h.len() + 8);
+    let mut forwarded = Vec::with_capacity(client.forwarded.len() + host_len);
     forwarded.extend_from_slice(client.forwarded.as_bytes());
     if let Some(h) = host {
         set_or_append(headers, scan.found & XFH != 0, X_FORWARDED_HOST, h);

@@ -412,3 +412,17 @@ pub fn tls_client_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig>
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(cfg)
 }
+
+/// Stops a child process the way an operator would (SIGTERM), so that a headroom stops the
+/// backends it launched; SIGKILL only if it has not exited within 10 s.
+pub fn stop_process(child: &mut std::process::Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
