@@ -898,3 +898,33 @@ async fn a_client_that_writes_a_whole_refused_body_before_reading_gets_its_413()
     }
     assert_eq!(backend.hits.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_that_stream_from_the_socket_give_the_connection_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(echo.addr, 1)], "", "")).await;
+    let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    // A chunked body in slow pieces, then (in its last write) the next request, pipelined.
+    s.write_all(b"POST /one HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+    for piece in [&b"4\r\nab"[..], b"cd\r\n", b"3;x=1\r\nefg\r\n", b"0\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n"] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    // Then a 200 KiB body by length, larger than any one read, and a last request that closes.
+    let big = vec![b'z'; 200 * 1024];
+    s.write_all(format!("PUT /three HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", big.len()).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&big).await.unwrap();
+    s.write_all(b"GET /four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut wire)).await.unwrap().unwrap();
+    let answers = split_responses(&wire, &[]);
+    let seen: Vec<serde_json::Value> = answers.iter().map(|a| serde_json::from_slice(&a.body).unwrap()).collect();
+    let got: Vec<(&str, i64)> =
+        seen.iter().map(|v| (v["uri"].as_str().unwrap(), v["body_len"].as_i64().unwrap())).collect();
+    assert_eq!(got, [("/one", 7), ("/two", 0), ("/three", 200 * 1024), ("/four", 0)]);
+    // All four came over one client connection, and the backend connection was reused.
+    assert!(echo.connections.load(Ordering::SeqCst) <= 2, "{}", echo.connections.load(Ordering::SeqCst));
+}
