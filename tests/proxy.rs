@@ -928,3 +928,20 @@ async fn request_bodies_that_stream_from_the_socket_give_the_connection_back() {
     // All four came over one client connection, and the backend connection was reused.
     assert!(echo.connections.load(Ordering::SeqCst) <= 2, "{}", echo.connections.load(Ordering::SeqCst));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_the_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let size = 32 * 1024 * 1024;
+    let backend = TestBackend::start(move |_req| async move { Response::new(full(vec![b'x'; size])) }).await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "idle_timeout = \"300ms\"")).await;
+    let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    // The client reads nothing: once the socket buffers are full, no byte moves for 300 ms.
+    poll_until(T, "request reached backend", || async { backend.hits.load(Ordering::SeqCst) == 1 }).await;
+    poll_until(T, "slot released while the client still reads nothing", || async { hr.in_flight().await[0].1 == 0 })
+        .await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut got)).await.expect("connection left open");
+    assert!(got.len() < size, "the whole body arrived: {} bytes", got.len());
+}

@@ -671,6 +671,10 @@ impl Conn {
         let mut sent: u64 = 0;
         let mut done = no_body;
         let mut clean = true;
+        // Armed only when the client stops taking bytes: a client that accepts nothing for
+        // `idle_timeout` is cut off, releasing the backend slot its response holds.
+        let send_timeout = self.limits.idle_timeout;
+        let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         if no_body {
             drop(body);
             body = ResponseBody::full(Bytes::new(), None);
@@ -732,10 +736,19 @@ impl Conn {
                             self.out.clear();
                             written = 0;
                         }
+                        if let Some(timer) = &mut stalled {
+                            timer.as_mut().reset(tokio::time::Instant::now() + send_timeout);
+                        }
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
+                    Poll::Pending => {
+                        let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            tracing::debug!(timeout = ?send_timeout, "client took no response bytes; closing");
+                            return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
+                        }
+                    }
                 }
             }
             if done && written == self.out.len() {
