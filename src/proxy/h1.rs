@@ -412,7 +412,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
     }
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that names and values are read from it once it is frozen.
-    let spans = Spans::of(buf, resp.headers);
+    let spans = Spans::of(&buf[..len], resp.headers).ok_or(Error::Malformed("unparsable response head"))?;
     let count = spans.len;
     let head = buf.split_to(len).freeze();
     // Room for the request id the proxy adds.
@@ -440,6 +440,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Option<Head>>, Error> {
 
 /// A field's name and value, as offsets into its head.
 type Span = (u32, u32, u32, u32);
+
+/// Where `part` (a slice of `head`) starts and ends in `head`; `None` if it is not inside it.
+fn offsets(head: &[u8], part: &[u8]) -> Option<(u32, u32)> {
+    let start = (part.as_ptr() as usize).wrapping_sub(head.as_ptr() as usize);
+    let end = start.checked_add(part.len())?;
+    (end <= head.len()).then_some((start as u32, end as u32))
+}
 /// Heads with up to this many fields (nearly all) keep their spans on the stack.
 const INLINE_SPANS: usize = 32;
 
@@ -454,22 +461,23 @@ struct Spans {
 }
 
 impl Spans {
-    fn of(head: &[u8], fields: &[httparse::Header<'_>]) -> Self {
-        let base = head.as_ptr() as usize;
-        let span = |h: &httparse::Header<'_>| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32)
+    /// `None` if a field does not lie within `head` (the parser's slices always do; this keeps
+    /// a surprise from turning into an out-of-bounds slice).
+    fn of(head: &[u8], fields: &[httparse::Header<'_>]) -> Option<Self> {
+        let span = |h: &httparse::Header<'_>| -> Option<Span> {
+            let (ns, ne) = offsets(head, h.name.as_bytes())?;
+            let (vs, ve) = offsets(head, h.value)?;
+            Some((ns, ne, vs, ve))
         };
         let mut spans = Spans { inline: [(0, 0, 0, 0); INLINE_SPANS], heap: Vec::new(), len: fields.len() };
         if fields.len() <= INLINE_SPANS {
             for (slot, h) in spans.inline.iter_mut().zip(fields) {
-                *slot = span(h);
+                *slot = span(h)?;
             }
         } else {
-            spans.heap = fields.iter().map(span).collect();
+            spans.heap = fields.iter().map(span).collect::<Option<_>>()?;
         }
-        spans
+        Some(spans)
     }
 
     fn as_slice(&self) -> &[Span] {

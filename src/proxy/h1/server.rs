@@ -277,13 +277,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| HeadError::Bad("invalid method"))?;
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that the target, names and values are read from it once frozen.
-    let base = buf.as_ptr() as usize;
-    let path = req.path.unwrap_or("");
-    let target = (path.as_ptr() as usize - base, path.len());
-    let spans = super::Spans::of(buf, req.headers);
+    let target = super::offsets(&buf[..len], req.path.unwrap_or("").as_bytes())
+        .filter(|(start, end)| end > start)
+        .ok_or(HeadError::Bad("malformed request head"))?;
+    let spans = super::Spans::of(&buf[..len], req.headers).ok_or(HeadError::Bad("malformed request head"))?;
     let count = spans.len;
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize))
         .map_err(|_| HeadError::Bad("invalid request target"))?;
 
     let mut headers = HeaderMap::with_capacity(count + 8);

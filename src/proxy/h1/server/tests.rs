@@ -100,6 +100,43 @@ fn a_head_split_anywhere_is_incomplete_until_its_end_and_leaves_what_follows() {
 }
 
 #[test]
+fn empty_values_and_unusual_targets_parse_without_going_out_of_the_head() {
+    let h = head(b"OPTIONS * HTTP/1.1\r\nX-Empty:\r\nX-Spaces:   \r\nHost: a\r\n\r\n");
+    assert_eq!(h.request.uri, "*");
+    assert_eq!(h.request.headers["x-empty"], "");
+    assert_eq!(h.request.headers["x-spaces"], "");
+    assert_eq!(h.request.headers["host"], "a");
+    let h = head(b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n");
+    assert_eq!(h.request.uri.authority().map(|a| a.as_str()), Some("b.example:443"));
+    // Leading blank lines before the request line are tolerated or refused, never a crash.
+    let _ = parse(b"\r\nGET / HTTP/1.1\r\n\r\n");
+    let _ = parse(b"GET  /  HTTP/1.1\r\n\r\n");
+    let _ = parse(b"GET / HTTP/1.1\r\nX-A: \x80\xff\r\n\r\n");
+}
+
+/// Every prefix and every single-byte corruption of some requests: parsing never panics.
+#[test]
+fn garbled_heads_never_panic() {
+    let samples: [&[u8]; 3] = [
+        b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-E:\r\n\r\nabc",
+        b"GET http://a/b?c HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n",
+        b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    ];
+    for sample in samples {
+        for cut in 0..=sample.len() {
+            let _ = parse(&sample[..cut]);
+        }
+        for at in 0..sample.len() {
+            for b in [0u8, b' ', b':', b'\r', b'\n', 0x7f, 0xff, b'a'] {
+                let mut v = sample.to_vec();
+                v[at] = b;
+                let _ = parse(&v);
+            }
+        }
+    }
+}
+
+#[test]
 fn content_length_digits_only() {
     assert_eq!(parse_length(b"0"), Some(0));
     assert_eq!(parse_length(b" 42 "), Some(42));
