@@ -70,10 +70,11 @@ start() {
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
   echo "$pid"
 }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# User and system CPU ticks of a process.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 tck=$(getconf CLK_TCK)
 
-declare -A us rps
+declare -A us rps usr sys
 names=(headroom nginx haproxy)
 for r in $(seq "$rounds"); do
   for k in $(seq 0 2); do
@@ -84,14 +85,19 @@ for r in $(seq "$rounds"); do
       haproxy) port=18612; pid=$(start $port haproxy -db -f "$dir/haproxy.cfg") ;;
     esac
     taskset -c "$lcpu" wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/fast" >/dev/null
-    before=$(cpu_ticks "$pid")
+    read -r u0 s0 <<<"$(cpu_ticks "$pid")"
     out=$(taskset -c "$lcpu" wrk -t1 -c"$conns" -d"${duration}s" "http://127.0.0.1:$port/fast")
-    after=$(cpu_ticks "$pid")
+    read -r u1 s1 <<<"$(cpu_ticks "$pid")"
     n=$(awk '/requests in/ {print $1}' <<<"$out")
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    per=$(awk -v t=$((after - before)) -v hz="$tck" -v n="$n" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}')
-    echo "round $r $name: $rate req/s, $per us CPU per request" >&2
+    per_of() { awk -v t="$1" -v hz="$tck" -v n="$n" 'BEGIN {printf "%.2f", t / hz * 1e6 / n}'; }
+    per=$(per_of $((u1 + s1 - u0 - s0)))
+    per_user=$(per_of $((u1 - u0)))
+    per_sys=$(per_of $((s1 - s0)))
+    echo "round $r $name: $rate req/s, $per us CPU per request ($per_user user, $per_sys system)" >&2
     us[$name]+="$per "
+    usr[$name]+="$per_user "
+    sys[$name]+="$per_sys "
     rps[$name]+="$rate "
     kill "$pid"; wait "$pid" 2>/dev/null || true
   done
@@ -99,10 +105,13 @@ done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 n_us=$(median <<<"${us[nginx]}")
 echo
-echo "| proxy | req/s (median) | CPU us per request (median) | requests per CPU-second | per-core capacity vs nginx |"
-echo "|---|---:|---:|---:|---:|"
+echo "| proxy | req/s (median) | CPU us per request (median) | user us | system us | requests per CPU-second | per-core capacity vs nginx |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 for name in "${names[@]}"; do
   m=$(median <<<"${us[$name]}")
   q=$(median <<<"${rps[$name]}")
-  awk -v n="$name" -v m="$m" -v q="$q" -v b="$n_us" 'BEGIN {printf "| %s | %.0f | %.2f | %.0f | %.3f |\n", n, q, m, 1e6 / m, b / m}'
+  mu=$(median <<<"${usr[$name]}")
+  ms=$(median <<<"${sys[$name]}")
+  awk -v n="$name" -v m="$m" -v q="$q" -v b="$n_us" -v mu="$mu" -v ms="$ms" \
+    'BEGIN {printf "| %s | %.0f | %.2f | %.2f | %.2f | %.0f | %.3f |\n", n, q, m, mu, ms, 1e6 / m, b / m}'
 done
