@@ -112,11 +112,11 @@ impl Conn {
         }
     }
 
-    /// Serves HTTP/1.x over plain TCP with the own codec.
-    async fn serve_h1(self, stream: TcpStream, drain: own_h1::Drain) {
+    /// Serves HTTP/1.x with the own codec.
+    async fn serve_h1(self, io: (own_h1::ReadIo, own_h1::WriteIo), scheme: &'static str, drain: own_h1::Drain) {
         let shared = ConnShared::new();
-        let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), "http"), shared.clone());
-        own_h1::serve(stream, service, shared, self.limits, drain).await;
+        let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared.clone());
+        own_h1::serve(io, service, shared, self.limits, drain).await;
     }
 }
 
@@ -160,12 +160,16 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
                     return Box::pin(conn.serve(stream, true, "http", watcher)).await;
                 }
                 drop(watcher);
-                return conn.serve_h1(stream, drain).await;
+                return conn.serve_h1(own_h1::split_tcp(stream), "http", drain).await;
             };
             match Box::pin(tls.accept(stream)).await {
                 Handshake::Done(stream) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Box::pin(conn.serve(*stream, h2, "https", watcher)).await
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        Box::pin(conn.serve(*stream, true, "https", watcher)).await
+                    } else {
+                        drop(watcher);
+                        Box::pin(conn.serve_h1(own_h1::split_tls(*stream), "https", drain)).await
+                    }
                 }
                 Handshake::Failed(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Handshake::TimedOut => tracing::debug!(%peer, "TLS handshake timed out"),

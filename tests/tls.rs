@@ -327,3 +327,61 @@ async fn upstream_tls_trusts_the_given_ca_checks_the_name_and_negotiates_h2() {
     assert_eq!(status, 502);
     hr.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_streams_unbuffered_keeps_alive_and_answers_100_continue() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (crt, key) = pki.leaf("srv", &["localhost"], 13);
+    let backend = mock().await;
+    let hr = Headroom::start(&tls_config(backend, &format!("cert = {crt:?}\nkey = {key:?}"))).await;
+
+    // A token stream over HTTP/1.1 + TLS arrives event by event, then the connection carries
+    // another request.
+    let s = tls_connect(hr.addr, &pki.ca_path(), "localhost", &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(full(CHAT))
+        .unwrap();
+    let started = Instant::now();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut times, mut text) = (Vec::new(), String::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            times.push(started.elapsed());
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(text.contains("data: [DONE]"), "{text}");
+    assert!(times.len() >= 5, "events arrived in {} pieces", times.len());
+    let spread = *times.last().unwrap() - times[0];
+    assert!(spread >= Duration::from_millis(200), "events were buffered: first and last {spread:?} apart");
+    let req = http::Request::get("/v1/models").header("host", "localhost").body(full("")).unwrap();
+    let resp = sender.send_request(req).await.expect("the connection was not kept alive");
+    assert_eq!(resp.status(), 200);
+
+    // Expect: 100-continue is answered through the encryption before the body is sent.
+    let mut s = tls_connect(hr.addr, &pki.ca_path(), "localhost", &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        CHAT.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("no 100 Continue").unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"), "{:?}", &buf[..n]);
+    s.write_all(CHAT.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await.expect("no answer");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    hr.stop().await;
+}

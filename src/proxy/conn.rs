@@ -41,6 +41,8 @@ pub struct ConnShared {
     /// The current response's head is being written (own HTTP/1.1 codec): too late for a
     /// `100 Continue`.
     pub(crate) responding: AtomicBool,
+    /// A request body read over TLS wants a `100 Continue` written (own HTTP/1.1 codec).
+    pub(crate) continue_wanted: AtomicBool,
 }
 
 impl ConnShared {

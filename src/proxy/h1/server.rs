@@ -33,8 +33,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 
 /// Most request header fields accepted (more is 431).
@@ -52,6 +50,9 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+mod socket;
+pub use socket::{split_tcp, split_tls, ReadIo, WriteIo};
 
 /// Timeouts and limits of a client connection, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +96,7 @@ impl DrainTrigger {
 /// The client socket's read side and the bytes read from it but not yet consumed. It travels
 /// into a request body that must stream from the socket, and comes back at the body's end.
 pub struct Reader {
-    rd: OwnedReadHalf,
+    rd: ReadIo,
     buf: BytesMut,
 }
 
@@ -104,17 +105,18 @@ impl Reader {
     /// buffer, so an idle connection holds none.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            if self.buf.capacity() == 0 {
-                ready!(self.rd.as_ref().poll_read_ready(cx))?;
+            if let (0, Some(tcp)) = (self.buf.capacity(), self.rd.tcp()) {
+                ready!(tcp.poll_read_ready(cx))?;
             }
             self.buf.reserve(READ_CHUNK);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.rd), cx, &mut self.buf)
     }
 
-    /// Gives the buffer back to the allocator when it holds nothing.
+    /// Gives the buffer back to the allocator when it holds nothing (plain TCP only: over TLS,
+    /// only a read can tell whether data is waiting, and a read needs the buffer).
     fn release_if_empty(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
+        if self.buf.is_empty() && self.buf.capacity() > 0 && self.rd.tcp().is_some() {
             self.buf = BytesMut::new();
         }
     }
@@ -196,7 +198,13 @@ impl Stream {
                 // The client waits for this before sending the body. Nothing else is being
                 // written on the connection before the response, and 25 bytes fit an empty
                 // socket buffer; if they do not, the client sends after its own short wait.
-                let _ = reader.rd.as_ref().try_write(CONTINUE);
+                // Over TLS the connection's task writes it, through the encryption.
+                match reader.rd.tcp() {
+                    Some(tcp) => {
+                        let _ = tcp.try_write(CONTINUE);
+                    }
+                    None => self.shared.continue_wanted.store(true, Ordering::Relaxed),
+                }
             }
             match reader.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -436,7 +444,7 @@ struct Conn {
     shared: Arc<ConnShared>,
     limits: Limits,
     read: ReadSide,
-    wr: OwnedWriteHalf,
+    wr: WriteIo,
     out: Vec<u8>,
     timer: Pin<Box<tokio::time::Sleep>>,
     drain: Drain,
@@ -449,8 +457,13 @@ struct Conn {
 
 /// Serves HTTP/1.x on `stream` until the client closes, a timeout or an error ends it, or the
 /// server drains.
-pub async fn serve(stream: TcpStream, service: ProxyService, shared: Arc<ConnShared>, limits: Limits, drain: Drain) {
-    let (rd, wr) = stream.into_split();
+pub async fn serve(
+    (rd, wr): (ReadIo, WriteIo),
+    service: ProxyService,
+    shared: Arc<ConnShared>,
+    limits: Limits,
+    drain: Drain,
+) {
     let mut rx = drain.rx.clone();
     let mut drain_wait = std::pin::pin!(async move {
         let _ = rx.changed().await;
@@ -529,10 +542,26 @@ impl Conn {
         self.shared.responding.store(false, Ordering::Relaxed);
         let req = Request::from_parts(request, ClientBody::Own(body));
         let read = &mut self.read;
+        let (wr, shared) = (&mut self.wr, &self.shared);
+        // Bytes of a `100 Continue` (asked for by a body read over TLS) still to be written.
+        let mut continue_left = 0;
         let mut handling = Box::pin(self.service.handle_request(req));
         let resp = poll_fn(|cx| {
             if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
                 return Poll::Ready(Some(resp));
+            }
+            if shared.continue_wanted.swap(false, Ordering::Relaxed) {
+                continue_left = CONTINUE.len();
+            }
+            while continue_left > 0 {
+                match Pin::new(&mut *wr).poll_write(cx, &CONTINUE[CONTINUE.len() - continue_left..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => continue_left -= n,
+                    Poll::Ready(_) => continue_left = 0, // the response's write will see the error
+                    Poll::Pending => break,
+                }
+            }
+            if continue_left == 0 {
+                let _ = Pin::new(&mut *wr).poll_flush(cx);
             }
             match read.watch(cx) {
                 Client::Gone => Poll::Ready(None),
@@ -541,6 +570,9 @@ impl Conn {
         })
         .await;
         drop(handling);
+        if continue_left > 0 && self.wr.write_all(&CONTINUE[CONTINUE.len() - continue_left..]).await.is_err() {
+            return false;
+        }
         let Some(resp) = resp else {
             tracing::debug!("client went away before its response; request cancelled");
             return false;
@@ -675,6 +707,7 @@ impl Conn {
         // `idle_timeout` is cut off, releasing the backend slot its response holds.
         let send_timeout = self.limits.idle_timeout;
         let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut flushed = true;
         if no_body {
             drop(body);
             body = ResponseBody::full(Bytes::new(), None);
@@ -727,11 +760,13 @@ impl Conn {
                     }
                 }
             }
+            let mut blocked = false;
             if written < self.out.len() {
                 match Pin::new(&mut self.wr).poll_write(cx, &self.out[written..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero))),
                     Poll::Ready(Ok(n)) => {
                         written += n;
+                        flushed = false;
                         if written == self.out.len() {
                             self.out.clear();
                             written = 0;
@@ -742,16 +777,24 @@ impl Conn {
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
-                        if timer.as_mut().poll(cx).is_ready() {
-                            tracing::debug!(timeout = ?send_timeout, "client took no response bytes; closing");
-                            return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
-                        }
-                    }
+                    Poll::Pending => blocked = true,
+                }
+            } else if !flushed {
+                // A no-op over plain TCP; over TLS it pushes the encrypted records out.
+                match Pin::new(&mut self.wr).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => flushed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => blocked = true,
                 }
             }
-            if done && written == self.out.len() {
+            if blocked {
+                let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(timeout = ?send_timeout, "client took no response bytes; closing");
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
+                }
+            }
+            if done && written == self.out.len() && flushed {
                 return Poll::Ready(Ok(clean));
             }
             // Waiting for the body or the socket: notice a client that went away.
@@ -769,7 +812,8 @@ impl Conn {
     /// may still be sending, so that it reads its answer rather than a reset.
     async fn close(&mut self) {
         let _ = self.wr.shutdown().await;
-        let stream = self.wr.as_ref();
+        // Over TLS the close_notify and FIN are sent; what the client still sends is not read.
+        let Some(stream) = self.wr.tcp() else { return };
         let lingering = async {
             let mut scratch = [0u8; 4096];
             let mut total = 0;

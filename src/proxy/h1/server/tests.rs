@@ -1,7 +1,7 @@
 use super::*;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 fn parse(text: &[u8]) -> Result<Option<Head>, HeadError> {
     let mut buf = BytesMut::from(text);
@@ -164,7 +164,7 @@ async fn pair() -> (Reader, TcpStream) {
     let (rd, wr) = server.into_split();
     // The write half must outlive the test body: dropping it would shut the socket down.
     std::mem::forget(wr);
-    (Reader { rd, buf: BytesMut::new() }, client)
+    (Reader { rd: ReadIo::Tcp(rd), buf: BytesMut::new() }, client)
 }
 
 fn streaming(reader: Reader, framing: Framing) -> (Body, oneshot::Receiver<Reader>) {
