@@ -11,7 +11,7 @@ use crate::proxy::h1::server as own_h1;
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
 use crate::tls::server::Handshake;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
@@ -19,26 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
-/// hyper's connection settings, derived from `[server]`.
-struct Builders {
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-}
-
-fn builders(cfg: &ServerConfig) -> Builders {
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        // Our ClientIo enforces the header and idle timeouts (and answers 408); hyper's own
-        // header timer would close silently and also fire on idle keep-alive connections.
-        .header_read_timeout(None)
-        .keep_alive(true)
-        // One flattened write per response instead of writev of head and body: measurably
-        // cheaper for the small responses that dominate request rates.
-        .writev(false)
-        .max_headers(256)
-        // A head that does not fit the read buffer gets 431 from hyper; heads that fit but
-        // exceed max_header_bytes get 431 from the proxy.
-        .max_buf_size((cfg.max_header_bytes + 8 * 1024).max(16 * 1024));
+/// hyper's h2 connection settings, derived from `[server]`.
+fn h2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.min(u32::MAX as usize) as u32)
@@ -49,7 +31,7 @@ fn builders(cfg: &ServerConfig) -> Builders {
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    Builders { http1: h1, http2: h2 }
+    h2
 }
 
 /// Whether the client opens with the HTTP/2 preface (h2c prior knowledge). Peeks, so the bytes
@@ -87,26 +69,22 @@ pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::Sock
 /// One accepted client connection and what serving it needs.
 struct Conn {
     gateway: Arc<Gateway>,
-    builders: Arc<Builders>,
+    h2: Arc<http2::Builder<TokioExecutor>>,
     peer: std::net::SocketAddr,
     limits: own_h1::Limits,
 }
 
 impl Conn {
-    /// Serves HTTP on the (decrypted) stream until the client or the drain closes it. Only the
-    /// common case, HTTP/1.1 over plain TCP, is awaited inline: the others are boxed, so that every
-    /// connection's task is as small as that case needs (the task lives as long as the connection).
-    async fn serve<S: ClientStream>(self, stream: S, h2: bool, scheme: &'static str, watcher: Watcher) {
+    /// Serves h2 (prior knowledge, or chosen by ALPN) with hyper until the client or the drain
+    /// closes it. Callers box it, so that every connection's task is only as large as the common
+    /// case, HTTP/1.1, needs (the task lives as long as the connection).
+    async fn serve_h2<S: ClientStream>(self, stream: S, scheme: &'static str, watcher: Watcher) {
         let peer = self.peer;
         let shared = ConnShared::new();
         let (header_timeout, idle_timeout) = (self.limits.header_timeout, self.limits.idle_timeout);
         let io = TokioIo::new(ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout));
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
-        let result = if h2 {
-            Box::pin(watcher.watch(self.builders.http2.serve_connection(io, service))).await
-        } else {
-            watcher.watch(self.builders.http1.serve_connection(io, service)).await
-        };
+        let result = watcher.watch(self.h2.serve_connection(io, service)).await;
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
@@ -124,7 +102,7 @@ impl Conn {
 /// `server.shutdown_timeout`.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
     let cfg = gateway.snapshot().config.server.clone();
-    let builders = Arc::new(builders(&cfg));
+    let h2 = Arc::new(h2_builder(&cfg));
     let graceful = GracefulShutdown::new();
     let (drain_trigger, drain) = own_h1::drain();
     let local = listener.local_addr().ok();
@@ -144,12 +122,12 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         };
         let header_timeout = limits.header_timeout;
         let gateway = gateway.clone();
-        let builders = builders.clone();
+        let h2 = h2.clone();
         let watcher = graceful.watcher();
         let drain = drain.clone();
         let tls = gateway.tls();
         tokio::spawn(async move {
-            let conn = Conn { gateway, builders, peer, limits };
+            let conn = Conn { gateway, h2, peer, limits };
             let Some(tls) = tls else {
                 // A client that sends nothing (or only part of the preface) in time is closed quietly.
                 let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
@@ -157,7 +135,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
                     _ => return,
                 };
                 if h2 {
-                    return Box::pin(conn.serve(stream, true, "http", watcher)).await;
+                    return Box::pin(conn.serve_h2(stream, "http", watcher)).await;
                 }
                 drop(watcher);
                 return conn.serve_h1(own_h1::split_tcp(stream), "http", drain).await;
@@ -165,7 +143,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
             match Box::pin(tls.accept(stream)).await {
                 Handshake::Done(stream) => {
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        Box::pin(conn.serve(*stream, true, "https", watcher)).await
+                        Box::pin(conn.serve_h2(*stream, "https", watcher)).await
                     } else {
                         drop(watcher);
                         Box::pin(conn.serve_h1(own_h1::split_tls(*stream), "https", drain)).await

@@ -361,8 +361,10 @@ async fn http1_over_tls_streams_unbuffered_keeps_alive_and_answers_100_continue(
     assert!(times.len() >= 5, "events arrived in {} pieces", times.len());
     let spread = *times.last().unwrap() - times[0];
     assert!(spread >= Duration::from_millis(200), "events were buffered: first and last {spread:?} apart");
+    // (Once the client's connection task has seen the end of the first answer.)
+    sender.ready().await.expect("the connection was not kept alive");
     let req = http::Request::get("/v1/models").header("host", "localhost").body(full("")).unwrap();
-    let resp = sender.send_request(req).await.expect("the connection was not kept alive");
+    let resp = sender.send_request(req).await.expect("the second request failed");
     assert_eq!(resp.status(), 200);
 
     // Expect: 100-continue is answered through the encryption before the body is sent.
