@@ -1,8 +1,8 @@
 //! Client-facing listeners: accept, run the TLS handshake when `[server.tls]` is set (ALPN picks
 //! h2 or HTTP/1.1), else tell HTTP/1.1 from h2c (prior knowledge) by peeking at the first bytes.
-//! Plain-TCP HTTP/1.x goes to the own codec (`h1::server`); h2c and TLS connections are wrapped in
-//! [`ClientIo`] and served by hyper. On shutdown both kinds drain: idle connections close, busy
-//! ones finish their request.
+//! HTTP/1.x goes to the own codec (`h1::server`); h2 connections are wrapped in [`ClientIo`] and
+//! served by hyper. On shutdown both kinds drain: idle connections close, busy ones finish their
+//! request.
 
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;

@@ -1,19 +1,21 @@
-//! The HTTP/1.1 server half: reads requests from a plain-TCP client connection, hands each to the
-//! proxy, and writes the response back, all on the connection's own task.
+//! The HTTP/1.1 server half: reads requests from a client connection (plain TCP or TLS), hands
+//! each to the proxy, and writes the response back, all on the connection's own task.
 //!
 //! This module owns, for HTTP/1.0 and 1.1 clients: parsing request heads (httparse, header
 //! values are slices of the read buffer); request framing by RFC 9112 §6.3 (Content-Length,
 //! chunked, or none; Transfer-Encoding with Content-Length, or two Content-Lengths, is flagged for
-//! the proxy to refuse); the header timeout (408 on a half-received head) and the idle timeout
-//! (a quiet close); `Expect: 100-continue`; keep-alive and pipelining; response framing (the
-//! body's exact length, else chunked, else until close for HTTP/1.0) and `Date`; watching for a
-//! client that goes away while its request is in flight (the request is then dropped, which
-//! cancels it upstream); draining on shutdown; and a lingering close, so that a client still
-//! sending is not reset before it reads its answer.
+//! the proxy to refuse); the header timeout (408 on a half-received head), the idle timeout (a
+//! quiet close) and the send timeout (a client that takes no response bytes); `Expect:
+//! 100-continue`; keep-alive and pipelining; response framing (the body's exact length, else
+//! chunked, else until close for HTTP/1.0) and `Date`; watching for a client that goes away while
+//! its request is in flight (the request is then dropped, which cancels it upstream); draining on
+//! shutdown; and a lingering close, so that a client still sending is not reset before it reads
+//! its answer.
 //!
 //! It never buffers a body: request body frames are slices of the read buffer and response frames
-//! are written as they come. It holds no buffer while a connection is idle. It never spawns a
-//! task and never locks. h2 and TLS connections are served by hyper (see `server.rs`).
+//! are written as they come. An idle plain-TCP connection holds no buffer. It never spawns a task
+//! and never locks (over TLS, tokio's split takes an uncontended per-connection lock). h2 is
+//! served by hyper (see `server.rs`).
 
 use super::{next_frame, Chunk, ConnectionTokens, State as Framing, KEEP_ALIVE};
 use crate::error::ProxyError;
