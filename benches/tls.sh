@@ -6,10 +6,10 @@
 #   - new connection per request (Connection: close): full TLS handshakes per second.
 # Needs wrk (Debian: apt-get install wrk) and a release build (cargo build --release).
 # Pinning as in the peer benchmark: proxy on CPU 0, backend and wrk on CPU 1.
-# Env: ROUNDS (3), DURATION (10s), CONNS (64).
+# Env: ROUNDS (3), DURATION (10s), CONNS (64), HEADROOM_BIN (the release build).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-bin="$repo/target/release/headroom"
+bin=${HEADROOM_BIN:-"$repo/target/release/headroom"}
 rounds=${ROUNDS:-3} duration=${DURATION:-10s} conns=${CONNS:-64}
 command -v wrk >/dev/null || { echo "wrk not found (apt-get install wrk)" >&2; exit 1; }
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
