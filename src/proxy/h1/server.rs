@@ -552,7 +552,8 @@ impl Conn {
             if let Poll::Ready(resp) = handling.as_mut().poll(cx) {
                 return Poll::Ready(Some(resp));
             }
-            if shared.continue_wanted.swap(false, Ordering::Relaxed) {
+            // (A load first: the swap's read-modify-write is paid only when it is set.)
+            if shared.continue_wanted.load(Ordering::Relaxed) && shared.continue_wanted.swap(false, Ordering::Relaxed) {
                 continue_left = CONTINUE.len();
             }
             while continue_left > 0 {
