@@ -60,6 +60,11 @@ impl ConnShared {
         self.suspicious.load(Ordering::Relaxed)
     }
 
+    /// When the last request on this connection finished (`now_ms`), as its response body ended.
+    pub(crate) fn idle_since_ms(&self) -> u64 {
+        self.idle_since_ms.load(Ordering::Relaxed)
+    }
+
     /// Records a smuggling shape found while parsing a head: the proxy refuses the request.
     pub(crate) fn set_suspicious(&self) {
         self.suspicious.store(true, Ordering::Relaxed);
@@ -134,7 +139,7 @@ impl<S: ClientStream> ClientIo<S> {
         }
         self.sync_idle_period();
         let deadline = if self.served_any {
-            self.shared.idle_since_ms.load(Ordering::Relaxed) + self.idle_timeout.as_millis() as u64
+            self.shared.idle_since_ms() + self.idle_timeout.as_millis() as u64
         } else {
             self.opened_ms + self.header_timeout.min(self.idle_timeout).as_millis() as u64
         };

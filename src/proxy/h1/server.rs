@@ -451,8 +451,8 @@ struct Conn {
     timer: Pin<Box<tokio::time::Sleep>>,
     drain: Drain,
     opened_ms: u64,
-    /// When the last response ended (`None` before the first).
-    idle_since_ms: Option<u64>,
+    /// A request was served (the idle time then counts from `shared`'s end of the last one).
+    served_any: bool,
     /// When the first byte of the pending head arrived.
     head_started_ms: Option<u64>,
 }
@@ -482,7 +482,7 @@ pub async fn serve(
         timer: Box::pin(tokio::time::sleep(limits.header_timeout.min(limits.idle_timeout))),
         drain,
         opened_ms: now_ms(),
-        idle_since_ms: None,
+        served_any: false,
         head_started_ms: None,
     };
     conn.run().await;
@@ -507,7 +507,7 @@ impl Conn {
             if self.out.capacity() > KEEP_OUT {
                 self.out = Vec::new();
             }
-            self.idle_since_ms = Some(now_ms());
+            self.served_any = true;
             self.head_started_ms = None;
         }
     }
@@ -593,20 +593,22 @@ impl Conn {
         let Some(reader) = self.read.reader.as_mut() else { return Poll::Ready(Next::Quiet) };
         loop {
             if !reader.buf.is_empty() {
-                if self.head_started_ms.is_none() {
-                    self.head_started_ms = Some(now_ms());
-                    // The header deadline may come before the one the timer is set for.
-                    let due = tokio::time::Instant::now() + self.limits.header_timeout;
-                    if due < self.timer.deadline() {
-                        self.timer.as_mut().reset(due);
-                    }
-                }
                 match parse_head(&mut reader.buf) {
                     Ok(Some(head)) => return Poll::Ready(Next::Head(head)),
                     Ok(None) if reader.buf.len() > self.limits.max_head => {
                         return Poll::Ready(Next::Refuse(ProxyError::HeadersTooLarge(self.limits.max_head)))
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // A head arriving in pieces: the header timeout runs from its first
+                        // piece (a head that arrives whole never reads the clock here).
+                        if self.head_started_ms.is_none() {
+                            self.head_started_ms = Some(now_ms());
+                            let due = tokio::time::Instant::now() + self.limits.header_timeout;
+                            if due < self.timer.deadline() {
+                                self.timer.as_mut().reset(due);
+                            }
+                        }
+                    }
                     Err(HeadError::TooLarge) => {
                         return Poll::Ready(Next::Refuse(ProxyError::HeadersTooLarge(self.limits.max_head)))
                     }
@@ -625,12 +627,12 @@ impl Conn {
             // The timer is set lazily: when it fires, the deadline is worked out from the state.
             while self.timer.as_mut().poll(cx).is_ready() {
                 let now = now_ms();
-                let deadline = match (self.head_started_ms, self.idle_since_ms) {
+                let deadline = match (self.head_started_ms, self.served_any) {
                     (Some(start), _) => start + self.limits.header_timeout.as_millis() as u64,
-                    (None, None) => {
+                    (None, false) => {
                         self.opened_ms + self.limits.header_timeout.min(self.limits.idle_timeout).as_millis() as u64
                     }
-                    (None, Some(idle)) => idle + self.limits.idle_timeout.as_millis() as u64,
+                    (None, true) => self.shared.idle_since_ms() + self.limits.idle_timeout.as_millis() as u64,
                 };
                 if deadline <= now {
                     if self.head_started_ms.is_some() {
