@@ -106,7 +106,11 @@ async fn h2_stream(stream: TlsStream<TcpStream>) -> (Vec<Duration>, String) {
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_2);
-    let mut body = resp.into_body();
+    timed_text(resp.into_body(), started).await
+}
+
+/// A response body's text and when each piece of it arrived (since `started`).
+async fn timed_text(mut body: hyper::body::Incoming, started: Instant) -> (Vec<Duration>, String) {
     let (mut times, mut text) = (Vec::new(), String::new());
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.unwrap().into_data() {
@@ -115,6 +119,14 @@ async fn h2_stream(stream: TlsStream<TcpStream>) -> (Vec<Duration>, String) {
         }
     }
     (times, text)
+}
+
+/// The mock's token stream arrived whole and event by event, not buffered into one piece.
+fn assert_streamed(times: &[Duration], text: &str) {
+    assert!(text.contains("data: [DONE]"), "{text}");
+    assert!(times.len() >= 5, "events arrived in {} pieces", times.len());
+    let spread = *times.last().unwrap() - times[0];
+    assert!(spread >= Duration::from_millis(200), "events were buffered: first and last {spread:?} apart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,10 +139,7 @@ async fn h2_by_alpn_streams_sse_and_an_http1_only_client_works() {
     let s = tls_connect(hr.addr, &pki.ca_path(), "localhost", &[b"h2", b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (times, text) = h2_stream(s).await;
-    assert!(text.contains("data: [DONE]"), "{text}");
-    assert!(times.len() >= 5, "events arrived in {} pieces", times.len());
-    let spread = *times.last().unwrap() - times[0];
-    assert!(spread >= Duration::from_millis(200), "events were buffered: first and last {spread:?} apart");
+    assert_streamed(&times, &text);
 
     let s = tls_connect(hr.addr, &pki.ca_path(), "localhost", &[b"http/1.1"]).await;
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -330,7 +339,6 @@ async fn upstream_tls_trusts_the_given_ca_checks_the_name_and_negotiates_h2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_over_tls_streams_unbuffered_keeps_alive_and_answers_100_continue() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let (crt, key) = pki.leaf("srv", &["localhost"], 13);
     let backend = mock().await;
@@ -349,18 +357,8 @@ async fn http1_over_tls_streams_unbuffered_keeps_alive_and_answers_100_continue(
     let started = Instant::now();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let (mut times, mut text) = (Vec::new(), String::new());
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
-            times.push(started.elapsed());
-            text.push_str(&String::from_utf8_lossy(&data));
-        }
-    }
-    assert!(text.contains("data: [DONE]"), "{text}");
-    assert!(times.len() >= 5, "events arrived in {} pieces", times.len());
-    let spread = *times.last().unwrap() - times[0];
-    assert!(spread >= Duration::from_millis(200), "events were buffered: first and last {spread:?} apart");
+    let (times, text) = timed_text(resp.into_body(), started).await;
+    assert_streamed(&times, &text);
     // (Once the client's connection task has seen the end of the first answer.)
     sender.ready().await.expect("the connection was not kept alive");
     let req = http::Request::get("/v1/models").header("host", "localhost").body(full("")).unwrap();
