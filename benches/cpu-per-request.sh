@@ -19,6 +19,9 @@ pcpu=${PROXY_CPU:-0} lcpu=${LOAD_CPU:-1}
 for tool in nginx haproxy wrk taskset; do
   command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install nginx-light haproxy wrk)" >&2; exit 1; }
 done
+# `cargo bench` leaves a build with unwinding panics and the dev-dependencies' features at the
+# same path; rebuild the release profile (a no-op when it is current) unless a binary was given.
+[ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 dir=$(mktemp -d)
 pids=()

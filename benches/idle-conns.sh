@@ -2,11 +2,14 @@
 # Memory per idle client connection: RSS of a release headroom before and after N (default
 # 10,000) keep-alive client connections that each made one request and then stay idle.
 # Needs python3 (the client) and a release build (cargo build --release).
-# Env: CONNS (10000).
+# Env: CONNS (10000), HEADROOM_BIN (the release build).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-bin="$repo/target/release/headroom"
+bin=${HEADROOM_BIN:-"$repo/target/release/headroom"}
 n=${CONNS:-10000}
+# `cargo bench` leaves a build with unwinding panics and the dev-dependencies' features at the
+# same path; rebuild the release profile (a no-op when it is current) unless a binary was given.
+[ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 # headroom and the client each hold one descriptor per connection: raise the open-file limit as
 # far as allowed; fewer connections are opened if it stays low.

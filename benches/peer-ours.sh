@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts headroom in the "ours" slot of a side-by-side peer benchmark (nginx, HAProxy, ...).
 # Reads the harness's PB_* environment (listen address, backends, weights, workers, run dir),
-# writes a config there and execs the release binary in the foreground. Build it first:
+# writes a config there and execs the release binary in the foreground. Build it first, and again
+# after any `cargo bench` (which leaves a build with unwinding panics at the same path):
 #   cargo build --release
 #   OURS_CMD='exec <repo>/benches/peer-ours.sh' peerbench -w "fast infer"
 set -euo pipefail

@@ -12,6 +12,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-"$repo/target/release/headroom"}
 rounds=${ROUNDS:-3} duration=${DURATION:-10s} conns=${CONNS:-64}
 command -v wrk >/dev/null || { echo "wrk not found (apt-get install wrk)" >&2; exit 1; }
+# `cargo bench` leaves a build with unwinding panics and the dev-dependencies' features at the
+# same path; rebuild the release profile (a no-op when it is current) unless a binary was given.
+[ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 dir=$(mktemp -d)
 pids=()
