@@ -154,8 +154,16 @@ impl Report {
             ("total ms", self.total_ms),
             ("tokens/request", self.tokens_per_request),
         ] {
-            out +=
-                &format!("{name:<16} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n", s.count, s.p50, s.p90, s.p99, s.max);
+            // A metric with no samples (say, time to first token without `--stream`) shows dashes,
+            // not zeros that read as measurements.
+            if s.count == 0 {
+                out += &format!("{name:<16} {:>8} {:>10} {:>10} {:>10} {:>10}\n", 0, "-", "-", "-", "-");
+            } else {
+                out += &format!(
+                    "{name:<16} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n",
+                    s.count, s.p50, s.p90, s.p99, s.max
+                );
+            }
         }
         out += "\nstatus:";
         for (k, v) in &self.statuses {
@@ -191,6 +199,15 @@ mod tests {
         assert_eq!(r.statuses["error: connect"], 1);
         assert_eq!(r.tokens_per_s, 2.5);
         assert_eq!(r.achieved_rate, 1.0);
-        assert!(r.table().contains("503=1"));
+        let table = r.table();
+        assert!(table.contains("503=1"));
+        let ttft = table.lines().find(|l| l.starts_with("ttft ms")).unwrap();
+        assert_eq!(
+            ttft.split_whitespace().skip(2).collect::<Vec<_>>(),
+            ["0", "-", "-", "-", "-"],
+            "no samples: dashes"
+        );
+        let total = table.lines().find(|l| l.starts_with("total ms")).unwrap();
+        assert!(total.contains("10.00"), "{total}");
     }
 }
