@@ -13,6 +13,10 @@ pub enum ProxyError {
     /// The request is malformed or ambiguous (smuggling shapes, bad framing).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request asks for something the gateway does not do (CONNECT tunnels, transfer codings
+    /// other than chunked).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// The request head was not complete within `request_header_timeout`.
     #[error("request header timeout")]
     HeaderTimeout,
@@ -66,6 +70,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeaderTimeout | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -82,6 +87,7 @@ impl ProxyError {
     pub fn source(&self) -> Source {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
             | ProxyError::ClientBody(_)
             | ProxyError::HeaderTimeout
             | ProxyError::BodyTimeout(_)
@@ -112,6 +118,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::NotImplemented(_)
                 | ProxyError::HeaderTimeout
                 | ProxyError::BodyTooLarge(_)
                 | ProxyError::ClientBody(_)

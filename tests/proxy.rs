@@ -246,6 +246,20 @@ async fn smuggling_shapes_are_refused_and_not_forwarded() {
         let resp = raw(hr.addr, shape, T).await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{:?} got {resp}", String::from_utf8_lossy(shape));
     }
+    // Framing and Host shapes that backends read differently, and what a gateway does not do.
+    let refused: [(&[u8], &str); 6] = [
+        (b"GET / HTTP/1.1\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "400"),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "501"),
+        (b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n", "501"),
+    ];
+    for (shape, status) in refused {
+        let resp = raw(hr.addr, shape, T).await;
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{:?} got {resp}", String::from_utf8_lossy(shape));
+        assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
+    }
     assert_eq!(backend.hits.load(Ordering::SeqCst), 0, "a refused request reached the backend");
 
     // The same connection shapes without the ambiguity are fine.

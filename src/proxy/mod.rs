@@ -20,7 +20,7 @@ use body::{ClientBody, RequestBody, ResponseBody, Upstream};
 use conn::{ActiveRequest, ConnShared};
 use headers::{new_request_id, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -150,6 +150,10 @@ impl ConnCtx {
             return Err(ProxyError::BadRequest(
                 "ambiguous framing: Content-Length with Transfer-Encoding, or Content-Length twice",
             ));
+        }
+        if parts.method == Method::CONNECT {
+            // HTTP/1.1 refuses it while parsing; this is h2's (extended) CONNECT.
+            return Err(ProxyError::NotImplemented("CONNECT (tunnels) is not supported"));
         }
         let scan = headers::scan(&parts.headers);
         if scan.bytes > server.max_header_bytes {

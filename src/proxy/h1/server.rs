@@ -271,6 +271,8 @@ enum BodyKind {
 enum HeadError {
     TooLarge,
     Bad(&'static str),
+    /// Well-formed, but asks for something the gateway does not do (501).
+    Unsupported(&'static str),
 }
 
 /// Parses a request head at the front of `buf`, consuming it. `None` while incomplete.
@@ -285,6 +287,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     };
     let method =
         Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| HeadError::Bad("invalid method"))?;
+    if method == Method::CONNECT {
+        return Err(HeadError::Unsupported("CONNECT (tunnels) is not supported"));
+    }
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that the target, names and values are read from it once frozen.
     let target = super::offsets(&buf[..len], req.path.unwrap_or("").as_bytes())
@@ -298,7 +303,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
 
     let mut headers = HeaderMap::with_capacity(count + 8);
     let mut conn = ConnectionTokens::default();
-    let (mut lengths, mut length, mut te, mut chunked) = (0, None, false, false);
+    let (mut lengths, mut length, mut te, mut chunked) = (0, None, 0, false);
+    let mut hosts = 0;
     let mut expect_continue = false;
     for &(ns, ne, vs, ve) in spans.as_slice() {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
@@ -309,9 +315,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             length = parse_length(raw);
         } else if name == header::TRANSFER_ENCODING {
             // The body's framing is ours to decode; the field does not go upstream.
-            te = true;
-            chunked =
-                raw.rsplit(|&b| b == b',').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            te += 1;
+            chunked = transfer_coding(raw)?;
             continue;
         } else if name == header::CONNECTION {
             // Read here, and left out when it holds only close/keep-alive (nothing else to strip).
@@ -320,6 +325,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             }
         } else if name == KEEP_ALIVE {
             continue;
+        } else if name == header::HOST {
+            hosts += 1;
         } else if name == header::EXPECT && raw.eq_ignore_ascii_case(b"100-continue") {
             expect_continue = true;
         }
@@ -329,10 +336,23 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     }
     // RFC 9112 §6.3: Transfer-Encoding wins, but a request with both, or with two lengths, is a
     // smuggling shape: it is refused (by the proxy, which counts and logs it).
-    let suspicious = lengths > 1 || (te && lengths > 0);
+    let suspicious = lengths > 1 || (te > 0 && lengths > 0);
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1 (a target in absolute form names the host
+    // itself), at most one in HTTP/1.0.
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11 && uri.authority().is_none()) {
+        return Err(HeadError::Bad("an HTTP/1.1 request needs exactly one Host"));
+    }
     let body = if suspicious {
         BodyKind::None
-    } else if te {
+    } else if te > 0 {
+        // HTTP/1.0 has no chunked framing, so a Transfer-Encoding there is a framing fault
+        // (RFC 9112 §6.1), as is a second Transfer-Encoding field.
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if te > 1 {
+            return Err(HeadError::Bad("Transfer-Encoding twice"));
+        }
         if !chunked {
             return Err(HeadError::Bad("Transfer-Encoding without chunked as the last coding"));
         }
@@ -345,6 +365,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             (_, Some(n)) => BodyKind::Length(n),
         }
     };
+    // RFC 9112 §3.2.2: with a target in absolute form, its authority is the host, whatever Host
+    // says; routing and the upstream request see the same one.
+    if let Some(authority) = uri.authority() {
+        let value = HeaderValue::from_str(authority.as_str()).map_err(|_| HeadError::Bad("invalid request target"))?;
+        headers.insert(header::HOST, value);
+    }
     let close = if version == Version::HTTP_10 { !conn.keep_alive || conn.close } else { conn.close };
     let mut request = Request::new(()).into_parts().0;
     request.method = method;
@@ -359,6 +385,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         expect_continue,
         suspicious,
     }))
+}
+
+/// Whether a Transfer-Encoding value ends in chunked. Only chunked alone is decoded: chunked
+/// applied twice, or ending in another coding, is malformed (400); another coding before chunked
+/// would reach the backend still encoded with nothing to say so, and is refused (501).
+fn transfer_coding(raw: &[u8]) -> Result<bool, HeadError> {
+    let mut codings = raw.split(|&b| b == b',').map(<[u8]>::trim_ascii).rev();
+    let is_chunked = |t: &[u8]| t.eq_ignore_ascii_case(b"chunked");
+    if !codings.next().is_some_and(is_chunked) {
+        return Ok(false);
+    }
+    let mut earlier = codings.peekable();
+    if earlier.peek().is_none() {
+        Ok(true)
+    } else if earlier.any(is_chunked) {
+        Err(HeadError::Bad("chunked applied more than once"))
+    } else {
+        Err(HeadError::Unsupported("transfer codings other than chunked are not supported"))
+    }
 }
 
 /// A Content-Length value: digits only.
@@ -613,6 +658,9 @@ impl Conn {
                         return Poll::Ready(Next::Refuse(ProxyError::HeadersTooLarge(self.limits.max_head)))
                     }
                     Err(HeadError::Bad(why)) => return Poll::Ready(Next::Refuse(ProxyError::BadRequest(why))),
+                    Err(HeadError::Unsupported(why)) => {
+                        return Poll::Ready(Next::Refuse(ProxyError::NotImplemented(why)))
+                    }
                 }
             }
             match reader.poll_fill(cx) {

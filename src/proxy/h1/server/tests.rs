@@ -25,14 +25,14 @@ fn heads_are_parsed_with_their_framing_and_connection_intent() {
     assert_eq!(h.request.headers.get_all("x-two").iter().count(), 2);
     assert_eq!((h.body, h.close, h.keep_alive_10, h.suspicious), (BodyKind::None, false, false, false));
 
-    let h = head(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+    let h = head(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n");
     assert_eq!(h.body, BodyKind::Length(12));
     assert_eq!(h.request.headers["content-length"], "12");
-    let h = head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    let h = head(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(h.body, BodyKind::None);
 
     // Transfer-Encoding is decoded here and not passed on.
-    let h = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+    let h = head(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n");
     assert_eq!(h.body, BodyKind::Chunked);
     assert!(h.request.headers.get("transfer-encoding").is_none());
 
@@ -40,44 +40,85 @@ fn heads_are_parsed_with_their_framing_and_connection_intent() {
     assert!(head(b"GET / HTTP/1.0\r\n\r\n").close);
     let h = head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
     assert!(!h.close && h.keep_alive_10);
-    assert!(head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").close);
+    assert!(head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").close);
 
     // A Connection field naming other headers stays, for the proxy's hop-by-hop strip.
-    let h = head(b"GET / HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n");
+    let h = head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n");
     assert!(h.close);
     assert!(h.request.headers.contains_key("connection"));
-    let h = head(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n");
+    let h = head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n");
     assert!(!h.request.headers.contains_key("connection") && !h.request.headers.contains_key("keep-alive"));
 
-    assert!(head(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
+    assert!(head(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").expect_continue);
 
     // Long heads (their field offsets no longer fit on the stack) keep every field and value.
     for n in [31, 32, 33, 200] {
         let fields: String = (0..n).map(|i| format!("x-f{i}: value-{i}\r\n")).collect();
-        let h = head(format!("GET / HTTP/1.1\r\n{fields}\r\n").as_bytes());
-        assert_eq!(h.request.headers.len(), n);
+        let h = head(format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n").as_bytes());
+        assert_eq!(h.request.headers.len(), n + 1);
         assert_eq!(h.request.headers[format!("x-f{}", n - 1).as_str()], format!("value-{}", n - 1).as_str());
     }
-    assert_eq!(head(b"GET http://b.example/x HTTP/1.1\r\n\r\n").request.uri.host(), Some("b.example"));
+    // A target in absolute form names the host: Host, if any, is replaced by its authority.
+    let h = head(b"GET http://b.example:81/x HTTP/1.1\r\n\r\n");
+    assert_eq!(h.request.uri.host(), Some("b.example"));
+    assert_eq!(h.request.headers["host"], "b.example:81");
+    let h = head(b"GET http://b.example/x HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(h.request.headers.get_all("host").iter().collect::<Vec<_>>(), ["b.example"]);
+    // HTTP/1.0 may leave Host out.
+    assert!(head(b"GET / HTTP/1.0\r\n\r\n").request.headers.get("host").is_none());
 }
 
 #[test]
 fn smuggling_shapes_and_broken_heads_are_flagged_or_refused() {
     for shape in [
-        &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
     ] {
         let h = head(shape);
         assert!(h.suspicious, "{:?}", String::from_utf8_lossy(shape));
         assert_eq!(h.body, BodyKind::None, "a refused request's body is never read as one");
     }
     assert_eq!(
-        parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").err(),
+        parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n").err(),
         Some(HeadError::Bad("Transfer-Encoding without chunked as the last coding"))
     );
+    // RFC 9112 §3.2: HTTP/1.1 needs exactly one Host; no version may have two.
+    for text in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+    ] {
+        let refused = Some(HeadError::Bad("an HTTP/1.1 request needs exactly one Host"));
+        assert_eq!(parse(text).err(), refused, "{:?}", String::from_utf8_lossy(text));
+    }
+    // Transfer-Encoding: chunked once, last, alone, in HTTP/1.1, in one field.
+    for (text, refused) in [
+        (
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"[..],
+            HeadError::Bad("chunked applied more than once"),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            HeadError::Unsupported("transfer codings other than chunked are not supported"),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            HeadError::Bad("Transfer-Encoding twice"),
+        ),
+        (
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"),
+        ),
+        (
+            b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n",
+            HeadError::Unsupported("CONNECT (tunnels) is not supported"),
+        ),
+    ] {
+        assert_eq!(parse(text).err(), Some(refused), "{:?}", String::from_utf8_lossy(text));
+    }
     for bad in ["+5", "5 5", "0x10", "", "99999999999999999999"] {
-        let text = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+        let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {bad}\r\n\r\n");
         assert_eq!(parse(text.as_bytes()).err(), Some(HeadError::Bad("invalid Content-Length")), "{bad:?}");
     }
     assert!(matches!(parse(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::Bad(_))));
@@ -106,7 +147,7 @@ fn empty_values_and_unusual_targets_parse_without_going_out_of_the_head() {
     assert_eq!(h.request.headers["x-empty"], "");
     assert_eq!(h.request.headers["x-spaces"], "");
     assert_eq!(h.request.headers["host"], "a");
-    let h = head(b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n");
+    let h = head(b"OPTIONS b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n");
     assert_eq!(h.request.uri.authority().map(|a| a.as_str()), Some("b.example:443"));
     // Leading blank lines before the request line are tolerated or refused, never a crash.
     let _ = parse(b"\r\nGET / HTTP/1.1\r\n\r\n");
@@ -120,7 +161,7 @@ fn garbled_heads_never_panic() {
     let samples: [&[u8]; 3] = [
         b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-E:\r\n\r\nabc",
         b"GET http://a/b?c HTTP/1.0\r\nConnection: keep-alive, x\r\n\r\n",
-        b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+        b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
     ];
     for sample in samples {
         for cut in 0..=sample.len() {
@@ -199,7 +240,7 @@ async fn chunked_and_sized_bodies_stream_however_split_and_hand_the_reader_back(
         for piece in [1, 3, 1000] {
             let (reader, client) = pair().await;
             let mut bytes = wire.to_vec();
-            bytes.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            bytes.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
             let writer = tokio::spawn(trickle(client, bytes, piece));
             let (body, back) = streaming(reader, framing);
             let got = body.collect().await.expect("body failed").to_bytes();
@@ -207,7 +248,7 @@ async fn chunked_and_sized_bodies_stream_however_split_and_hand_the_reader_back(
             let mut reader = back.await.expect("the reader did not come back");
             let _client = writer.await.unwrap();
             // What follows the body is the next request, untouched.
-            let next = b"GET /next HTTP/1.1\r\n\r\n";
+            let next = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n";
             while reader.buf.len() < next.len() {
                 poll_fn(|cx| reader.poll_fill(cx)).await.unwrap();
             }
