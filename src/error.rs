@@ -17,6 +17,9 @@ pub enum ProxyError {
     /// other than chunked).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
+    /// The request target is longer than a URI can be.
+    #[error("request target too long")]
+    UriTooLong,
     /// The request head was not complete within `request_header_timeout`.
     #[error("request header timeout")]
     HeaderTimeout,
@@ -71,6 +74,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::HeaderTimeout | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -88,6 +92,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_)
             | ProxyError::NotImplemented(_)
+            | ProxyError::UriTooLong
             | ProxyError::ClientBody(_)
             | ProxyError::HeaderTimeout
             | ProxyError::BodyTimeout(_)
@@ -119,6 +124,7 @@ impl ProxyError {
             self,
             ProxyError::BadRequest(_)
                 | ProxyError::NotImplemented(_)
+                | ProxyError::UriTooLong
                 | ProxyError::HeaderTimeout
                 | ProxyError::BodyTooLarge(_)
                 | ProxyError::ClientBody(_)

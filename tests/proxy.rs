@@ -260,6 +260,9 @@ async fn smuggling_shapes_are_refused_and_not_forwarded() {
         assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{:?} got {resp}", String::from_utf8_lossy(shape));
         assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
     }
+    let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
+    let resp = raw(hr.addr, long.as_bytes(), T).await;
+    assert!(resp.starts_with("HTTP/1.1 414"), "{resp}");
     assert_eq!(backend.hits.load(Ordering::SeqCst), 0, "a refused request reached the backend");
 
     // The same connection shapes without the ambiguity are fine.

@@ -273,7 +273,12 @@ enum HeadError {
     Bad(&'static str),
     /// Well-formed, but asks for something the gateway does not do (501).
     Unsupported(&'static str),
+    /// A request target longer than a URI can be here (414).
+    TargetTooLong,
 }
+
+/// The longest request target kept (the `http` crate's limit for a URI).
+const MAX_TARGET: u32 = u16::MAX as u32 - 1;
 
 /// Parses a request head at the front of `buf`, consuming it. `None` while incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
@@ -295,6 +300,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let target = super::offsets(&buf[..len], req.path.unwrap_or("").as_bytes())
         .filter(|(start, end)| end > start)
         .ok_or(HeadError::Bad("malformed request head"))?;
+    if target.1 - target.0 > MAX_TARGET {
+        return Err(HeadError::TargetTooLong);
+    }
     let spans = super::Spans::of(&buf[..len], req.headers).ok_or(HeadError::Bad("malformed request head"))?;
     let count = spans.len;
     let head = buf.split_to(len).freeze();
@@ -658,6 +666,7 @@ impl Conn {
                         return Poll::Ready(Next::Refuse(ProxyError::HeadersTooLarge(self.limits.max_head)))
                     }
                     Err(HeadError::Bad(why)) => return Poll::Ready(Next::Refuse(ProxyError::BadRequest(why))),
+                    Err(HeadError::TargetTooLong) => return Poll::Ready(Next::Refuse(ProxyError::UriTooLong)),
                     Err(HeadError::Unsupported(why)) => {
                         return Poll::Ready(Next::Refuse(ProxyError::NotImplemented(why)))
                     }

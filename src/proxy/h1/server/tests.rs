@@ -117,6 +117,10 @@ fn smuggling_shapes_and_broken_heads_are_flagged_or_refused() {
     ] {
         assert_eq!(parse(text).err(), Some(refused), "{:?}", String::from_utf8_lossy(text));
     }
+    let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
+    assert_eq!(parse(long.as_bytes()).err(), Some(HeadError::TargetTooLong));
+    let longest = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(MAX_TARGET as usize - 1));
+    assert_eq!(head(longest.as_bytes()).request.uri.path().len(), MAX_TARGET as usize);
     for bad in ["+5", "5 5", "0x10", "", "99999999999999999999"] {
         let text = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {bad}\r\n\r\n");
         assert_eq!(parse(text.as_bytes()).err(), Some(HeadError::Bad("invalid Content-Length")), "{bad:?}");
