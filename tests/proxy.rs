@@ -270,6 +270,15 @@ async fn smuggling_shapes_are_refused_and_not_forwarded() {
         raw(hr.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello", T).await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert_eq!(json_of(&ok)["body_len"], 5);
+    // A target in absolute form names the host, whatever Host says; it goes upstream as Host.
+    for text in [
+        &b"GET http://b.example:81/x HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+        b"GET http://b.example:81/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    ] {
+        let resp = raw(hr.addr, text, T).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert_eq!(json_of(&resp)["headers"]["host"], "b.example:81", "{resp}");
+    }
     let chunked = raw(
         hr.addr,
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",

@@ -152,7 +152,6 @@ impl ConnCtx {
             ));
         }
         if parts.method == Method::CONNECT {
-            // HTTP/1.1 refuses it while parsing; this is h2's (extended) CONNECT.
             return Err(ProxyError::NotImplemented("CONNECT (tunnels) is not supported"));
         }
         let scan = headers::scan(&parts.headers);
@@ -175,9 +174,11 @@ impl ConnCtx {
         }
 
         // 2. Route.
-        let host_value = match parts.headers.get(header::HOST) {
-            Some(h) => Some(h.clone()),
-            None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        // A target in absolute form (HTTP/1.1) or h2's :authority names the host, whatever Host
+        // says (RFC 9112 §3.2.2, RFC 9113 §8.3.1); routing and the upstream request see that one.
+        let host_value = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
         };
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
@@ -212,7 +213,7 @@ impl ConnCtx {
         if !scan.has_request_id() {
             parts.headers.insert(X_REQUEST_ID, request_id.clone());
         }
-        if parts.uri.authority().is_some() && !parts.headers.contains_key(header::HOST) {
+        if parts.uri.authority().is_some() {
             if let Some(h) = host_value {
                 parts.headers.insert(header::HOST, h);
             }

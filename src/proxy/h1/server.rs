@@ -292,9 +292,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     };
     let method =
         Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| HeadError::Bad("invalid method"))?;
-    if method == Method::CONNECT {
-        return Err(HeadError::Unsupported("CONNECT (tunnels) is not supported"));
-    }
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Offsets into the head, so that the target, names and values are read from it once frozen.
     let target = super::offsets(&buf[..len], req.path.unwrap_or("").as_bytes())
@@ -373,12 +370,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
             (_, Some(n)) => BodyKind::Length(n),
         }
     };
-    // RFC 9112 §3.2.2: with a target in absolute form, its authority is the host, whatever Host
-    // says; routing and the upstream request see the same one.
-    if let Some(authority) = uri.authority() {
-        let value = HeaderValue::from_str(authority.as_str()).map_err(|_| HeadError::Bad("invalid request target"))?;
-        headers.insert(header::HOST, value);
-    }
     let close = if version == Version::HTTP_10 { !conn.keep_alive || conn.close } else { conn.close };
     let mut request = Request::new(()).into_parts().0;
     request.method = method;
