@@ -35,6 +35,10 @@ pub enum ProxyError {
     /// No route matches the request.
     #[error("no route for this request")]
     NoRoute,
+    /// The request already passed through this headroom (its `Via` carries our token): a
+    /// backend points back at the proxy.
+    #[error("loop detected: this request already passed through this gateway")]
+    LoopDetected,
     /// Admission failed: no backend, queue full, or queue timeout.
     #[error("{}", rejection_text(*.0))]
     Unavailable(Rejection),
@@ -79,6 +83,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
             ProxyError::Unavailable(Rejection::NoBackend)
             | ProxyError::Unavailable(Rejection::QueueFull)
             | ProxyError::Unavailable(Rejection::QueueTimeout) => StatusCode::SERVICE_UNAVAILABLE,
@@ -98,7 +103,7 @@ impl ProxyError {
             | ProxyError::BodyTimeout(_)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::HeadersTooLarge(_) => Source::Client,
-            ProxyError::NoRoute | ProxyError::Unavailable(_) => Source::Gateway,
+            ProxyError::NoRoute | ProxyError::Unavailable(_) | ProxyError::LoopDetected => Source::Gateway,
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::ResponseTimeout(_) => Source::Upstream,
         }
     }
@@ -151,6 +156,7 @@ mod tests {
         assert_eq!(ProxyError::Connect("x".into()).status(), 502);
         assert_eq!(ProxyError::Unavailable(Rejection::QueueFull).status(), 503);
         assert_eq!(ProxyError::ResponseTimeout(Duration::from_secs(1)).status(), 504);
+        assert_eq!(ProxyError::LoopDetected.status(), 508);
         assert_eq!(ProxyError::Unavailable(Rejection::QueueTimeout).retry_after(), Some(1));
         assert!(ProxyError::Connect("x".into()).retry_safe());
         assert!(!ProxyError::Upstream("x".into()).retry_safe());

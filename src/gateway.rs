@@ -93,6 +93,11 @@ pub struct Gateway {
     pub history: crate::admin::history::History,
     /// TLS for the proxy listeners, when `[server.tls]` was set at start.
     tls: OnceLock<Arc<ServerTls>>,
+    /// The addresses the listeners were really bound to (tests bind port 0); no backend may
+    /// point at them.
+    bound: OnceLock<Vec<std::net::SocketAddr>>,
+    /// This gateway's `Via` token: a request that carries it has looped back.
+    pub via: crate::proxy::headers::Via,
 }
 
 impl Gateway {
@@ -108,6 +113,8 @@ impl Gateway {
             launched,
             scale_events: EventLog::default(),
             tls: OnceLock::new(),
+            bound: OnceLock::new(),
+            via: crate::proxy::headers::Via::new(),
             current: ArcSwap::from_pointee(snapshot),
             generation: AtomicU64::new(0),
             id: GATEWAY_IDS.fetch_add(1, Ordering::Relaxed),
@@ -120,6 +127,19 @@ impl Gateway {
     /// Turns TLS on for the proxy listeners (once, at start).
     pub fn set_tls(&self, tls: Arc<ServerTls>) {
         let _ = self.tls.set(tls);
+    }
+
+    /// Records the addresses the listeners are bound to (once, at start).
+    pub fn set_bound(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.bound.set(addrs);
+    }
+
+    /// The rules a backend address is held to now: the running config's, and no address a
+    /// listener of this gateway is bound to.
+    pub fn addr_policy(&self) -> crate::config::addr::AddrPolicy {
+        let mut policy = self.snapshot().config.addr_policy();
+        policy.own.extend(self.bound.get().into_iter().flatten().copied());
+        policy
     }
 
     pub fn tls(&self) -> Option<Arc<ServerTls>> {

@@ -58,7 +58,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
                     backend.metrics.health_check(pass);
                     apply(&backend, &cfg, pass);
                     let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
-                    (backend.addr, Instant::now() + next)
+                    (backend.addr, Instant::now().checked_add(next).unwrap_or_else(Instant::now))
                 });
             }
         }

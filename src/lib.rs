@@ -4,6 +4,7 @@
 pub mod admin; //    metrics, JSON API (off the data path)
 pub mod backend; //  per-backend atomics, pools, the in-flight guard
 pub mod balance; //  pickers: weighted least-conn, round robin, smooth WRR, p2c
+pub mod clock; //    deadlines that saturate instead of overflowing
 pub mod config; //   TOML → validated runtime config
 pub mod error; //    the one error → status mapping
 pub mod gateway; //  the shared snapshot
@@ -108,6 +109,8 @@ pub async fn run_with(
     if let Some(t) = server_tls {
         gateway.set_tls(t);
     }
+    let bound = listeners.proxy.iter().chain([&listeners.admin]).filter_map(|l| l.local_addr().ok()).collect();
+    gateway.set_bound(bound);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

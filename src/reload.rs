@@ -90,6 +90,9 @@ pub enum ChangeError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The change itself is not acceptable (an address no backend may have).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Resolves once `rx` reads true (or its sender is gone).
@@ -453,6 +456,9 @@ impl Reloader {
         let dynamic = self.extra.entry(pool.to_string()).or_default();
         match change {
             BackendChange::Add { backend: b, persist } => {
+                if let Err(rule) = self.gateway.addr_policy().check(b.addr) {
+                    return Err(ChangeError::Invalid(format!("addr {}: {rule}", b.addr)));
+                }
                 if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
                     return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
                 }

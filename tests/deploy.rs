@@ -25,12 +25,60 @@ fn the_kubernetes_configmap_holds_a_valid_config_where_the_deployment_reads_it()
     assert!(toml.contains("[pools.default]"), "{toml}");
     // The vLLM Service name resolves only inside the cluster.
     let local = toml.replace("vllm.inference.svc.cluster.local:8000", "localhost:8000");
-    let config = Config::parse(&local, Path::new(".")).unwrap_or_else(|e| panic!("{e}\n{local}"));
-    assert_eq!(config.server.listen[0].to_string(), "0.0.0.0:8080");
+    // The admin listener is not loopback: the config needs the token the Deployment gives it
+    // from the Secret, and `headroom check` refuses it without one.
+    assert!(local.contains("token_env = \"HEADROOM_ADMIN_TOKEN\""), "{local}");
+    assert!(
+        yaml.contains("name: HEADROOM_ADMIN_TOKEN")
+            && yaml.contains("secretKeyRef: { name: headroom-admin, key: token }")
+    );
+    assert!(yaml.contains("create secret generic headroom-admin"), "says how to create the Secret");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("headroom.toml");
+    std::fs::write(&file, &local).unwrap();
+    let check = |token: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(&file).arg("check").env_remove("HEADROOM_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("HEADROOM_ADMIN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let without = check(None);
+    assert!(!without.status.success(), "an exposed admin API without a token must not pass check");
+    let said = String::from_utf8_lossy(&without.stdout).to_string() + &String::from_utf8_lossy(&without.stderr);
+    assert!(said.contains("HEADROOM_ADMIN_TOKEN"), "{without:?}");
+    let with = check(Some("0123456789abcdef0123456789abcdef"));
+    assert!(with.status.success(), "{with:?}");
+    let config = Config::parse(&local.replace("token_env = \"HEADROOM_ADMIN_TOKEN\"", ""), Path::new("."));
+    assert!(config.is_err(), "without the token line the same config is refused");
+    let config = Config::parse(
+        &local.replace("0.0.0.0:9901", "127.0.0.1:9901").replace("token_env = \"HEADROOM_ADMIN_TOKEN\"", ""),
+        Path::new("."),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{local}"));
     assert_eq!(config.admin.listen.port(), 9901);
+    assert_eq!(config.server.listen[0].to_string(), "0.0.0.0:8080");
     assert!(yaml.contains("mountPath: /etc/headroom") && yaml.contains("\"/etc/headroom/headroom.toml\""));
     assert!(yaml.contains("containerPort: 8080") && yaml.contains("containerPort: 9901"));
     assert!(yaml.contains("path: /healthz"), "probes use the admin liveness endpoint");
+}
+
+#[test]
+fn the_kubernetes_network_policy_lets_only_operators_and_prometheus_reach_the_admin_port() {
+    let yaml = std::fs::read_to_string("deploy/kubernetes.yaml").unwrap();
+    let policy = yaml
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: NetworkPolicy"))
+        .expect("deploy/kubernetes.yaml has a NetworkPolicy");
+    assert!(policy.contains("matchLabels: { app: headroom }"), "{policy}");
+    assert!(policy.contains("policyTypes: [Ingress]"), "{policy}");
+    // Two rules: the data port from anywhere, the admin port only from the named peers.
+    let rules: Vec<&str> = policy.split("\n    - ").skip(1).collect();
+    assert_eq!(rules.len(), 2, "{policy}");
+    assert!(rules[0].contains("port: 8080") && !rules[0].contains("from:"), "{}", rules[0]);
+    assert!(rules[1].contains("port: 9901") && rules[1].contains("from:"), "{}", rules[1]);
+    assert!(rules[1].contains("headroom-admin: \"true\"") && rules[1].contains("monitoring"), "{}", rules[1]);
 }
 
 #[test]

@@ -198,7 +198,7 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "api.example:8080");
     assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"api.example:8080\"");
-    assert_eq!(h["via"], "1.1 headroom");
+    assert!(h["via"].as_str().unwrap().starts_with("1.1 headroom-"), "{}", h["via"]);
     assert_eq!(h["x-request-id"], "my-id-1");
 
     // Without an id, one is made up and passed both ways.
@@ -419,7 +419,7 @@ async fn h2c_clients_and_h2c_backends_work() {
             serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
         assert_eq!(seen["version"], "HTTP/1.1");
         assert_eq!(seen["uri"], "/h2?q=1");
-        assert_eq!(seen["headers"]["via"], "2 headroom");
+        assert!(seen["headers"]["via"].as_str().unwrap().starts_with("2 headroom-"), "{}", seen["headers"]["via"]);
         assert_eq!(seen["headers"]["host"], hr.addr.to_string());
     }
     hr.stop().await;

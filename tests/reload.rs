@@ -329,6 +329,7 @@ async fn backends_registered_through_the_api_serve_survive_reloads_and_drain_on_
         let req = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", hr.admin))
+            .header("content-type", "application/json")
             .body(full(Bytes::from(body.to_string())))
             .unwrap();
         let c = c.clone();

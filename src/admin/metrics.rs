@@ -30,6 +30,26 @@ pub const PROVISION_SECONDS: &str = "headroom_provision_seconds";
 pub const TLS_HANDSHAKES: &str = "headroom_tls_handshakes_total";
 pub const TLS_CERT_EXPIRY: &str = "headroom_tls_cert_expiry_timestamp_seconds";
 pub const TLS_CERT_RELOADS: &str = "headroom_tls_cert_reloads_total";
+pub const BACKEND_ADDRS_REFUSED: &str = "headroom_backend_addresses_refused_total";
+pub const LOOPS_DETECTED: &str = "headroom_loops_detected_total";
+pub const ADMIN_REFUSED: &str = "headroom_admin_requests_refused_total";
+
+/// A backend address refused by the address rules (`source`: api, provider; `rule`: see
+/// `config::addr::AddrRule::as_str`).
+pub fn backend_addr_refused(pool: &str, source: &'static str, rule: &'static str) {
+    metrics::counter!(BACKEND_ADDRS_REFUSED, "pool" => pool.to_string(), "source" => source, "rule" => rule)
+        .increment(1);
+}
+
+/// A request that already carried this headroom's own `Via` token (answered 508).
+pub fn loop_detected() {
+    metrics::counter!(LOOPS_DETECTED).increment(1);
+}
+
+/// An admin request refused before it was served (`reason`: token, origin, content_type, host).
+pub fn admin_refused(reason: &'static str) {
+    metrics::counter!(ADMIN_REFUSED, "reason" => reason).increment(1);
+}
 
 /// One client TLS handshake (`result`: ok, error, timeout).
 pub fn tls_handshake(result: &'static str) {
@@ -49,6 +69,7 @@ pub fn tls_cert_reloaded(ok: bool) {
 /// Counters start at zero with their known labels, so `rate()` and dashboards see them before
 /// the first event (Prometheus practice).
 pub fn init_counters() {
+    metrics::counter!(LOOPS_DETECTED).increment(0);
     for outcome in ["ok", "error"] {
         metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(0);
     }

@@ -14,6 +14,7 @@
 //! - `GET /api/pools/{pool}/history`: the pool's last 15 minutes, sampled.
 //! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
 
+mod guard;
 pub mod history;
 pub mod metrics;
 mod status;
@@ -120,6 +121,17 @@ fn sample_gauges(gateway: &Gateway) {
 }
 
 async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    if let Err(refusal) = guard::check(&parts, &gateway.snapshot().config.admin) {
+        metrics::admin_refused(refusal.reason);
+        tracing::warn!(method = %parts.method, path = parts.uri.path(), reason = refusal.reason, "admin request refused");
+        let mut resp = json_error(refusal.status, refusal.message);
+        if refusal.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        return resp;
+    }
+    let req = Request::from_parts(parts, body);
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => match prom {
             Some(h) => {
@@ -179,6 +191,7 @@ fn change_error(e: crate::reload::ChangeError) -> Response<Body> {
     match e {
         crate::reload::ChangeError::NotFound(m) => json_error(StatusCode::NOT_FOUND, m),
         crate::reload::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
+        crate::reload::ChangeError::Invalid(m) => json_error(StatusCode::BAD_REQUEST, m),
     }
 }
 
@@ -209,6 +222,12 @@ fn pool_document(
 /// backend at runtime (gated and slow-started as the pool says); 201 when added.
 async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Response<Body> {
     use http_body_util::BodyExt;
+    if !req.headers().get(header::CONTENT_TYPE).is_some_and(guard::is_json) {
+        return json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the registration as Content-Type: application/json",
+        );
+    }
     let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return json_error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}")),
@@ -220,6 +239,10 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     let Ok(addr) = reg.addr.parse::<std::net::SocketAddr>() else {
         return json_error(StatusCode::BAD_REQUEST, format!("addr {:?}: expected ip:port", reg.addr));
     };
+    if let Err(rule) = gateway.addr_policy().check(addr) {
+        metrics::backend_addr_refused(pool, "api", rule.as_str());
+        return json_error(StatusCode::BAD_REQUEST, format!("addr {addr}: {rule}"));
+    }
     let weight = reg.weight.unwrap_or(1);
     if !(1..=crate::config::MAX_WEIGHT).contains(&weight) {
         return json_error(
@@ -229,7 +252,10 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     }
     let snap = gateway.snapshot();
     let Some(p) = snap.pool(pool) else { return json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")) };
-    let max_inflight = reg.max_inflight.unwrap_or(p.config.max_inflight_per_backend).max(1);
+    let max_inflight = reg.max_inflight.unwrap_or(p.config.max_inflight_per_backend);
+    if !(1..=1_000_000).contains(&max_inflight) {
+        return json_error(StatusCode::BAD_REQUEST, format!("max_inflight {max_inflight}: allowed 1..=1000000"));
+    }
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
     match gateway.change_backend(pool, crate::reload::BackendChange::Add { backend: cfg, persist: true }).await {
         Ok(()) => {

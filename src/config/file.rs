@@ -57,6 +57,9 @@ pub struct FileSniCert {
 pub struct FileAdmin {
     pub listen: Option<Spanned<String>>,
     pub history_interval: Option<Spanned<String>>,
+    pub token_env: Option<Spanned<String>>,
+    pub token_file: Option<Spanned<String>>,
+    pub allow_link_local_backends: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! names the file, line, column and field. Never touches the network or the running state: building
 //! a `Config` is pure, so `headroom check` and a reload use exactly the same path.
 
+pub mod addr;
 mod autoscale;
 mod file;
 mod tls;
@@ -63,6 +64,45 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// How often the status page's history is sampled (15 minutes are kept). Default 5s.
     pub history_interval: Duration,
+    /// The bearer token mutating admin requests must carry (`token_env` or `token_file`).
+    /// Default: none, which is allowed only on a loopback listener.
+    pub token: Option<AdminToken>,
+    /// Backends may have link-local addresses (169.254/16, fe80::/10). Default false.
+    pub allow_link_local_backends: bool,
+}
+
+/// The admin API's bearer token. Never printed: `Debug` shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(std::sync::Arc<str>);
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        AdminToken(token.into())
+    }
+
+    /// Whether `given` is the token, in time that depends on the lengths only.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let want = self.0.as_bytes();
+        if want.len() != given.len() {
+            return false;
+        }
+        want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<set>)")
+    }
+}
+
+impl Config {
+    /// The rules backend addresses are held to, for the addresses this config listens on.
+    pub fn addr_policy(&self) -> addr::AddrPolicy {
+        let mut own = self.server.listen.clone();
+        own.push(self.admin.listen);
+        addr::AddrPolicy { own, allow_link_local: self.admin.allow_link_local_backends }
+    }
 }
 
 #[derive(Debug, Clone)]

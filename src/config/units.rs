@@ -2,14 +2,22 @@
 
 use std::time::Duration;
 
-/// Parses a duration such as `"2s"`, `"150ms"`, `"1m30s"` or `"600s"`.
+/// The longest duration any key or flag accepts: 7 days. Bounding every duration keeps
+/// `Instant + Duration` and millisecond arithmetic far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses a duration such as `"2s"`, `"150ms"`, `"1m30s"` or `"600s"`, at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration; expected e.g. \"2s\" or \"150ms\"".into());
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("invalid duration {text:?} ({e}); expected e.g. \"2s\", \"150ms\", \"1m\""))
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration {text:?} ({e}); expected e.g. \"2s\", \"150ms\", \"1m\""))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {text:?} is too long; allowed at most 7d"));
+    }
+    Ok(d)
 }
 
 /// Parses a byte size such as `"64KiB"`, `"32MiB"`, `"1GB"` or a plain number of bytes.
@@ -45,6 +53,10 @@ mod tests {
         assert!(parse_duration("two seconds").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("5").is_err());
+        assert_eq!(parse_duration("7d").unwrap(), MAX_DURATION);
+        let e = parse_duration("18446744073709551615s").unwrap_err();
+        assert!(e.contains("at most 7d"), "{e}");
+        assert!(parse_duration("7d 1s").is_err());
     }
 
     #[test]

@@ -98,10 +98,25 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             Some(a) => parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("admin.listen: {e}")))?,
         },
         history_interval: duration(&raw.admin.history_interval, "admin.history_interval", Duration::from_secs(5))?,
+        token: admin_token(&raw.admin, text, base_dir)?,
+        allow_link_local_backends: raw.admin.allow_link_local_backends.unwrap_or(false),
     };
     if server.listen.contains(&admin.listen) {
         return Err(ConfigError::nowhere(format!("admin.listen: {} is also a server.listen address", admin.listen)));
     }
+    if admin.token.is_none() && !admin.listen.ip().is_loopback() {
+        let span = raw.admin.listen.as_ref().map(|a| a.span()).unwrap_or_default();
+        return Err(err(
+            span,
+            format!(
+                "admin.listen: {} is not a loopback address, so the admin API needs a token: set [admin] token_env or token_file",
+                admin.listen
+            ),
+        ));
+    }
+    let mut own = server.listen.clone();
+    own.push(admin.listen);
+    let policy = super::addr::AddrPolicy { own, allow_link_local: admin.allow_link_local_backends };
 
     // [pools.*]
     let mut pools = Vec::new();
@@ -110,7 +125,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(err(pool.span(), format!("pools.{name:?}: pool names use letters, digits, '-' and '_'")));
         }
-        pools.push(validate_pool(name, pool, text, &mut seen_addrs, base_dir, duration)?);
+        pools.push(validate_pool(name, pool, text, &mut seen_addrs, &policy, base_dir, duration)?);
     }
     if pools.is_empty() {
         return Err(ConfigError::nowhere("pools: at least one pool is needed, e.g. [pools.default]"));
@@ -161,6 +176,7 @@ fn validate_pool(
     pool: &Spanned<FilePool>,
     text: &str,
     seen_addrs: &mut HashSet<SocketAddr>,
+    policy: &super::addr::AddrPolicy,
     base_dir: &Path,
     duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError>,
 ) -> Result<PoolConfig, ConfigError> {
@@ -208,7 +224,7 @@ fn validate_pool(
 
     let mut backends = Vec::new();
     for b in &p.backends {
-        backends.push(validate_backend(name, b, max_inflight_per_backend, text, seen_addrs)?);
+        backends.push(validate_backend(name, b, max_inflight_per_backend, text, seen_addrs, policy)?);
     }
 
     let launch = match &p.launch {
@@ -432,10 +448,12 @@ fn validate_backend(
     default_capacity: u32,
     text: &str,
     seen_addrs: &mut HashSet<SocketAddr>,
+    policy: &super::addr::AddrPolicy,
 ) -> Result<BackendConfig, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let addr =
         parse_addr(b.addr.get_ref()).map_err(|e| err(b.addr.span(), format!("pools.{pool}.backends.addr: {e}")))?;
+    policy.check(addr).map_err(|rule| err(b.addr.span(), format!("pools.{pool}.backends.addr: {addr}: {rule}")))?;
     if !seen_addrs.insert(addr) {
         return Err(err(
             b.addr.span(),
@@ -469,6 +487,35 @@ fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, Conf
     } else {
         Err(ConfigError::at(text, v.span(), format!("{field}: {n} is out of range; allowed 1..=1000000")))
     }
+}
+
+/// `[admin] token_env` or `token_file`: the token, read now (so `check` sees what start-up sees).
+fn admin_token(a: &super::file::FileAdmin, text: &str, base_dir: &Path) -> Result<Option<AdminToken>, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let (raw, span, field) = match (&a.token_env, &a.token_file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(f)) => {
+            return Err(err(f.span(), "admin.token_file: set token_env or token_file, not both".into()));
+        }
+        (Some(var), None) => match std::env::var(var.get_ref()) {
+            Ok(v) => (v, var.span(), "admin.token_env"),
+            Err(_) => {
+                return Err(err(
+                    var.span(),
+                    format!("admin.token_env: the environment variable {:?} is not set", var.get_ref()),
+                ))
+            }
+        },
+        (None, Some(file)) => match std::fs::read_to_string(base_dir.join(file.get_ref())) {
+            Ok(v) => (v, file.span(), "admin.token_file"),
+            Err(e) => return Err(err(file.span(), format!("admin.token_file: cannot read {:?}: {e}", file.get_ref()))),
+        },
+    };
+    let token = raw.trim();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(span, format!("{field}: the token must be at least 16 printable characters, without spaces")));
+    }
+    Ok(Some(AdminToken::new(token)))
 }
 
 /// `"200"` or `"200-299"`, within 100..=599.

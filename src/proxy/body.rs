@@ -194,7 +194,7 @@ impl Body for RequestBody {
                     this.finish_keep();
                 }
                 if let Some(sleep) = &mut this.idle {
-                    sleep.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
+                    sleep.as_mut().reset(crate::clock::deadline(this.idle_timeout));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -304,7 +304,7 @@ impl Body for ResponseBody {
                         finish(done, body, true);
                     } else if let Some(sleep) = idle {
                         if let Some(up) = done {
-                            sleep.as_mut().reset(tokio::time::Instant::now() + up.stream_idle_timeout);
+                            sleep.as_mut().reset(crate::clock::deadline(up.stream_idle_timeout));
                         }
                     }
                     Poll::Ready(Some(Ok(frame)))

@@ -135,13 +135,13 @@ impl<S: ClientStream> ClientIo<S> {
         let now = now_ms();
         if self.shared.active.load(Ordering::Relaxed) > 0 {
             // A request is in progress; its own timeouts apply. Look again later.
-            return Some(now + self.idle_timeout.as_millis() as u64);
+            return Some(crate::clock::add_ms(now, self.idle_timeout));
         }
         self.sync_idle_period();
         let deadline = if self.served_any {
-            self.shared.idle_since_ms() + self.idle_timeout.as_millis() as u64
+            crate::clock::add_ms(self.shared.idle_since_ms(), self.idle_timeout)
         } else {
-            self.opened_ms + self.header_timeout.min(self.idle_timeout).as_millis() as u64
+            crate::clock::add_ms(self.opened_ms, self.header_timeout.min(self.idle_timeout))
         };
         (deadline > now).then_some(deadline)
     }
@@ -161,7 +161,7 @@ impl<S: ClientStream> ClientIo<S> {
             match self.next_deadline() {
                 Some(ms) => {
                     let wait = Duration::from_millis(ms.saturating_sub(now_ms()).max(1));
-                    self.timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                    self.timer.as_mut().reset(crate::clock::deadline(wait));
                 }
                 None => return true,
             }

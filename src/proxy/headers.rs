@@ -99,6 +99,24 @@ fn classify(name: &HeaderName) -> u32 {
     }
 }
 
+/// Headers headroom owns on the way upstream: a client's `Connection` listing cannot remove
+/// them (headroom sets or extends them after hop-by-hop stripping), nor `Content-Length`, which
+/// frames the body.
+fn is_owned(token: &str) -> bool {
+    [
+        "host",
+        "content-length",
+        "forwarded",
+        "via",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ]
+    .iter()
+    .any(|k| token.eq_ignore_ascii_case(k))
+}
+
 pub fn scan(headers: &HeaderMap) -> Scan {
     let mut bytes = 0;
     let mut found = 0;
@@ -109,8 +127,9 @@ pub fn scan(headers: &HeaderMap) -> Scan {
     Scan { bytes, found }
 }
 
-/// Removes the hop-by-hop headers: Connection and every header it names, Keep-Alive, TE,
-/// Trailer, Transfer-Encoding, Upgrade and Proxy-*.
+/// Removes the hop-by-hop headers: Connection and every header it names (except the ones
+/// headroom owns, see [`is_owned`]), Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade and
+/// Proxy-*. What [`Scan`] found of the owned headers therefore still holds afterwards.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
     if scan.found & HOP_BY_HOP == 0 {
         return;
@@ -124,6 +143,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| !["keep-alive", "close", "upgrade", "te", ""].iter().any(|k| t.eq_ignore_ascii_case(k)))
+            .filter(|t| !is_owned(t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
@@ -171,6 +191,85 @@ fn set_or_append(headers: &mut HeaderMap, present: bool, name: HeaderName, value
     }
 }
 
+/// A gateway's own `Via` entry, `<version> headroom-<8 hex>`: the token differs per gateway,
+/// so a request that arrives carrying it has come back around through a backend.
+pub struct Via {
+    token: String,
+    /// Values for HTTP/1.0, 1.1, 2 and 3.
+    values: [HeaderValue; 4],
+}
+
+impl Default for Via {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Via {
+    pub fn new() -> Self {
+        let token = format!("headroom-{:08x}", fastrand::u32(..));
+        let value = |v: &str| {
+            HeaderValue::from_str(&format!("{v} {token}")).unwrap_or(HeaderValue::from_static("1.1 headroom"))
+        };
+        Via { values: [value("1.0"), value("1.1"), value("2"), value("3")], token }
+    }
+
+    /// The `Via` entry for a request received over `version`.
+    pub fn value(&self, version: Version) -> &HeaderValue {
+        match version {
+            Version::HTTP_09 | Version::HTTP_10 => &self.values[0],
+            Version::HTTP_2 => &self.values[2],
+            Version::HTTP_3 => &self.values[3],
+            _ => &self.values[1],
+        }
+    }
+
+    /// The token alone, e.g. `headroom-1a2b3c4d`.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Whether a `Via` field of `headers` already carries this gateway's token.
+    pub fn seen_in(&self, headers: &HeaderMap, scan: &Scan) -> bool {
+        scan.found & VIA != 0
+            && headers
+                .get_all(header::VIA)
+                .iter()
+                .any(|v| memchr::memmem::find(v.as_bytes(), self.token.as_bytes()).is_some())
+    }
+}
+
+/// Whether `value` is a valid authority for Host or `:authority`: `host[:port]` with a reg-name,
+/// IPv4 or bracketed IPv6 host, and no userinfo (RFC 3986 §3.2, RFC 9110 §7.2).
+pub fn is_valid_authority(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        Some(b'[') => match memchr::memchr(b']', value) {
+            Some(end) => {
+                let inner = &value[1..end];
+                let ok = !inner.is_empty() && inner.iter().all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+                if !ok {
+                    return false;
+                }
+                (None, &value[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match memchr::memrchr(b':', value) {
+            Some(i) => (Some(&value[..i]), &value[i..]),
+            None => (Some(value), &value[value.len()..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let host_ok = host.is_none_or(|h| {
+        !h.is_empty() && h.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b))
+    });
+    port_ok && host_ok
+}
+
 /// Per-connection facts used to build the forwarding headers, computed once per connection.
 pub struct Client {
     pub ip: IpAddr,
@@ -205,7 +304,7 @@ pub fn add_forwarding(
     scan: &Scan,
     client: &Client,
     host: Option<&HeaderValue>,
-    version: Version,
+    via: &HeaderValue,
 ) {
     set_or_append(headers, scan.found & XFF != 0, X_FORWARDED_FOR, &client.ip_value);
     set_or_append(headers, scan.found & XFP != 0, X_FORWARDED_PROTO, &client.proto);
@@ -222,14 +321,7 @@ pub fn add_forwarding(
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         set_or_append(headers, scan.found & FORWARDED != 0, header::FORWARDED, &v);
     }
-    let via = HeaderValue::from_static(match version {
-        Version::HTTP_09 => "0.9 headroom",
-        Version::HTTP_10 => "1.0 headroom",
-        Version::HTTP_2 => "2 headroom",
-        Version::HTTP_3 => "3 headroom",
-        _ => "1.1 headroom",
-    });
-    set_or_append(headers, scan.found & VIA != 0, header::VIA, &via);
+    set_or_append(headers, scan.found & VIA != 0, header::VIA, via);
 }
 
 /// A `Retry-After` value as a duration from now: delay-seconds or an HTTP-date (RFC 9110
@@ -275,6 +367,65 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_listing_cannot_remove_the_headers_headroom_owns() {
+        let mut h = map(&[
+            ("connection", "forwarded, x-forwarded-for, via, x-forwarded-proto, x-forwarded-host, x-request-id, host, content-length, x-secret"),
+            ("host", "a.example"),
+            ("content-length", "3"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("via", "1.1 edge"),
+            ("x-request-id", "abc"),
+            ("x-secret", "1"),
+        ]);
+        let s = scan(&h);
+        strip_hop_by_hop(&mut h, &s);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["content-length", "host", "via", "x-forwarded-for", "x-request-id"]);
+        let via = Via::new();
+        let c = Client::new("127.0.0.2".parse().unwrap(), "http");
+        let host = h.get("host").cloned();
+        add_forwarding(&mut h, &s, &c, host.as_ref(), via.value(Version::HTTP_11));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=\"a.example\"");
+        assert_eq!(h["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn a_request_carrying_our_via_token_is_seen_and_others_are_not() {
+        let via = Via::new();
+        let mine = map(&[("via", &format!("1.1 edge, {}", via.value(Version::HTTP_11).to_str().unwrap()))]);
+        assert!(via.seen_in(&mine, &scan(&mine)));
+        let other = Via::new();
+        let theirs = map(&[("via", other.value(Version::HTTP_2).to_str().unwrap())]);
+        assert!(!via.seen_in(&theirs, &scan(&theirs)) || via.token() == other.token());
+        assert!(!via.seen_in(&HeaderMap::new(), &scan(&HeaderMap::new())));
+    }
+
+    #[test]
+    fn authorities_with_userinfo_spaces_or_bad_ports_are_invalid() {
+        for ok in ["a.example", "a.example:8080", "127.0.0.1:1", "[::1]:80", "[::1]", "x_y-z.~:", "A.EXAMPLE"] {
+            assert!(is_valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "u@evil",
+            "u:p@evil:80",
+            "a.example:8o",
+            "[::1",
+            "[zz]:1",
+            "[::1]x",
+            "a/b",
+            "a?b",
+            ":80",
+            "a:123456",
+        ] {
+            assert!(!is_valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
     fn clean_map_is_untouched() {
         let h = map(&[("content-type", "a"), ("authorization", "b")]);
         assert_eq!(scan(&h).found & HOP_BY_HOP, 0);
@@ -294,18 +445,19 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "10.1.1.1"), ("via", "1.1 edge")]);
         let c = Client::new("127.0.0.1".parse().unwrap(), "http");
         let s = scan(&h);
-        add_forwarding(&mut h, &s, &c, Some(&HeaderValue::from_static("api.example")), Version::HTTP_11);
+        let via = Via::new();
+        add_forwarding(&mut h, &s, &c, Some(&HeaderValue::from_static("api.example")), via.value(Version::HTTP_11));
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http;host=\"api.example\"");
-        assert_eq!(h["via"], "1.1 edge, 1.1 headroom");
+        assert_eq!(h["via"], format!("1.1 edge, 1.1 {}", via.token()));
         let c6 = Client::new("::1".parse().unwrap(), "http");
         let mut h6 = HeaderMap::new();
         let s6 = scan(&h6);
-        add_forwarding(&mut h6, &s6, &c6, None, Version::HTTP_2);
+        add_forwarding(&mut h6, &s6, &c6, None, via.value(Version::HTTP_2));
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
-        assert_eq!(h6["via"], "2 headroom");
+        assert_eq!(h6["via"], format!("2 {}", via.token()));
     }
 
     #[test]

@@ -158,6 +158,10 @@ impl ConnCtx {
         if scan.bytes > server.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge(server.max_header_bytes));
         }
+        if self.gateway.via.seen_in(&parts.headers, &scan) {
+            crate::admin::metrics::loop_detected();
+            return Err(ProxyError::LoopDetected);
+        }
         let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
         let declared = match (lengths.next(), lengths.next()) {
             (None, _) => None,
@@ -180,6 +184,13 @@ impl ConnCtx {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
+        match &host_value {
+            None => return Err(ProxyError::BadRequest("missing Host")),
+            Some(h) if !headers::is_valid_authority(h.as_bytes()) => {
+                return Err(ProxyError::BadRequest("invalid Host or :authority"))
+            }
+            Some(_) => {}
+        }
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
         track.pool = Some(Cow::Borrowed(pool));
@@ -209,7 +220,8 @@ impl ConnCtx {
         parts.headers.reserve(8);
         headers::strip_hop_by_hop(&mut parts.headers, &scan);
         headers::strip_expect(&mut parts.headers, &scan);
-        headers::add_forwarding(&mut parts.headers, &scan, &self.client, host_value.as_ref(), parts.version);
+        let via = self.gateway.via.value(parts.version);
+        headers::add_forwarding(&mut parts.headers, &scan, &self.client, host_value.as_ref(), via);
         if !scan.has_request_id() {
             parts.headers.insert(X_REQUEST_ID, request_id.clone());
         }

@@ -367,8 +367,14 @@ async fn register(gateway: &Gateway, pool: &str, backends: Vec<crate::config::Ba
         !matches!(kind, Some(ProviderKind::Local))
     };
     let mut added = Vec::new();
+    let policy = gateway.addr_policy();
     for b in backends {
         let addr = b.addr;
+        if let Err(rule) = policy.check(addr) {
+            crate::admin::metrics::backend_addr_refused(pool, "provider", rule.as_str());
+            tracing::warn!(pool, backend = %addr, %rule, "a provider returned an address no backend may have; skipped");
+            continue;
+        }
         match gateway.change_backend(pool, BackendChange::Add { backend: b, persist }).await {
             Ok(()) => added.push(addr),
             Err(ChangeError::Conflict(m)) => tracing::info!(pool, backend = %addr, "{m}"),
@@ -399,7 +405,7 @@ async fn scale_up(gateway: Arc<Gateway>, req: HookRequest, done: mpsc::Unbounded
 async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
     let started = Instant::now();
     match gateway.change_backend(&req.pool, BackendChange::Remove(addr)).await {
-        Ok(()) | Err(ChangeError::NotFound(_)) => {}
+        Ok(()) | Err(ChangeError::NotFound(_) | ChangeError::Invalid(_)) => {}
         Err(ChangeError::Conflict(e)) => {
             let _ = done.send(Done {
                 action: req.action,

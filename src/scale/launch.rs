@@ -142,7 +142,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 }
 
 async fn wait_ready(pool: &str, addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<(), LaunchError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now().checked_add(timeout).unwrap_or_else(Instant::now);
     loop {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());

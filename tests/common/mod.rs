@@ -360,6 +360,7 @@ pub async fn admin_call(admin: SocketAddr, method: http::Method, path: &str, bod
     let req = Request::builder()
         .method(method)
         .uri(format!("http://{admin}{path}"))
+        .header("content-type", "application/json")
         .body(full(Bytes::from(body.to_string())))
         .unwrap();
     let r = client().request(req).await.unwrap();

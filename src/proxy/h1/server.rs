@@ -18,6 +18,7 @@
 //! served by hyper (see `server.rs`).
 
 use super::{next_frame, Chunk, ConnectionTokens, State as Framing, KEEP_ALIVE};
+use crate::clock::add_ms;
 use crate::error::ProxyError;
 use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
 use crate::proxy::conn::{now_ms, ConnShared};
@@ -647,7 +648,7 @@ impl Conn {
                         // piece (a head that arrives whole never reads the clock here).
                         if self.head_started_ms.is_none() {
                             self.head_started_ms = Some(now_ms());
-                            let due = tokio::time::Instant::now() + self.limits.header_timeout;
+                            let due = crate::clock::deadline(self.limits.header_timeout);
                             if due < self.timer.deadline() {
                                 self.timer.as_mut().reset(due);
                             }
@@ -676,11 +677,9 @@ impl Conn {
             while self.timer.as_mut().poll(cx).is_ready() {
                 let now = now_ms();
                 let deadline = match (self.head_started_ms, self.served_any) {
-                    (Some(start), _) => start + self.limits.header_timeout.as_millis() as u64,
-                    (None, false) => {
-                        self.opened_ms + self.limits.header_timeout.min(self.limits.idle_timeout).as_millis() as u64
-                    }
-                    (None, true) => self.shared.idle_since_ms() + self.limits.idle_timeout.as_millis() as u64,
+                    (Some(start), _) => add_ms(start, self.limits.header_timeout),
+                    (None, false) => add_ms(self.opened_ms, self.limits.header_timeout.min(self.limits.idle_timeout)),
+                    (None, true) => add_ms(self.shared.idle_since_ms(), self.limits.idle_timeout),
                 };
                 if deadline <= now {
                     if self.head_started_ms.is_some() {
@@ -688,7 +687,7 @@ impl Conn {
                     }
                     return Poll::Ready(Next::Quiet);
                 }
-                self.timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(deadline - now));
+                self.timer.as_mut().reset(crate::clock::deadline(Duration::from_millis(deadline - now)));
             }
             return Poll::Pending;
         }
@@ -825,7 +824,7 @@ impl Conn {
                             written = 0;
                         }
                         if let Some(timer) = &mut stalled {
-                            timer.as_mut().reset(tokio::time::Instant::now() + send_timeout);
+                            timer.as_mut().reset(crate::clock::deadline(send_timeout));
                         }
                         continue;
                     }

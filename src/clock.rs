@@ -1,0 +1,32 @@
+//! Deadlines that cannot overflow. Every `Instant + Duration` on a path a client or a config
+//! value can reach goes through here, so that no duration, however long, can panic the process.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// About 30 years: what "never" means for a deadline.
+const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + after`, saturating at a far-future instant instead of panicking.
+pub fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after).or_else(|| now.checked_add(FAR)).unwrap_or(now)
+}
+
+/// `a + b` in milliseconds, saturating.
+pub fn add_ms(a: u64, b: Duration) -> u64 {
+    a.saturating_add(u64::try_from(b.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_duration_saturates_instead_of_panicking() {
+        let d = deadline(Duration::MAX);
+        assert!(d > Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(add_ms(u64::MAX - 1, Duration::MAX), u64::MAX);
+        assert_eq!(add_ms(5, Duration::from_millis(7)), 12);
+    }
+}
