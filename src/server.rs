@@ -1,5 +1,5 @@
 //! Client-facing listeners: accept, run the TLS handshake when `[server.tls]` is set (ALPN picks
-//! h2 or HTTP/1.1), else tell HTTP/1.1 from h2c (prior knowledge) by peeking at the first bytes.
+//! h2 or HTTP/1.1), else tell HTTP/1.1 from h2c (prior knowledge) by the first bytes read.
 //! HTTP/1.x goes to the own codec (`h1::server`); h2 connections are wrapped in [`ClientIo`] and
 //! served by hyper. On shutdown both kinds drain: idle connections close, busy ones finish their
 //! request.
@@ -11,6 +11,7 @@ use crate::proxy::h1::server as own_h1;
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
 use crate::tls::server::Handshake;
+use bytes::{Bytes, BytesMut};
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -34,21 +35,36 @@ fn h2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
     h2
 }
 
-/// Whether the client opens with the HTTP/2 preface (h2c prior knowledge). Peeks, so the bytes
-/// stay for hyper; done once per connection instead of wrapping every read.
-async fn starts_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+/// How a plain-TCP client opens: h2 by prior knowledge (`PRI `), else HTTP/1.x.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    H2(bytes::Bytes),
+    H1(bytes::BytesMut),
+}
+
+/// Reads the first bytes of a plain-TCP connection until they tell h2 prior knowledge from
+/// HTTP/1.x, and returns them for the codec that matches. Event-driven: it waits for the socket
+/// to be readable and reads, so a client that sends one byte and stops costs nothing until it
+/// sends more (or the caller's header timeout closes it). `None`: the client closed first.
+async fn read_opening(stream: &TcpStream) -> std::io::Result<Option<Opening>> {
     const PREFACE: &[u8; 4] = b"PRI ";
-    let mut buf = [0u8; 4];
+    let mut seen = bytes::BytesMut::new();
     loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 || buf[..n] != PREFACE[..n] {
-            return Ok(false);
+        stream.readable().await?;
+        let mut chunk = [0u8; 4096];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        let n = seen.len().min(PREFACE.len());
+        if seen[..n] != PREFACE[..n] {
+            return Ok(Some(Opening::H1(seen)));
         }
         if n == PREFACE.len() {
-            return Ok(true);
+            return Ok(Some(Opening::H2(seen.freeze())));
         }
-        // A prefix of the preface so far: wait briefly for the rest (bounded by the caller).
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -78,11 +94,12 @@ impl Conn {
     /// Serves h2 (prior knowledge, or chosen by ALPN) with hyper until the client or the drain
     /// closes it. Callers box it, so that every connection's task is only as large as the common
     /// case, HTTP/1.1, needs (the task lives as long as the connection).
-    async fn serve_h2<S: ClientStream>(self, stream: S, scheme: &'static str, watcher: Watcher) {
+    async fn serve_h2<S: ClientStream>(self, stream: S, prefix: Bytes, scheme: &'static str, watcher: Watcher) {
         let peer = self.peer;
         let shared = ConnShared::new();
         let (header_timeout, idle_timeout) = (self.limits.header_timeout, self.limits.idle_timeout);
-        let io = TokioIo::new(ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout));
+        let io = ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout).with_prefix(prefix);
+        let io = TokioIo::new(io);
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
         let result = watcher.watch(self.h2.serve_connection(io, service)).await;
         if let Err(e) = result {
@@ -91,10 +108,16 @@ impl Conn {
     }
 
     /// Serves HTTP/1.x with the own codec.
-    async fn serve_h1(self, io: (own_h1::ReadIo, own_h1::WriteIo), scheme: &'static str, drain: own_h1::Drain) {
+    async fn serve_h1(
+        self,
+        io: (own_h1::ReadIo, own_h1::WriteIo),
+        initial: BytesMut,
+        scheme: &'static str,
+        drain: own_h1::Drain,
+    ) {
         let shared = ConnShared::new();
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared.clone());
-        own_h1::serve(io, service, shared, self.limits, drain).await;
+        own_h1::serve(io, initial, service, shared, self.limits, drain).await;
     }
 }
 
@@ -130,23 +153,24 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
             let conn = Conn { gateway, h2, peer, limits };
             let Some(tls) = tls else {
                 // A client that sends nothing (or only part of the preface) in time is closed quietly.
-                let h2 = match tokio::time::timeout(header_timeout, starts_with_h2_preface(&stream)).await {
-                    Ok(Ok(h2)) => h2,
+                match tokio::time::timeout(header_timeout, read_opening(&stream)).await {
+                    Ok(Ok(Some(Opening::H2(prefix)))) => {
+                        return Box::pin(conn.serve_h2(stream, prefix, "http", watcher)).await
+                    }
+                    Ok(Ok(Some(Opening::H1(initial)))) => {
+                        drop(watcher);
+                        return conn.serve_h1(own_h1::split_tcp(stream), initial, "http", drain).await;
+                    }
                     _ => return,
-                };
-                if h2 {
-                    return Box::pin(conn.serve_h2(stream, "http", watcher)).await;
                 }
-                drop(watcher);
-                return conn.serve_h1(own_h1::split_tcp(stream), "http", drain).await;
             };
             match Box::pin(tls.accept(stream)).await {
                 Handshake::Done(stream) => {
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        Box::pin(conn.serve_h2(*stream, "https", watcher)).await
+                        Box::pin(conn.serve_h2(*stream, Bytes::new(), "https", watcher)).await
                     } else {
                         drop(watcher);
-                        Box::pin(conn.serve_h1(own_h1::split_tls(*stream), "https", drain)).await
+                        Box::pin(conn.serve_h1(own_h1::split_tls(*stream), BytesMut::new(), "https", drain)).await
                     }
                 }
                 Handshake::Failed(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),

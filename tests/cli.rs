@@ -9,7 +9,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_headroom");
@@ -64,26 +64,6 @@ fn check_reports_broken_configs_on_one_line_with_position() {
         assert!(out.contains(".toml") && out.contains(position), "{what}: no {position} in {out:?}");
         assert!(out.contains(message), "{what}: no {message:?} in {out:?}");
     }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        stop_process(&mut self.0);
-    }
-}
-
-fn spawn(args: &[&str]) -> Proc {
-    Proc(Command::new(BIN).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    poll_until(T, "process listening", || async move { tokio::net::TcpStream::connect(addr).await.is_ok() }).await;
 }
 
 /// POSTs a streaming chat completion; returns the events with their arrival times.

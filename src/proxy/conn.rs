@@ -92,6 +92,9 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {}
 /// The client socket of an h2 connection as hyper sees it.
 pub struct ClientIo<S = TcpStream> {
     inner: S,
+    /// Bytes read from the socket before hyper took over (while telling h2 from HTTP/1.x),
+    /// handed to hyper first.
+    prefix: bytes::Bytes,
     shared: Arc<ConnShared>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -109,6 +112,7 @@ impl<S: ClientStream> ClientIo<S> {
     pub fn new(inner: S, shared: Arc<ConnShared>, header_timeout: Duration, idle_timeout: Duration) -> Self {
         ClientIo {
             inner,
+            prefix: bytes::Bytes::new(),
             shared,
             header_timeout,
             idle_timeout,
@@ -119,6 +123,12 @@ impl<S: ClientStream> ClientIo<S> {
             served_any: false,
             closed: false,
         }
+    }
+
+    /// Hands `prefix` to hyper before anything read from the socket.
+    pub fn with_prefix(mut self, prefix: bytes::Bytes) -> Self {
+        self.prefix = prefix;
+        self
     }
 
     /// Notices a request finished since we last looked: a new idle period.
@@ -173,6 +183,11 @@ impl<S: ClientStream> AsyncRead for ClientIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {

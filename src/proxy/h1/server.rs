@@ -502,10 +502,11 @@ struct Conn {
     head_started_ms: Option<u64>,
 }
 
-/// Serves HTTP/1.x on `stream` until the client closes, a timeout or an error ends it, or the
+/// Serves HTTP/1.x on `stream` (`initial`: bytes already read from it) until the client closes, a timeout or an error ends it, or the
 /// server drains.
 pub async fn serve(
     (rd, wr): (ReadIo, WriteIo),
+    initial: BytesMut,
     service: ProxyService,
     shared: Arc<ConnShared>,
     limits: Limits,
@@ -521,7 +522,7 @@ pub async fn serve(
         service,
         shared,
         limits,
-        read: ReadSide { reader: Some(Reader { rd, buf: BytesMut::new() }), back: None },
+        read: ReadSide { reader: Some(Reader { rd, buf: initial }), back: None },
         wr,
         out: Vec::new(),
         timer: Box::pin(tokio::time::sleep(limits.header_timeout.min(limits.idle_timeout))),
