@@ -25,7 +25,8 @@ fn h2_builder(cfg: &ServerConfig) -> http2::Builder<TokioExecutor> {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes.min(u32::MAX as usize) as u32)
-        .max_concurrent_streams(256)
+        // One client connection holds at most this many backend slots at once.
+        .max_concurrent_streams(cfg.max_inflight_per_connection)
         // Rapid-reset defences: bound streams reset by the client before we accepted them, and
         // streams we had to reset because of client errors.
         .max_pending_accept_reset_streams(Some(64))
@@ -96,9 +97,11 @@ impl Conn {
     /// case, HTTP/1.1, needs (the task lives as long as the connection).
     async fn serve_h2<S: ClientStream>(self, stream: S, prefix: Bytes, scheme: &'static str, watcher: Watcher) {
         let peer = self.peer;
-        let shared = ConnShared::new();
+        let shared = ConnShared::new_h2();
         let (header_timeout, idle_timeout) = (self.limits.header_timeout, self.limits.idle_timeout);
-        let io = ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout).with_prefix(prefix);
+        let io = ClientIo::new(stream, shared.clone(), header_timeout, idle_timeout)
+            .with_send_timeout(self.limits.send_timeout)
+            .with_prefix(prefix);
         let io = TokioIo::new(io);
         let service = ProxyService::new(self.gateway, Client::new(self.peer.ip(), scheme), shared);
         let result = watcher.watch(self.h2.serve_connection(io, service)).await;
@@ -141,6 +144,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
         let limits = own_h1::Limits {
             header_timeout: server.request_header_timeout,
             idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
             max_head: (server.max_header_bytes + 8 * 1024).max(16 * 1024),
         };
         let header_timeout = limits.header_timeout;

@@ -1,10 +1,13 @@
 //! Denial of service: what one client (or many cheap ones) must not be able to take from all
 //! the others. These run the real binary, so its CPU time can be read from `/proc`.
 
+#![allow(clippy::disallowed_types)] // a test backend hands out one body
+
 mod common;
 
 use common::*;
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -61,4 +64,69 @@ async fn connections_that_send_one_byte_cost_no_cpu_while_they_wait() {
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
     assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_gives_no_window_is_cut_off_and_frees_every_slot_it_held() {
+    let backend = TestBackend::start(|_req| async { http::Response::new(full(vec![b'x'; 256 * 1024])) }).await;
+    let pool = "max_inflight_per_backend = 8";
+    let server = "send_timeout = \"300ms\"\nmax_inflight_per_connection = 4";
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], pool, server)).await;
+    // A client that opens no flow-control window at all and asks for 6 responses.
+    let tcp = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    let (client, conn) =
+        h2::client::Builder::new().initial_window_size(0).handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut responses = Vec::new();
+    for _ in 0..6 {
+        let mut c = client.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/big", hr.addr)).body(()).unwrap();
+        let (resp, _) = c.send_request(req, true).unwrap();
+        responses.push(tokio::spawn(resp));
+    }
+    // One connection holds at most 4 slots (its SETTINGS_MAX_CONCURRENT_STREAMS)...
+    poll_until(T, "4 requests at the backend", || async { backend.hits.load(Ordering::SeqCst) >= 4 }).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(hr.in_flight().await[0].1 <= 4, "{:?}", hr.in_flight().await);
+    // ...and is cut off once nothing moved for send_timeout, which frees them.
+    let waiting = std::time::Instant::now();
+    let ended = tokio::time::timeout(T, conn).await.expect("the stalled connection was not closed");
+    assert!(waiting.elapsed() < Duration::from_secs(3), "closed only after {:?}", waiting.elapsed());
+    assert!(ended.is_ok(), "{ended:?}");
+    poll_until(T, "every slot released", || async { hr.in_flight().await[0].1 == 0 }).await;
+    let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", hr.admin)).await.1).into_owned();
+    assert!(metric_value(&page, "headroom_client_stalled_total") >= 1.0, "{page}");
+    // Other clients were served all along.
+    assert_eq!(get(&hr.url("/")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_reads_slowly_but_steadily_is_not_cut_off() {
+    use http_body_util::BodyExt;
+    let (tx, body) = channel_body();
+    let body = std::sync::Mutex::new(Some(body));
+    let backend = TestBackend::start(move |_req| {
+        let b = body.lock().unwrap().take().unwrap_or_else(|| full("second"));
+        async move { http::Response::new(b) }
+    })
+    .await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "send_timeout = \"300ms\"")).await;
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    let resp = c.request(http::Request::get(hr.url("/")).body(full(bytes::Bytes::new())).unwrap()).await.unwrap();
+    let mut body = resp.into_body();
+    // The backend is silent for longer than send_timeout between tokens: that is not a stall.
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.send(bytes::Bytes::from(format!("token{i}"))).await.unwrap();
+        let frame = tokio::time::timeout(T, body.frame()).await.unwrap().unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), format!("token{i}"));
+    }
+    drop(tx);
+    let last = tokio::time::timeout(T, body.frame()).await.unwrap();
+    assert!(
+        last.as_ref().is_none_or(|f| f.as_ref().is_ok_and(|f| f.data_ref().is_some_and(|d| d.is_empty()))),
+        "{last:?}"
+    );
 }

@@ -960,7 +960,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_the_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let size = 32 * 1024 * 1024;
     let backend = TestBackend::start(move |_req| async move { Response::new(full(vec![b'x'; size])) }).await;
-    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "idle_timeout = \"300ms\"")).await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "send_timeout = \"300ms\"")).await;
     let mut s = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
     s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     // The client reads nothing: once the socket buffers are full, no byte moves for 300 ms.

@@ -33,6 +33,12 @@ pub const TLS_CERT_RELOADS: &str = "headroom_tls_cert_reloads_total";
 pub const BACKEND_ADDRS_REFUSED: &str = "headroom_backend_addresses_refused_total";
 pub const LOOPS_DETECTED: &str = "headroom_loops_detected_total";
 pub const ADMIN_REFUSED: &str = "headroom_admin_requests_refused_total";
+pub const CLIENT_STALLED: &str = "headroom_client_stalled_total";
+
+/// A client connection cut off for taking no response bytes for `send_timeout`.
+pub fn client_stalled() {
+    metrics::counter!(CLIENT_STALLED).increment(1);
+}
 
 /// A backend address refused by the address rules (`source`: api, provider; `rule`: see
 /// `config::addr::AddrRule::as_str`).
@@ -70,6 +76,7 @@ pub fn tls_cert_reloaded(ok: bool) {
 /// the first event (Prometheus practice).
 pub fn init_counters() {
     metrics::counter!(LOOPS_DETECTED).increment(0);
+    metrics::counter!(CLIENT_STALLED).increment(0);
     for outcome in ["ok", "error"] {
         metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(0);
     }

@@ -25,6 +25,8 @@ pub struct FileServer {
     pub listen: Option<Spanned<Vec<Spanned<String>>>>,
     pub request_header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub send_timeout: Option<Spanned<String>>,
+    pub max_inflight_per_connection: Option<Spanned<u32>>,
     pub max_header_bytes: Option<Spanned<String>>,
     pub max_request_body: Option<Spanned<String>>,
     pub shutdown_timeout: Option<Spanned<String>>,

@@ -41,6 +41,13 @@ pub struct ServerConfig {
     pub request_header_timeout: Duration,
     /// Default 60s; an idle keep-alive client connection is closed after it.
     pub idle_timeout: Duration,
+    /// Default 30s; a client that takes no response bytes for this long (HTTP/1.1: the socket
+    /// accepts nothing; h2: no stream waiting for flow-control window makes progress) is cut off,
+    /// and the backend requests it held are cancelled.
+    pub send_timeout: Duration,
+    /// Default 64; the most requests one h2 client connection may have in flight (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`). HTTP/1.1 connections carry one at a time.
+    pub max_inflight_per_connection: u32,
     /// Default 64KiB; a larger request head gets 431.
     pub max_header_bytes: usize,
     /// Default 32MiB; a larger request body gets 413.

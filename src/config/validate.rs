@@ -73,6 +73,14 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             Duration::from_secs(10),
         )?,
         idle_timeout: duration(&s.idle_timeout, "server.idle_timeout", Duration::from_secs(60))?,
+        send_timeout: duration(&s.send_timeout, "server.send_timeout", Duration::from_secs(30))?,
+        max_inflight_per_connection: match &s.max_inflight_per_connection {
+            None => 64,
+            Some(v) if (1..=1000).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                return Err(err(v.span(), "server.max_inflight_per_connection: allowed range is 1..=1000".into()))
+            }
+        },
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size(&s.max_request_body, "server.max_request_body", 32 << 20)?,
         shutdown_timeout: duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30))?,

@@ -42,9 +42,10 @@ impl Entry {
         })
     }
 
-    /// Writes the line. `backend` is `-` when the gateway answered itself; `clean` is false when
-    /// the response body broke off.
-    pub fn write(&self, status: u16, backend: &str, clean: bool) {
+    /// Writes the line. `backend` is `-` when the gateway answered itself; `outcome` is
+    /// `complete`, `aborted` (the response body broke off) or `client_stalled` (the client took
+    /// no response bytes for `send_timeout`).
+    pub fn write(&self, status: u16, backend: &str, outcome: &'static str) {
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(
             target: "access",
@@ -58,7 +59,7 @@ impl Entry {
             ttfb_ms = (self.ttfb_ms * 1000.0).round() / 1000.0,
             request_id = self.request_id.to_str().unwrap_or("-"),
             client = %self.client,
-            outcome = if clean { "complete" } else { "aborted" },
+            outcome,
         );
     }
 }

@@ -254,7 +254,9 @@ enum Inner {
 /// The body sent to the client.
 pub struct ResponseBody {
     inner: Inner,
-    _active: Option<ActiveRequest>,
+    active: Option<ActiveRequest>,
+    /// A frame was handed to an h2 connection that has not asked for the next one yet.
+    handed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -263,16 +265,23 @@ pub struct StreamIdle(Duration);
 
 impl ResponseBody {
     pub fn full(bytes: Bytes, active: Option<ActiveRequest>) -> Self {
-        ResponseBody { inner: Inner::Full(Some(bytes)), _active: active }
+        ResponseBody { inner: Inner::Full(Some(bytes)), active, handed: false }
     }
 
     pub fn upstream(body: UpstreamBody, done: Upstream, active: Option<ActiveRequest>) -> Self {
-        ResponseBody { inner: Inner::Upstream { body, done: Some(done), idle: None }, _active: active }
+        // Over h2 the response head goes out at once, but hyper asks for the body only when the
+        // client's window has room: until then it counts as a frame waiting for the client.
+        let handed = active.as_ref().is_some_and(|a| a.conn().watches_sends());
+        if let (true, Some(a)) = (handed, &active) {
+            a.conn().frame_handed();
+        }
+        ResponseBody { inner: Inner::Upstream { body, done: Some(done), idle: None }, active, handed }
     }
 }
 
-/// Releases the slot, records the request, and gives the connection back if the body ended cleanly.
-fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, clean: bool) {
+/// Releases the slot, records the request, and gives the connection back if the body ended
+/// cleanly. `stalled`: the client connection was cut off for taking no response bytes.
+fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, clean: bool, stalled: bool) {
     let Some(up) = done.take() else { return };
     let backend = up.guard.backend();
     if clean {
@@ -284,7 +293,12 @@ fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, clean: bool) {
     backend.count_response(up.status, failed);
     backend.observe(up.status, failed, up.started.elapsed().as_secs_f64());
     if let Some(log) = &up.log {
-        log.write(up.status, &backend.label, clean);
+        let outcome = match (clean, stalled) {
+            (true, _) => "complete",
+            (false, true) => "client_stalled",
+            (false, false) => "aborted",
+        };
+        log.write(up.status, &backend.label, outcome);
     }
 }
 
@@ -293,7 +307,14 @@ impl Body for ResponseBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.inner {
+        let this = &mut *self;
+        // Asked for more: the frame handed last was taken by the client (h2 flow control).
+        if std::mem::take(&mut this.handed) {
+            if let Some(a) = &this.active {
+                a.conn().frame_taken();
+            }
+        }
+        match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream { body, done, idle } => match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -301,8 +322,12 @@ impl Body for ResponseBody {
                         log.bytes += data.len() as u64;
                     }
                     if body.is_end_stream() {
-                        finish(done, body, true);
-                    } else if let Some(sleep) = idle {
+                        finish(done, body, true, false);
+                    } else if let Some(a) = this.active.as_ref().filter(|a| a.conn().watches_sends()) {
+                        a.conn().frame_handed();
+                        this.handed = true;
+                    }
+                    if let (false, Some(sleep)) = (body.is_end_stream(), idle) {
                         if let Some(up) = done {
                             sleep.as_mut().reset(crate::clock::deadline(up.stream_idle_timeout));
                         }
@@ -310,11 +335,11 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    finish(done, body, false);
+                    finish(done, body, false, false);
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
-                    finish(done, body, true);
+                    finish(done, body, true, false);
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
@@ -324,7 +349,7 @@ impl Body for ResponseBody {
                     let timeout = up.stream_idle_timeout;
                     let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     if sleep.as_mut().poll(cx).is_ready() {
-                        finish(done, body, false);
+                        finish(done, body, false, false);
                         return Poll::Ready(Some(Err(Box::new(StreamIdle(timeout)))));
                     }
                     Poll::Pending
@@ -351,11 +376,17 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        let stalled = self.active.as_ref().is_some_and(|a| a.conn().stalled());
+        if self.handed {
+            if let Some(a) = &self.active {
+                a.conn().frame_taken();
+            }
+        }
         if let Inner::Upstream { body, done, .. } = &mut self.inner {
             // Dropped before the end means the client went away: the upstream connection is
             // mid-response and is closed rather than reused.
             let clean = body.is_end_stream();
-            finish(done, body, clean);
+            finish(done, body, clean, stalled);
         }
     }
 }

@@ -40,6 +40,16 @@ pub struct ConnShared {
     pub(crate) responding: AtomicBool,
     /// A request body read over TLS wants a `100 Continue` written (own HTTP/1.1 codec).
     pub(crate) continue_wanted: AtomicBool,
+    /// The connection was cut off because the client took no response bytes for
+    /// `send_timeout`; the requests it ends are logged as `client_stalled`.
+    stalled: AtomicBool,
+    /// h2 only: response bodies that handed a frame to hyper and were not asked for the next one
+    /// yet (hyper asks only once the client's flow-control window has room).
+    unsent: AtomicU32,
+    /// h2 only: when a body waiting for the client last made progress (`now_ms`).
+    unsent_progress_ms: AtomicU64,
+    /// Whether response bodies report their frames to `unsent` (h2 connections).
+    watch_sends: bool,
 }
 
 impl ConnShared {
@@ -47,6 +57,50 @@ impl ConnShared {
         let s = ConnShared::default();
         s.idle_since_ms.store(now_ms(), Ordering::Relaxed);
         Arc::new(s)
+    }
+
+    /// Shared state of an h2 connection: response bodies report frames waiting for the client.
+    pub fn new_h2() -> Arc<Self> {
+        let s = ConnShared { watch_sends: true, ..ConnShared::default() };
+        s.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        Arc::new(s)
+    }
+
+    /// Whether the connection was cut off for taking no response bytes.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection as cut off for taking no response bytes (counted once).
+    pub(crate) fn set_stalled(&self) {
+        if !self.stalled.swap(true, Ordering::Relaxed) {
+            crate::admin::metrics::client_stalled();
+        }
+    }
+
+    /// Whether this connection's response bodies report [`Self::frame_handed`].
+    pub(crate) fn watches_sends(&self) -> bool {
+        self.watch_sends
+    }
+
+    /// A response body handed a frame to the connection and waits to be asked for the next.
+    pub(crate) fn frame_handed(&self) {
+        if self.unsent.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.unsent_progress_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A body that had handed a frame was asked for more (or dropped): the client took it.
+    pub(crate) fn frame_taken(&self) {
+        self.unsent.fetch_sub(1, Ordering::Relaxed);
+        self.unsent_progress_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the bodies waiting on the client will have waited `send_timeout` with no progress
+    /// (`now_ms`), or `None` when none waits.
+    fn send_deadline_ms(&self, send_timeout: Duration) -> Option<u64> {
+        (self.unsent.load(Ordering::Relaxed) > 0)
+            .then(|| crate::clock::add_ms(self.unsent_progress_ms.load(Ordering::Relaxed), send_timeout))
     }
 
     /// Marks a request as started; the returned marker ends it when dropped (with the response body).
@@ -75,6 +129,13 @@ impl ConnShared {
 #[derive(Debug)]
 pub struct ActiveRequest(Arc<ConnShared>);
 
+impl ActiveRequest {
+    /// The connection the request came on.
+    pub fn conn(&self) -> &ConnShared {
+        &self.0
+    }
+}
+
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.0.idle_since_ms.store(now_ms(), Ordering::Relaxed);
@@ -98,9 +159,12 @@ pub struct ClientIo<S = TcpStream> {
     shared: Arc<ConnShared>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     timer: Pin<Box<Sleep>>,
     /// The waker the timer was last polled with.
     timer_waker: Option<Waker>,
+    /// When the timer is set to fire (`now_ms`).
+    timer_due_ms: u64,
     opened_ms: u64,
     /// Value of `shared.finished` when the current idle period began.
     seen_finished: u64,
@@ -111,6 +175,7 @@ pub struct ClientIo<S = TcpStream> {
 impl<S: ClientStream> ClientIo<S> {
     pub fn new(inner: S, shared: Arc<ConnShared>, header_timeout: Duration, idle_timeout: Duration) -> Self {
         ClientIo {
+            send_timeout: idle_timeout,
             inner,
             prefix: bytes::Bytes::new(),
             shared,
@@ -118,11 +183,19 @@ impl<S: ClientStream> ClientIo<S> {
             idle_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout.min(idle_timeout))),
             timer_waker: None,
+            timer_due_ms: crate::clock::add_ms(now_ms(), header_timeout.min(idle_timeout)),
             opened_ms: now_ms(),
             seen_finished: 0,
             served_any: false,
             closed: false,
         }
+    }
+
+    /// Cuts the connection off once response bodies have waited this long for the client to
+    /// take their frames, with no progress (default: the idle timeout).
+    pub fn with_send_timeout(mut self, send_timeout: Duration) -> Self {
+        self.send_timeout = send_timeout;
+        self
     }
 
     /// Hands `prefix` to hyper before anything read from the socket.
@@ -144,8 +217,16 @@ impl<S: ClientStream> ClientIo<S> {
     fn next_deadline(&mut self) -> Option<u64> {
         let now = now_ms();
         if self.shared.active.load(Ordering::Relaxed) > 0 {
-            // A request is in progress; its own timeouts apply. Look again later.
-            return Some(crate::clock::add_ms(now, self.idle_timeout));
+            // A request is in progress; its own timeouts apply, and the send timeout here.
+            let later = crate::clock::add_ms(now, self.idle_timeout);
+            return match self.shared.send_deadline_ms(self.send_timeout) {
+                Some(due) if due <= now => {
+                    self.shared.set_stalled();
+                    None
+                }
+                Some(due) => Some(due.min(later)),
+                None => Some(later),
+            };
         }
         self.sync_idle_period();
         let deadline = if self.served_any {
@@ -158,6 +239,10 @@ impl<S: ClientStream> ClientIo<S> {
 
     /// Polls the timer; returns true when the connection should be closed now.
     fn poll_timeout(&mut self, cx: &mut Context<'_>) -> bool {
+        // Responses started waiting for the client's window: the send timeout may come first.
+        if let Some(due) = self.shared.send_deadline_ms(self.send_timeout).filter(|d| *d < self.timer_due_ms) {
+            self.set_timer(due);
+        }
         // Reads go pending after every frame; the timer already holds this task's waker, so
         // unless it fired there is nothing to do.
         if !self.timer.is_elapsed() && self.timer_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -169,13 +254,18 @@ impl<S: ClientStream> ClientIo<S> {
                 return false;
             }
             match self.next_deadline() {
-                Some(ms) => {
-                    let wait = Duration::from_millis(ms.saturating_sub(now_ms()).max(1));
-                    self.timer.as_mut().reset(crate::clock::deadline(wait));
-                }
+                Some(ms) => self.set_timer(ms),
                 None => return true,
             }
         }
+    }
+
+    /// Sets the timer to fire at `due_ms` (`now_ms`); it is polled again before it counts.
+    fn set_timer(&mut self, due_ms: u64) {
+        let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()).max(1));
+        self.timer.as_mut().reset(crate::clock::deadline(wait));
+        self.timer_due_ms = due_ms;
+        self.timer_waker = None;
     }
 }
 
@@ -194,6 +284,11 @@ impl<S: ClientStream> AsyncRead for ClientIo<S> {
             Poll::Pending => {
                 if this.poll_timeout(cx) {
                     this.closed = true;
+                    if this.shared.stalled() {
+                        tracing::debug!(timeout = ?this.send_timeout, "h2 client took no response bytes; closing");
+                        // An error, not an end of stream: hyper drops the streams at once.
+                        return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
+                    }
                     // End of stream: hyper closes the connection.
                     return Poll::Ready(Ok(()));
                 }

@@ -126,7 +126,7 @@ impl ConnCtx {
                     log.pool = track.pool.as_ref().map(|p| p.metrics.name().clone());
                     log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
                     log.bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-                    log.write(status, "-", true);
+                    log.write(status, "-", "complete");
                 }
                 resp
             }

@@ -62,6 +62,8 @@ pub use socket::{split_tcp, split_tls, ReadIo, WriteIo};
 pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A client that takes no response bytes for this long is cut off.
+    pub send_timeout: Duration,
     /// A request head that grows past this without ending gets 431.
     pub max_head: usize,
 }
@@ -757,8 +759,8 @@ impl Conn {
         let mut done = no_body;
         let mut clean = true;
         // Armed only when the client stops taking bytes: a client that accepts nothing for
-        // `idle_timeout` is cut off, releasing the backend slot its response holds.
-        let send_timeout = self.limits.idle_timeout;
+        // `send_timeout` is cut off, releasing the backend slot its response holds.
+        let send_timeout = self.limits.send_timeout;
         let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut flushed = true;
         if no_body {
@@ -844,6 +846,7 @@ impl Conn {
                 let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
                 if timer.as_mut().poll(cx).is_ready() {
                     tracing::debug!(timeout = ?send_timeout, "client took no response bytes; closing");
+                    self.shared.set_stalled();
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
                 }
             }
