@@ -98,6 +98,8 @@ pub struct Gateway {
     bound: OnceLock<Vec<std::net::SocketAddr>>,
     /// This gateway's `Via` token: a request that carries it has looped back.
     pub via: crate::proxy::headers::Via,
+    /// A listener's drain ended at `shutdown_timeout` with connections still open (cut).
+    pub drain_cut: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -115,6 +117,7 @@ impl Gateway {
             tls: OnceLock::new(),
             bound: OnceLock::new(),
             via: crate::proxy::headers::Via::new(),
+            drain_cut: std::sync::atomic::AtomicBool::new(false),
             current: ArcSwap::from_pointee(snapshot),
             generation: AtomicU64::new(0),
             id: GATEWAY_IDS.fetch_add(1, Ordering::Relaxed),

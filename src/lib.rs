@@ -37,6 +37,9 @@ pub enum RunError {
     Launch(#[from] scale::launch::LaunchError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// Requests were still running at `shutdown_timeout` and were cut off.
+    #[error("requests were still running at the end of shutdown_timeout ({0:?}) and were cut off")]
+    DrainCut(std::time::Duration),
 }
 
 /// Binds every address in the config.
@@ -184,6 +187,9 @@ pub async fn run_with(
         let _ = done.await;
     }
     launched.shutdown().await;
+    if gateway.drain_cut.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(RunError::DrainCut(gateway.snapshot().config.server.shutdown_timeout));
+    }
     Ok(())
 }
 

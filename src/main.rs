@@ -210,14 +210,30 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
+/// `server.state_dir`, when set, must be writable: said at once rather than at the first
+/// registration.
+fn state_dir_writable(config: &Config) -> Result<(), String> {
+    match &config.server.state_dir {
+        Some(dir) => headroom::scale::state::check_writable(dir)
+            .map_err(|e| format!("server.state_dir: cannot write the state file there: {e}")),
+        None => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => match Config::load(&cli.config) {
-            Ok(c) => {
-                println!("{}: ok: {}", cli.config.display(), c.summary());
-                ExitCode::SUCCESS
-            }
+            Ok(c) => match state_dir_writable(&c) {
+                Ok(()) => {
+                    println!("{}: ok: {}", cli.config.display(), c.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    println!("{e}");
+                    ExitCode::from(1)
+                }
+            },
             Err(e) => {
                 println!("{e}");
                 ExitCode::from(1)
@@ -303,6 +319,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
+            if let Err(e) = state_dir_writable(&config) {
+                eprintln!("{e}");
+                return ExitCode::from(73);
+            }
             let workers = worker_count(config.server.workers);
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -322,6 +342,10 @@ fn main() -> ExitCode {
                 let options = headroom::RunOptions { workers, config_path: Some(cli.config.clone()) };
                 match headroom::run_with(config, listeners, headroom::shutdown_signal(), options).await {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(e @ headroom::RunError::DrainCut(_)) => {
+                        eprintln!("{e}");
+                        ExitCode::from(75)
+                    }
                     Err(e) => {
                         eprintln!("{e}");
                         ExitCode::from(70)

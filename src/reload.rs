@@ -79,6 +79,9 @@ pub enum ReloadRequest {
 pub enum BackendChange {
     /// `persist`: kept in the state file (when `server.state_dir` is set) across restarts.
     Add { backend: BackendConfig, persist: bool },
+    /// Several at once, published together (a provider's reply); those that cannot be added
+    /// (address rules, already present) are logged and skipped.
+    AddMany { backends: Vec<BackendConfig>, persist: bool },
     /// Drains, then removes once idle.
     Remove(SocketAddr),
 }
@@ -93,6 +96,9 @@ pub enum ChangeError {
     /// The change itself is not acceptable (an address no backend may have).
     #[error("{0}")]
     Invalid(String),
+    /// The change could not be made for a reason of headroom's own (the state file).
+    #[error("{0}")]
+    Internal(String),
 }
 
 /// Resolves once `rx` reads true (or its sender is gone).
@@ -442,7 +448,9 @@ impl Reloader {
         }
     }
 
-    /// Adds a runtime backend to `pool`, or drains and removes one.
+    /// Adds runtime backends to `pool`, or drains and removes one. The change is saved to the
+    /// state file (when there is one) before it is published: a change that cannot be saved is
+    /// not made.
     fn change_backend(
         &mut self,
         pool: &str,
@@ -453,20 +461,16 @@ impl Reloader {
         let Some(pc) = running.config.pools.iter().find(|p| p.name == pool) else {
             return Err(ChangeError::NotFound(format!("no pool {pool:?}")));
         };
-        let dynamic = self.extra.entry(pool.to_string()).or_default();
+        let before = (self.extra.get(pool).cloned().unwrap_or_default(), self.persisted.clone());
         match change {
-            BackendChange::Add { backend: b, persist } => {
-                if let Err(rule) = self.gateway.addr_policy().check(b.addr) {
-                    return Err(ChangeError::Invalid(format!("addr {}: {rule}", b.addr)));
+            BackendChange::Add { backend, persist } => self.add_backend(pc, backend, persist)?,
+            BackendChange::AddMany { backends, persist } => {
+                for b in backends {
+                    let addr = b.addr;
+                    if let Err(e) = self.add_backend(pc, b, persist) {
+                        tracing::warn!(pool, backend = %addr, error = %e, "backend not added");
+                    }
                 }
-                if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
-                    return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
-                }
-                tracing::info!(pool, backend = %b.addr, weight = b.weight, "backend registered");
-                if persist {
-                    self.persisted.insert((pool.to_string(), b.addr));
-                }
-                dynamic.push(b);
             }
             BackendChange::Remove(addr) => {
                 if pc.backends.iter().any(|x| x.addr == addr) {
@@ -474,24 +478,51 @@ impl Reloader {
                         "backend {addr} is defined in the config file; remove it there, or drain it"
                     )));
                 }
-                let before = dynamic.len();
+                let dynamic = self.extra.entry(pool.to_string()).or_default();
+                let count = dynamic.len();
                 dynamic.retain(|x| x.addr != addr);
-                if dynamic.len() == before {
+                if dynamic.len() == count {
                     return Err(ChangeError::NotFound(format!("pool {pool:?} has no backend {addr}")));
                 }
                 tracing::info!(pool, backend = %addr, "backend deregistered; draining");
                 self.persisted.remove(&(pool.to_string(), addr));
             }
         }
+        if let Err(e) = self.save_state(&running.config) {
+            (*self.extra.entry(pool.to_string()).or_default(), self.persisted) = before;
+            return Err(ChangeError::Internal(format!("cannot write the state file, so nothing was changed: {e}")));
+        }
         self.publish((*running.config).clone());
         self.tasks.ensure(&self.gateway, stop);
-        self.save_state(&running.config);
+        Ok(())
+    }
+
+    /// Adds one runtime backend to the pool's list (not published yet).
+    fn add_backend(
+        &mut self,
+        pc: &crate::config::PoolConfig,
+        b: BackendConfig,
+        persist: bool,
+    ) -> Result<(), ChangeError> {
+        let pool = pc.name.as_str();
+        if let Err(rule) = self.gateway.addr_policy().check(b.addr) {
+            return Err(ChangeError::Invalid(format!("addr {}: {rule}", b.addr)));
+        }
+        let dynamic = self.extra.entry(pool.to_string()).or_default();
+        if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
+            return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
+        }
+        tracing::info!(pool, backend = %b.addr, weight = b.weight, "backend registered");
+        if persist {
+            self.persisted.insert((pool.to_string(), b.addr));
+        }
+        dynamic.push(b);
         Ok(())
     }
 
     /// Writes the persisted backends to the state file, if the config names a state directory.
-    fn save_state(&self, config: &Config) {
-        let Some(dir) = &config.server.state_dir else { return };
+    fn save_state(&self, config: &Config) -> Result<(), String> {
+        let Some(dir) = &config.server.state_dir else { return Ok(()) };
         let kept: HashMap<String, Vec<BackendConfig>> = self
             .extra
             .iter()
@@ -500,9 +531,10 @@ impl Reloader {
                 (pool.clone(), list)
             })
             .collect();
-        if let Err(e) = crate::scale::state::save(dir, &kept) {
+        crate::scale::state::save(dir, &kept).map_err(|e| {
             tracing::error!(error = %e, "cannot write the state file; dynamic backends won't survive a restart");
-        }
+            e.to_string()
+        })
     }
 
     /// Drops removed backends that have finished their last request.

@@ -187,6 +187,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
     tracing::info!(listen = ?local, "stopped accepting; draining connections");
     let both = futures_util::future::join(graceful.shutdown(), drain_trigger.drain());
     if tokio::time::timeout(cfg.shutdown_timeout, both).await.is_err() {
+        gateway.drain_cut.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(listen = ?local, timeout = ?cfg.shutdown_timeout, "connections still open at the end of the drain period");
     }
 }

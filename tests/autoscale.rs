@@ -510,3 +510,38 @@ async fn the_webhook_provider_posts_the_request_with_a_bearer_token_and_register
     assert_eq!(b["weight"], 3);
     hr.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_returns_thousands_of_backends_for_one_gets_one_and_hands_the_rest_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // Answers every scale_up with 3,000 addresses; logs every call.
+    let script = r#"#!/bin/sh
+dir="$(dirname "$0")"
+req="$(cat)"
+printf '%s\n' "$req" >> "$dir/calls.log"
+case "$req" in *'"action":"scale_down"'*) exit 0 ;; esac
+seq 20000 22999 | awk 'BEGIN { printf "{\"backends\":[" } { printf "%s{\"addr\":\"127.0.0.1:%s\"}", (NR > 1 ? "," : ""), $1 } END { print "]}" }'
+"#;
+    std::fs::write(dir.path().join("provider.sh"), script).unwrap();
+    let fixed = TestBackend::ok().await;
+    let pool = format!(
+        "[pools.default.autoscale]\nmin_backends = 2\nmax_backends = 4\ncooldown = \"1h\"\n\
+         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\ntimeout = \"10s\"\n",
+        dir.path().join("provider.sh").display()
+    );
+    let hr = Headroom::start(&config(&[(fixed.addr, 1)], &pool, "").replace("pools.default", "pools.surplus")).await;
+    let log = dir.path().join("calls.log");
+    let calls = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    poll_until(T, "the surplus handed back", || async { calls().iter().any(|c| c["action"] == "scale_down") }).await;
+    let ups: Vec<_> = calls().into_iter().filter(|c| c["action"] == "scale_up").collect();
+    assert_eq!(ups.len(), 1, "{ups:?}");
+    assert_eq!(ups[0]["count"], 1);
+    let down = calls().into_iter().find(|c| c["action"] == "scale_down").unwrap();
+    assert_eq!(down["count"], 2999);
+    assert_eq!(down["backends"].as_array().unwrap().len(), 2999);
+    let listed = backends(&hr.pools().await);
+    assert_eq!(listed.len(), 2, "the fixed backend and the one asked for: {listed:?}");
+    assert!(listed.iter().any(|(a, _)| a == "127.0.0.1:20000"), "{listed:?}");
+}

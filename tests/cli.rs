@@ -373,3 +373,69 @@ async fn access_log_lines_carry_every_field_in_text_and_json() {
     let missed = access.iter().find(|v| v["status"] == 404).unwrap();
     assert_eq!((missed["pool"].as_str(), missed["backend"].as_str()), (Some("-"), Some("-")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_cuts_streams_exits_75_and_one_that_finishes_them_exits_0() {
+    let (release, held) = tokio::sync::watch::channel(false);
+    let backend = TestBackend::start(move |_req| {
+        let mut held = held.clone();
+        async move {
+            let _ = held.wait_for(|r| *r).await;
+            hyper::Response::new(full("done"))
+        }
+    })
+    .await;
+    for (cut, code) in [(true, 75), (false, 0)] {
+        let (proxy, admin) = (free_addr(), free_addr());
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        write!(
+            f,
+            "[server]\nlisten = [\"{proxy}\"]\nshutdown_timeout = \"300ms\"\n[admin]\nlisten = \"{admin}\"\n\
+             [pools.default]\n[[pools.default.backends]]\naddr = \"{}\"\n",
+            backend.addr
+        )
+        .unwrap();
+        let mut p = spawn(&["--config", f.path().to_str().unwrap()]);
+        wait_listening(proxy).await;
+        let _ = release.send(!cut);
+        let url = format!("http://{proxy}/held");
+        let pending = tokio::spawn(async move { client().request(Request::get(url).body(full("")).unwrap()).await });
+        poll_until(T, "the request at the backend", || async {
+            backend.hits.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await;
+        backend.hits.store(0, std::sync::atomic::Ordering::SeqCst);
+        let _ = Command::new("kill").args(["-TERM", &p.0.id().to_string()]).status();
+        let status = tokio::task::spawn_blocking(move || {
+            let s = p.0.wait();
+            std::mem::forget(p);
+            s
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(status.code(), Some(code), "cut: {cut}");
+        let _ = pending.await;
+    }
+}
+
+#[test]
+fn a_state_dir_that_cannot_be_written_is_reported_by_check_and_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let (proxy, admin) = (free_addr(), free_addr());
+    let text = format!(
+        "[server]\nlisten = [\"{proxy}\"]\nstate_dir = {:?}\n[admin]\nlisten = \"{admin}\"\n\
+         [pools.default]\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n",
+        file.join("state")
+    );
+    let (code, out) = check(&text);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("server.state_dir") && out.contains("not-a-dir"), "{out}");
+    let path = dir.path().join("headroom.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(73), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.state_dir"), "{out:?}");
+}

@@ -241,3 +241,23 @@ async fn the_longest_timeouts_allowed_serve_heads_that_arrive_in_pieces() {
     assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
     assert_eq!(get(&hr.url("/")).await.0, 200, "still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_cannot_be_saved_answers_500_and_changes_nothing() {
+    let (backend, other) = (TestBackend::ok().await, TestBackend::ok().await);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let server = format!("state_dir = {state:?}");
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", &server)).await;
+    // The state directory turns into a file: nothing can be written there any more.
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::write(&state, "not a directory").unwrap();
+    let reg = format!("{{\"addr\": \"{}\"}}", other.addr);
+    let (status, body) = admin_call(hr.admin, http::Method::POST, "/api/pools/default/backends", &reg).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("state file"), "{body}");
+    assert_eq!(backend_addrs(&hr.pools().await), vec![backend.addr.to_string()]);
+    // Writable again: the same registration goes through.
+    std::fs::remove_file(&state).unwrap();
+    assert_eq!(admin_call(hr.admin, http::Method::POST, "/api/pools/default/backends", &reg).await.0, 201);
+}

@@ -192,6 +192,7 @@ fn change_error(e: crate::reload::ChangeError) -> Response<Body> {
         crate::reload::ChangeError::NotFound(m) => json_error(StatusCode::NOT_FOUND, m),
         crate::reload::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
         crate::reload::ChangeError::Invalid(m) => json_error(StatusCode::BAD_REQUEST, m),
+        crate::reload::ChangeError::Internal(m) => json_error(StatusCode::INTERNAL_SERVER_ERROR, m),
     }
 }
 

@@ -358,36 +358,82 @@ async fn call(gateway: &Gateway, req: &HookRequest) -> Result<Vec<crate::config:
     provider::reply_backends(&pool.config, &reply).map_err(|e| e.to_string())
 }
 
-/// Registers what a provider returned; backends the local provider started are not kept in the
-/// state file (they end with this process).
-async fn register(gateway: &Gateway, pool: &str, backends: Vec<crate::config::BackendConfig>) -> Vec<SocketAddr> {
-    let persist = {
+/// Registers what a provider returned for `req`, in one publish: never more than the call asked
+/// for, nor more than `max_backends` allows; the surplus is handed back with `scale_down`.
+/// Backends the local provider started are not kept in the state file (they end with this
+/// process).
+async fn register(
+    gateway: &Arc<Gateway>,
+    req: &HookRequest,
+    backends: Vec<crate::config::BackendConfig>,
+) -> Vec<SocketAddr> {
+    let pool = req.pool.as_str();
+    let (persist, room, before) = {
         let snap = gateway.snapshot();
-        let kind = snap.pool(pool).and_then(|p| p.config.autoscale.as_ref()).map(|a| a.provider.kind.clone());
-        !matches!(kind, Some(ProviderKind::Local))
+        let p = snap.pool(pool);
+        let auto = p.and_then(|p| p.config.autoscale.as_ref());
+        let persist = !matches!(auto.map(|a| &a.provider.kind), Some(ProviderKind::Local));
+        let present: HashSet<SocketAddr> = p.map(|p| p.backends.iter().map(|b| b.addr).collect()).unwrap_or_default();
+        let serving = p.map_or(0, |p| p.backends.iter().filter(|b| b.state() != BackendState::Draining).count());
+        let max = auto.map_or(0, |a| a.max_backends as usize);
+        (persist, max.saturating_sub(serving), present)
     };
-    let mut added = Vec::new();
     let policy = gateway.addr_policy();
+    let mut wanted = Vec::new();
+    let mut surplus = Vec::new();
     for b in backends {
-        let addr = b.addr;
-        if let Err(rule) = policy.check(addr) {
-            crate::admin::metrics::backend_addr_refused(pool, "provider", rule.as_str());
+        if let Err(rule) = policy.check(b.addr) {
+            metrics::backend_addr_refused(pool, "provider", rule.as_str());
+            let addr = b.addr;
             tracing::warn!(pool, backend = %addr, %rule, "a provider returned an address no backend may have; skipped");
-            continue;
-        }
-        match gateway.change_backend(pool, BackendChange::Add { backend: b, persist }).await {
-            Ok(()) => added.push(addr),
-            Err(ChangeError::Conflict(m)) => tracing::info!(pool, backend = %addr, "{m}"),
-            Err(e) => tracing::warn!(pool, backend = %addr, error = %e, "cannot register a new backend"),
+        } else if before.contains(&b.addr) || wanted.iter().any(|w: &crate::config::BackendConfig| w.addr == b.addr) {
+            tracing::info!(pool, backend = %b.addr, "a provider returned a backend the pool already has");
+        } else if wanted.len() < (req.count as usize).min(room) {
+            wanted.push(b);
+        } else {
+            surplus.push(b.addr);
         }
     }
-    added
+    if !surplus.is_empty() {
+        tracing::warn!(
+            pool,
+            asked = req.count,
+            room,
+            surplus = surplus.len(),
+            "a provider returned more backends than asked for or allowed; handing the surplus back"
+        );
+        let back = HookRequest {
+            action: Action::ScaleDown,
+            count: surplus.len() as u32,
+            backends: surplus.iter().map(ToString::to_string).collect(),
+            reason: "surplus: the provider returned more backends than asked for".into(),
+            ..req.clone()
+        };
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            if let Err(e) = call(&gateway, &back).await {
+                tracing::warn!(pool = %back.pool, error = %e, "handing back surplus backends failed");
+            }
+        });
+    }
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let addrs: Vec<SocketAddr> = wanted.iter().map(|b| b.addr).collect();
+    if let Err(e) = gateway.change_backend(pool, BackendChange::AddMany { backends: wanted, persist }).await {
+        tracing::warn!(pool, error = %e, "cannot register the new backends");
+        return Vec::new();
+    }
+    let snap = gateway.snapshot();
+    let now: HashSet<SocketAddr> =
+        snap.pool(pool).map(|p| p.backends.iter().map(|b| b.addr).collect()).unwrap_or_default();
+    addrs.into_iter().filter(|a| now.contains(a)).collect()
 }
 
 async fn scale_up(gateway: Arc<Gateway>, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
     let started = Instant::now();
     let (added, result) = match call(&gateway, &req).await {
-        Ok(backends) => (register(&gateway, &req.pool, backends).await, Ok(())),
+        Ok(backends) => (register(&gateway, &req, backends).await, Ok(())),
         Err(e) => (Vec::new(), Err(e)),
     };
     let _ = done.send(Done {
@@ -406,7 +452,7 @@ async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done
     let started = Instant::now();
     match gateway.change_backend(&req.pool, BackendChange::Remove(addr)).await {
         Ok(()) | Err(ChangeError::NotFound(_) | ChangeError::Invalid(_)) => {}
-        Err(ChangeError::Conflict(e)) => {
+        Err(ChangeError::Conflict(e) | ChangeError::Internal(e)) => {
             let _ = done.send(Done {
                 action: req.action,
                 count: req.count,
@@ -435,7 +481,7 @@ async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done
         }
         match call(&gateway, &req).await {
             Ok(backends) => {
-                added = register(&gateway, &req.pool, backends).await;
+                added = register(&gateway, &req, backends).await;
                 result = Ok(());
                 break;
             }

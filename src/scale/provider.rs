@@ -7,7 +7,10 @@
 //!   over http:// or https:// (public roots); a non-2xx status is a failure.
 //! - `local`: headroom starts the pool's `[launch]` command itself on free loopback ports.
 //!
-//! Every call is bounded by the provider's `timeout` (a command that overstays is killed).
+//! Every call is bounded by the provider's `timeout`, and its output by [`MAX_OUTPUT`]: a
+//! command runs in its own process group, killed whole when it overstays, prints too much, or
+//! headroom stops. What a hook prints reaches logs and events only with control characters
+//! escaped.
 //! Runs in the autoscaler's task, never on the request path.
 
 use super::launch::{LaunchError, Launched};
@@ -81,6 +84,8 @@ pub struct HookReply {
 pub enum ProviderError {
     #[error("cannot start {program}: {source}")]
     Spawn { program: String, source: std::io::Error },
+    #[error("{program}: {message}; the hook and its children were killed")]
+    Output { program: String, message: String },
     #[error("{program} exited with {status}: {stderr}")]
     Exit { program: String, status: std::process::ExitStatus, stderr: String },
     #[error("no reply within {0:?}")]
@@ -148,10 +153,7 @@ fn parse_reply(action: Action, out: &[u8]) -> Result<HookReply, ProviderError> {
     if action != Action::ScaleUp && out.iter().all(u8::is_ascii_whitespace) {
         return Ok(HookReply::default());
     }
-    serde_json::from_slice(out).map_err(|e| {
-        let text = String::from_utf8_lossy(&out[..out.len().min(200)]).into_owned();
-        ProviderError::BadReply(format!("{e} in {text:?}"))
-    })
+    serde_json::from_slice(out).map_err(|e| ProviderError::BadReply(format!("{e} in \"{}\"", printable(out, 200))))
 }
 
 /// A relative path with a directory part is taken from the config file's directory.
@@ -164,6 +166,44 @@ fn resolve(program: &str, base_dir: &Path) -> PathBuf {
     }
 }
 
+/// The most a hook may print on stdout, and on stderr: past it the call fails and the hook is
+/// killed.
+pub const MAX_OUTPUT: usize = 1 << 20;
+
+/// A hook's process group, killed whole when the call ends early (timeout, output over the cap,
+/// headroom stopping): a provider script's children go with it.
+struct Group(Option<u32>);
+
+impl Group {
+    /// The call finished normally: what the hook left running is its own business.
+    fn release(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory is shared.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Reads `from` to its end, failing once it passes [`MAX_OUTPUT`].
+async fn read_capped(from: Option<impl tokio::io::AsyncRead + Unpin>, what: &'static str) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt;
+    let Some(from) = from else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    let n = from.take(MAX_OUTPUT as u64 + 1).read_to_end(&mut out).await.map_err(|e| format!("{what}: {e}"))?;
+    if n > MAX_OUTPUT {
+        return Err(format!("{what} over {MAX_OUTPUT} bytes"));
+    }
+    Ok(out)
+}
+
 async fn run_command(command: &[String], base_dir: &Path, input: &[u8]) -> Result<Vec<u8>, ProviderError> {
     let program = resolve(&command[0], base_dir);
     let shown = program.display().to_string();
@@ -172,20 +212,44 @@ async fn run_command(command: &[String], base_dir: &Path, input: &[u8]) -> Resul
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| ProviderError::Spawn { program: shown.clone(), source })?;
+    let group = Group(child.id());
     if let Some(mut stdin) = child.stdin.take() {
         // A program that doesn't read its input is allowed; its exit status decides.
         let _ = stdin.write_all(input).await;
     }
-    let out =
-        child.wait_with_output().await.map_err(|source| ProviderError::Spawn { program: shown.clone(), source })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(500)]).trim().to_string();
-        return Err(ProviderError::Exit { program: shown, status: out.status, stderr });
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (stdout, stderr) = tokio::join!(read_capped(stdout, "stdout"), read_capped(stderr, "stderr"));
+    let (stdout, stderr) = match (stdout, stderr) {
+        (Ok(o), Ok(e)) => (o, e),
+        // Over the cap: dropping `group` kills the hook and everything it started.
+        (Err(e), _) | (_, Err(e)) => return Err(ProviderError::Output { program: shown, message: e }),
+    };
+    let status = child.wait().await.map_err(|source| ProviderError::Spawn { program: shown.clone(), source })?;
+    group.release();
+    if !status.success() {
+        let stderr = printable(&stderr, 500);
+        return Err(ProviderError::Exit { program: shown, status, stderr });
     }
-    Ok(out.stdout)
+    Ok(stdout)
+}
+
+/// At most `max` bytes of a hook's output as one printable line: lossy UTF-8, control
+/// characters (NUL, escape sequences, line breaks) escaped, trimmed.
+pub fn printable(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]);
+    let mut out = String::with_capacity(text.len());
+    for c in text.trim().chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 async fn post(url: &http::Uri, token_env: Option<&str>, body: Vec<u8>) -> Result<Vec<u8>, ProviderError> {
@@ -222,9 +286,10 @@ async fn post(url: &http::Uri, token_env: Option<&str>, body: Vec<u8>) -> Result
     let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body))).map_err(|e| fail(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(|e| fail(format!("request: {e}")))?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(|e| fail(format!("reply body: {e}")))?.to_bytes();
+    let limited = http_body_util::Limited::new(resp.into_body(), MAX_OUTPUT);
+    let bytes = limited.collect().await.map_err(|e| fail(format!("reply body: {e}")))?.to_bytes();
     if !status.is_success() {
-        let body = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+        let body = printable(&bytes, 200);
         return Err(ProviderError::Status { url: url.to_string(), status: status.as_u16(), body });
     }
     Ok(bytes.to_vec())
@@ -298,6 +363,59 @@ mod tests {
         assert_eq!(v["action"], "scale_up");
         assert_eq!(v["current"]["queue_depth"], 9);
         assert_eq!(v["count"], 2);
+    }
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["sh".into(), "-c".into(), script.into()]
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_prints_endlessly_fails_at_the_cap_and_is_killed() {
+        let started = std::time::Instant::now();
+        let e = run_command(&sh("yes"), Path::new("."), b"").await.unwrap_err();
+        assert!(matches!(e, ProviderError::Output { .. }), "{e}");
+        assert!(e.to_string().contains("stdout over 1048576 bytes"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let e = run_command(&sh("yes >&2"), Path::new("."), b"").await.unwrap_err();
+        assert!(e.to_string().contains("stderr over"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_overstays_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let script = format!("sleep 300 & echo $! > {}; wait", pids.display());
+        let command = sh(&script);
+        let call = run_command(&command, Path::new("."), b"");
+        assert!(tokio::time::timeout(Duration::from_millis(500), call).await.is_err());
+        let pid = std::fs::read_to_string(&pids).unwrap().trim().to_string();
+        // The grandchild is gone (or a zombie waiting for init to reap it).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?'));
+            if stat.is_empty() || state == Some('Z') {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the hook's child {pid} still runs: {stat}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_hook_is_reported_with_its_stderr_escaped() {
+        let e =
+            run_command(&sh("printf 'no\\000capacity\\033[2J' >&2; exit 3"), Path::new("."), b"").await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("no\\u{0}capacity\\u{1b}[2J"), "{text}");
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+    }
+
+    #[test]
+    fn hook_output_is_shown_on_one_line_without_control_characters() {
+        assert_eq!(printable(b"  bad\0thing\x1b[31m\nnext  ", 100), "bad\\u{0}thing\\u{1b}[31m\\nnext");
+        assert_eq!(printable(b"abcdef", 3), "abc");
+        assert_eq!(printable(&[0xff, b'a'], 10), "\u{fffd}a");
     }
 
     #[test]

@@ -72,6 +72,19 @@ pub fn load(dir: &Path) -> Result<HashMap<String, Vec<BackendConfig>>, StateErro
     Ok(out)
 }
 
+/// Whether the state file can be written in `dir` (creating it if needed): `headroom check` and
+/// start-up say so at once, rather than the first registration finding out.
+pub fn check_writable(dir: &Path) -> Result<(), StateError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StateError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let probe = dir.join(format!(".{FILE_NAME}.probe"));
+    std::fs::File::create(&probe).map_err(io(&probe))?;
+    std::fs::remove_file(&probe).map_err(io(&probe))
+}
+
 /// Writes `backends` (by pool) atomically.
 pub fn save(dir: &Path, backends: &HashMap<String, Vec<BackendConfig>>) -> Result<(), StateError> {
     let io = |path: &Path| {
@@ -105,6 +118,16 @@ pub fn save(dir: &Path, backends: &HashMap<String, Vec<BackendConfig>>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_under_a_file_is_not_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(&dir.path().join("state")).is_ok());
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let e = check_writable(&file.join("state")).unwrap_err();
+        assert!(e.to_string().contains("plain"), "{e}");
+    }
 
     #[test]
     fn round_trip_missing_and_corrupt() {

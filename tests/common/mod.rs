@@ -219,7 +219,7 @@ impl Headroom {
                 workers,
             )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| eprintln!("headroom stopped: {e}"));
         });
         Headroom { addr, admin: admin_addr, stop: Some(stop), task: Some(task) }
     }
@@ -239,7 +239,9 @@ impl Headroom {
             let stopped = async {
                 let _ = stopped.await;
             };
-            headroom::run_with(config, listeners, stopped, options).await.unwrap();
+            headroom::run_with(config, listeners, stopped, options)
+                .await
+                .unwrap_or_else(|e| eprintln!("headroom stopped: {e}"));
         });
         let hr = Headroom { addr, admin: admin_addr, stop: Some(stop), task: Some(task) };
         // Once the admin API answers, the file is being watched.
