@@ -101,6 +101,9 @@ pub struct Backend {
     pub(crate) health_failures: AtomicU32,
     /// Consecutive failed responses (passive ejection), times ejected, and until when (`now_ms`).
     outlier_failures: AtomicU32,
+    /// When the current streak of failed responses began (`now_ms`; 0: not failing). Kept
+    /// across an ejection, cleared by the next good response.
+    failing_since_ms: AtomicU64,
     /// When the current slow-start ramp began (`now_ms`).
     ramp_since_ms: AtomicU64,
     ejections: AtomicU32,
@@ -138,6 +141,7 @@ impl Backend {
             health_passes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
             outlier_failures: AtomicU32::new(0),
+            failing_since_ms: AtomicU64::new(0),
             ramp_since_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             ejection_streak: AtomicU32::new(0),
@@ -299,6 +303,13 @@ impl Backend {
         }
     }
 
+    /// How long every response of this backend has failed (passive signals: connect errors, 5xx,
+    /// timeouts), when it has and the pool watches for outliers; `None` while it answers well.
+    pub fn failing_for_ms(&self) -> Option<u64> {
+        let since = self.failing_since_ms.load(Ordering::Relaxed);
+        (since != 0).then(|| crate::proxy::conn::now_ms().saturating_sub(since))
+    }
+
     /// Length of the latest ejection in milliseconds (0 if never ejected).
     pub fn last_ejection_ms(&self) -> u64 {
         self.last_ejection_ms.load(Ordering::Relaxed)
@@ -342,11 +353,18 @@ impl Backend {
             if self.outlier_failures.load(Ordering::Relaxed) != 0 {
                 self.outlier_failures.store(0, Ordering::Relaxed);
             }
+            if self.failing_since_ms.load(Ordering::Relaxed) != 0 {
+                self.failing_since_ms.store(0, Ordering::Relaxed);
+            }
             return;
         }
         let guard = self.pool_state.outlier.load();
         let Some(cfg) = guard.as_ref() else { return };
         let failures = self.outlier_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.failing_since_ms.load(Ordering::Relaxed) == 0 {
+            let now = crate::proxy::conn::now_ms().max(1);
+            let _ = self.failing_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
         if failures >= cfg.consecutive_failures && self.state() == BackendState::Healthy {
             self.eject(cfg);
         }

@@ -545,3 +545,36 @@ seq 20000 22999 | awk 'BEGIN { printf "{\"backends\":[" } { printf "%s{\"addr\":
     assert_eq!(listed.len(), 2, "the fixed backend and the one asked for: {listed:?}");
     assert!(listed.iter().any(|(a, _)| a == "127.0.0.1:20000"), "{listed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_from_a_provider_is_replaced_on_passive_signals_without_health_checks() {
+    let provider = ScriptProvider::new();
+    let live = TestBackend::ok().await;
+    // The first backend the provider hands out refuses every connection; the next one works.
+    provider.offer(&[dead_addr().await, live.addr]);
+    let pool = format!(
+        "[pools.default.autoscale]\nmin_backends = 1\nmax_backends = 2\ncooldown = \"100ms\"\n\
+         replace_unhealthy_after = \"500ms\"\n{}",
+        provider.provider("timeout = \"5s\"")
+    );
+    let text = format!("[pools.passive]\n{}", pool.replace("pools.default", "pools.passive"));
+    let hr = Headroom::start(&text).await;
+    poll_until(T, "the first backend registered", || async { backends(&hr.pools().await).len() == 1 }).await;
+    // Every request fails (502) until the dead backend is replaced; no [health], no [outlier].
+    let mut failed = 0;
+    let served = async {
+        for _ in 0..400 {
+            if get(&hr.url("/")).await.0 == 200 {
+                return true;
+            }
+            failed += 1;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    };
+    assert!(tokio::time::timeout(T, served).await.unwrap_or(false), "never served after {failed} failures");
+    assert!(failed > 0, "the dead backend was tried first");
+    let replaced = provider.calls_of("replace");
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert_eq!(backends(&hr.pools().await), vec![(live.addr.to_string(), "healthy".to_string())]);
+}

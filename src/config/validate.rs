@@ -356,6 +356,17 @@ fn validate_pool(
         }),
     };
 
+    // An autoscaled pool must notice a dead backend even without [health]: passive signals then.
+    let outlier = match outlier {
+        None if p.autoscale.is_some() && health.is_none() => Some(OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }),
+        other => other,
+    };
+
     let panic_threshold = match &p.panic_threshold {
         None => 0.0,
         Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),

@@ -177,13 +177,17 @@ impl Scaler {
                 }
                 continue;
             }
-            if matches!(state, BackendState::Unhealthy | BackendState::Ejected) {
-                let since = *t.bad_since.get_or_insert(now);
-                if now.duration_since(since) >= cfg.replace_unhealthy_after {
-                    replace.push(b.addr);
-                }
+            // Bad by the health checks or ejection, or by every response failing (passive
+            // signals alone, for pools without [health]).
+            let failing = b.failing_for_ms().map_or(Duration::ZERO, Duration::from_millis);
+            let bad_for = if matches!(state, BackendState::Unhealthy | BackendState::Ejected) {
+                now.duration_since(*t.bad_since.get_or_insert(now))
             } else {
                 t.bad_since = None;
+                Duration::ZERO
+            };
+            if bad_for.max(failing) >= cfg.replace_unhealthy_after {
+                replace.push(b.addr);
             }
         }
         obs.starting += self.asking + self.awaiting.iter().map(|(_, n)| n).sum::<u32>();
