@@ -69,17 +69,36 @@ async fn read_opening(stream: &TcpStream) -> std::io::Result<Option<Opening>> {
     }
 }
 
-/// Accepts the next connection. Errors (out of file descriptors and the like) are logged and
-/// retried after a short pause instead of spinning.
+/// Accepts the next connection. Errors (out of file descriptors and the like) back off from
+/// 10 ms to 100 ms instead of spinning, and are logged at most once a second, with how many
+/// there were.
 pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
     loop {
         match listener.accept().await {
             Ok(a) => return a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                accept_failed(&e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
             }
         }
+    }
+}
+
+/// Counts an accept error; logs one line a second at most, for every listener together.
+fn accept_failed(e: &std::io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOG_MS: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    crate::admin::metrics::accept_error();
+    UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    let now = crate::proxy::conn::now_ms().max(1);
+    let last = LAST_LOG_MS.load(Ordering::Relaxed);
+    let due = last == 0 || now.saturating_sub(last) >= 1000;
+    if due && LAST_LOG_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let count = UNLOGGED.swap(0, Ordering::Relaxed).max(1);
+        tracing::warn!(error = %e, count, "accept failed (count: errors since the last such line)");
     }
 }
 

@@ -130,3 +130,46 @@ async fn an_h2_client_that_reads_slowly_but_steadily_is_not_cut_off() {
         "{last:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_logs_once_a_second_and_backs_off() {
+    let backend = TestBackend::ok().await;
+    let (proxy, admin) = (free_addr(), free_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("headroom.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"{proxy}\"]\nworkers = 1\naccess_log = false\n[admin]\nlisten = \"{admin}\"\n\
+             [pools.default]\n[[pools.default.backends]]\naddr = \"{}\"\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    // A file-descriptor limit low enough for a hundred idle clients to exhaust it.
+    let script = format!("ulimit -n 48 && exec {} --config {}", env!("CARGO_BIN_EXE_headroom"), config.display());
+    let child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    wait_listening(proxy).await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(proxy).await {
+            held.push(s);
+        }
+    }
+    let before = cpu_time(p.0.id());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let used = cpu_time(p.0.id()) - before;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(lines >= 1, "the descriptors never ran out:\n{text}");
+    assert!(lines <= 3, "{lines} 'accept failed' lines in about 1.5 s:\n{text}");
+    assert!(text.contains("count="), "{text}");
+    assert!(used < Duration::from_millis(300), "{used:?} of CPU while out of descriptors");
+}

@@ -261,3 +261,19 @@ async fn a_registration_that_cannot_be_saved_answers_500_and_changes_nothing() {
     std::fs::remove_file(&state).unwrap();
     assert_eq!(admin_call(hr.admin, http::Method::POST, "/api/pools/default/backends", &reg).await.0, 201);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_request_body_is_the_clients_fault_not_the_backends() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    for body in ["5;a\rb\r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\ngarbage\r\n\r\n", "5;x\0\r\nhello\r\n0\r\n\r\n"] {
+        let req = format!("POST /x HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+        let resp = raw(hr.addr, req.as_bytes(), T).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{body:?} → {resp}");
+    }
+    let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", hr.admin)).await.1).into_owned();
+    let on_backend = format!("headroom_requests_total{{pool=\"default\",backend=\"{}\",code=\"400\"}}", backend.addr);
+    assert_eq!(metric_value(&page, &on_backend), 0.0, "counted against the backend:\n{page}");
+    let backend_side = hr.pools().await["pools"][0]["backends"][0]["errors"].as_u64().unwrap();
+    assert_eq!(backend_side, 0, "the backend's error count");
+}

@@ -34,6 +34,12 @@ pub const BACKEND_ADDRS_REFUSED: &str = "headroom_backend_addresses_refused_tota
 pub const LOOPS_DETECTED: &str = "headroom_loops_detected_total";
 pub const ADMIN_REFUSED: &str = "headroom_admin_requests_refused_total";
 pub const CLIENT_STALLED: &str = "headroom_client_stalled_total";
+pub const ACCEPT_ERRORS: &str = "headroom_accept_errors_total";
+
+/// A failed accept on a listener (out of file descriptors and the like).
+pub fn accept_error() {
+    metrics::counter!(ACCEPT_ERRORS).increment(1);
+}
 
 /// A client connection cut off for taking no response bytes for `send_timeout`.
 pub fn client_stalled() {
@@ -77,6 +83,7 @@ pub fn tls_cert_reloaded(ok: bool) {
 pub fn init_counters() {
     metrics::counter!(LOOPS_DETECTED).increment(0);
     metrics::counter!(CLIENT_STALLED).increment(0);
+    metrics::counter!(ACCEPT_ERRORS).increment(0);
     for outcome in ["ok", "error"] {
         metrics::counter!(CONFIG_RELOADS, "outcome" => outcome).increment(0);
     }

@@ -664,6 +664,9 @@ fn chunk_step(chunk: &mut Chunk, buf: &[u8]) -> Result<(Step, usize), Error> {
                 if nl == 0 || (!empty && rest[nl - 1] != b'\r') {
                     return Err(Error::Malformed("trailer line not ended by CRLF"));
                 }
+                if !empty && !is_field_line(&rest[..nl - 1]) {
+                    return Err(Error::Malformed("trailer line is not a header field"));
+                }
                 at += nl + 1;
                 if empty {
                     return Ok((Step::End, at));
@@ -718,6 +721,18 @@ fn next_frame(state: &mut State, buf: &mut BytesMut) -> Result<Option<Bytes>, Er
     }
 }
 
+/// A control byte other than HTAB.
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+/// `token ":" OWS field-value OWS` with no control bytes (RFC 9110 §5): a trailer line.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = memchr(b':', line) else { return false };
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    colon > 0 && line[..colon].iter().all(tchar) && !line[colon + 1..].iter().any(|&b| is_ctl(b))
+}
+
 /// Parses `1*HEXDIG [ BWS ";" ext ] CR` (the LF is already cut off).
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let line = line.strip_suffix(b"\r").ok_or(Error::Malformed("chunk-size line not ended by CRLF"))?;
@@ -728,6 +743,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let rest = &line[digits..];
     if !rest.is_empty() && !matches!(rest.trim_ascii_start().first(), Some(b';')) {
         return Err(Error::Malformed("invalid chunk size"));
+    }
+    // Extensions are ignored, but must not smuggle control bytes (a bare CR, NUL).
+    if rest.iter().any(|&b| is_ctl(b)) {
+        return Err(Error::Malformed("control character in a chunk extension"));
     }
     let text = std::str::from_utf8(&line[..digits]).map_err(|_| Error::Malformed("invalid chunk size"))?;
     u64::from_str_radix(text, 16).map_err(|_| Error::Malformed("invalid chunk size"))

@@ -334,10 +334,14 @@ impl ConnCtx {
                 }
                 Err(_) => ProxyError::ResponseTimeout(cfg.response_header_timeout),
             };
-            let status = e.status().as_u16();
-            guard.backend().count_response(status, e.status().is_server_error());
-            guard.backend().observe(status, e.status().is_server_error(), started.elapsed().as_secs_f64());
-            track.counted_on_backend = true;
+            // A failure of the client's own (a malformed or stalled request body) is not the
+            // backend's: it is counted for the pool only.
+            if e.source() != crate::error::Source::Client {
+                let status = e.status().as_u16();
+                guard.backend().count_response(status, e.status().is_server_error());
+                guard.backend().observe(status, e.status().is_server_error(), started.elapsed().as_secs_f64());
+                track.counted_on_backend = true;
+            }
             return Err(e);
         };
 
