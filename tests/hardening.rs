@@ -277,3 +277,28 @@ async fn a_malformed_chunked_request_body_is_the_clients_fault_not_the_backends(
     let backend_side = hr.pools().await["pools"][0]["backends"][0]["errors"].as_u64().unwrap();
     assert_eq!(backend_side, 0, "the backend's error count");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_request_whose_body_is_one_empty_data_frame_goes_upstream_without_a_body() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let tcp = tokio::net::TcpStream::connect(hr.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/x", hr.addr)).body(()).unwrap();
+    let (resp, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(Bytes::new(), true).unwrap();
+    let resp = tokio::time::timeout(T, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    let seen: serde_json::Value = serde_json::from_slice(&got).unwrap();
+    let h = &seen["headers"];
+    assert!(h.get("transfer-encoding").is_none(), "sent upstream as chunked: {h}");
+    assert!(h.get("content-length").is_none_or(|v| v == "0"), "{h}");
+    assert_eq!(seen["body_len"], 0);
+}

@@ -84,6 +84,8 @@ impl Body for ClientBody {
 pub struct RequestBody {
     /// `None`: a body from memory (`replay`), or none at all.
     inner: Option<ClientBody>,
+    /// What was already taken from `inner` (see [`RequestBody::settle_h2`]), forwarded first.
+    first: Option<Result<Frame<Bytes>, BoxError>>,
     /// A kept body being sent again, front first.
     replay: Vec<Bytes>,
     /// Set while the frames are kept for a retry.
@@ -110,6 +112,7 @@ impl RequestBody {
         let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
         let body = RequestBody {
             inner: Some(inner),
+            first: None,
             replay: Vec::new(),
             keep: None,
             limit,
@@ -121,12 +124,37 @@ impl RequestBody {
         (body, outcome)
     }
 
+    /// An h2 request may carry "no body" as one empty DATA frame with END_STREAM after its
+    /// HEADERS; hyper cannot tell that from the HEADERS alone, and the request would go upstream
+    /// chunked. This takes the first frame: an empty last one leaves the body empty; any other
+    /// is kept and forwarded first. `wait`: wait for it (at most `idle_timeout`; methods whose
+    /// requests have no body by custom, GET and the like); otherwise only look.
+    pub async fn settle_h2(mut self, wait: bool) -> Self {
+        let idle = self.idle_timeout;
+        let Some(inner) = self.inner.as_mut().filter(|b| !b.is_end_stream()) else { return self };
+        let polled = if wait {
+            let next = std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx));
+            tokio::time::timeout(idle, next).await.ok().flatten()
+        } else {
+            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+            match Pin::new(inner).poll_frame(&mut cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => None,
+            }
+        };
+        match polled {
+            Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => {}
+            other => self.first = other,
+        }
+        self
+    }
+
     /// Keeps what is forwarded for a retry; the receiver gets the frames once the body has been
     /// forwarded in full, if it stayed within [`KEEP_LIMIT`] bytes and had no trailers.
     pub fn keep(&mut self) -> Kept {
         let (done, kept) = tokio::sync::oneshot::channel();
         self.keep = Some(Keeper { frames: Vec::new(), bytes: 0, done });
-        if self.inner.as_ref().is_some_and(ClientBody::is_end_stream) {
+        if self.inner.is_some() && self.is_end_stream() {
             self.finish_keep();
         }
         kept
@@ -137,6 +165,7 @@ impl RequestBody {
         frames.reverse();
         RequestBody {
             inner: None,
+            first: None,
             replay: frames,
             keep: None,
             limit: u64::MAX,
@@ -170,7 +199,11 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(this.replay.pop().map(|b| Ok(Frame::data(b))));
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = match this.first.take() {
+            Some(first) => Poll::Ready(Some(first)),
+            None => Pin::new(inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -223,14 +256,15 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Some(inner) => inner.is_end_stream(),
+            Some(inner) => self.first.is_none() && inner.is_end_stream(),
             None => self.replay.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(inner) => inner.size_hint(),
+            Some(inner) if self.first.is_none() => inner.size_hint(),
+            Some(_) => SizeHint::default(),
             None => SizeHint::with_exact(self.replay.iter().map(|b| b.len() as u64).sum()),
         }
     }

@@ -238,8 +238,15 @@ impl ConnCtx {
         parts.version = Version::HTTP_11;
         // A declared length was checked above and hyper holds the client to it; bodies of unknown
         // length are counted as they stream.
-        let has_body = !http_body::Body::is_end_stream(&incoming);
-        let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
+        let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
+        let mut body = if is_h1 || declared.is_some() {
+            body
+        } else {
+            let bodiless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS);
+            // Boxed: only h2 requests pay for this future, not every request's.
+            Box::pin(body.settle_h2(bodiless)).await
+        };
+        let has_body = !http_body::Body::is_end_stream(&body);
         // With [retry], a request of an idempotent method (any method, if so configured) can be
         // sent again after it reached a backend: keep what it takes to rebuild it, its body too
         // when that is small enough to keep.
