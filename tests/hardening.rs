@@ -198,6 +198,8 @@ async fn requests_without_a_valid_authority_get_400_and_reach_no_backend() {
         "GET / HTTP/1.1\r\nHost: u@evil.example\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: evil.example:80x\r\n\r\n",
         "GET http://u@evil.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        // An invalid Host is refused even where the target's authority overrides it.
+        "GET http://a.example/ HTTP/1.1\r\nHost: a b\r\n\r\n",
     ] {
         let resp = raw(hr.addr, req.as_bytes(), T).await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{req:?} → {resp}");

@@ -8,6 +8,8 @@
 pub mod addr;
 mod autoscale;
 mod file;
+#[cfg(test)]
+mod fuzz;
 mod tls;
 pub mod units;
 mod validate;

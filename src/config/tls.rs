@@ -158,7 +158,8 @@ pub(super) fn validate_upstream(
         Protocol::Auto => &[b"h2", b"http/1.1"],
     };
     let make = |alpn: &[&[u8]]| {
-        tls::client_config(roots.clone(), alpn).map_err(|e| ConfigError::nowhere(format!("pools.{name}: {e}")))
+        tls::client_config(roots.clone(), alpn)
+            .map_err(|e| err(p.tls_ca.as_ref().map(|c| c.span()).unwrap_or_default(), format!("pools.{name}: {e}")))
     };
     Ok(Some(UpstreamTls { client: make(alpn)?, client_h1: make(&[b"http/1.1"])?, server_name }))
 }

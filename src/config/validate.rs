@@ -110,7 +110,15 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         allow_link_local_backends: raw.admin.allow_link_local_backends.unwrap_or(false),
     };
     if server.listen.contains(&admin.listen) {
-        return Err(ConfigError::nowhere(format!("admin.listen: {} is also a server.listen address", admin.listen)));
+        // Point at the admin address when it is written, else at the listen entry it equals.
+        let span = raw.admin.listen.as_ref().map(|a| a.span()).or_else(|| {
+            let list = s.listen.as_ref()?;
+            list.get_ref().iter().find(|a| parse_addr(a.get_ref()).ok() == Some(admin.listen)).map(|a| a.span())
+        });
+        return Err(err(
+            span.unwrap_or_default(),
+            format!("admin.listen: {} is also a server.listen address", admin.listen),
+        ));
     }
     if admin.token.is_none() && !admin.listen.ip().is_loopback() {
         let span = raw.admin.listen.as_ref().map(|a| a.span()).unwrap_or_default();
@@ -136,7 +144,8 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         pools.push(validate_pool(name, pool, text, &mut seen_addrs, &policy, base_dir, duration)?);
     }
     if pools.is_empty() {
-        return Err(ConfigError::nowhere("pools: at least one pool is needed, e.g. [pools.default]"));
+        // Nothing to point at but the start of the file.
+        return Err(err(0..0, "pools: at least one pool is needed, e.g. [pools.default]".into()));
     }
 
     // [[routes]]
@@ -170,8 +179,11 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         if pools.len() == 1 {
             routes.push(Route { path_prefix: "/".into(), host: None, pool: 0 });
         } else {
-            return Err(ConfigError::nowhere(
-                "routes: with more than one pool, [[routes]] must say which requests go to which pool",
+            // Point at the second pool: from there on, which pool a request goes to is unsaid.
+            let span = raw.pools.values().nth(1).map(|p| p.span()).unwrap_or_default();
+            return Err(err(
+                span,
+                "routes: with more than one pool, [[routes]] must say which requests go to which pool".into(),
             ));
         }
     }

@@ -270,6 +270,25 @@ pub fn is_valid_authority(value: &[u8]) -> bool {
     port_ok && host_ok
 }
 
+/// The authority a request names: its target's (absolute form, or h2's `:authority`), which wins
+/// over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1), else `Host`. Refused when there is none, or
+/// when it, or a `Host` it overrides, is not a valid authority (RFC 9112 §3.2: an invalid Host
+/// is a 400 whatever else the request says).
+pub fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
+    let host = headers.get(header::HOST);
+    if host.is_some_and(|h| !is_valid_authority(h.as_bytes())) {
+        return Err("invalid Host");
+    }
+    let value = match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target")?,
+        None => host.cloned().ok_or("missing Host")?,
+    };
+    if !is_valid_authority(value.as_bytes()) {
+        return Err("invalid Host or :authority");
+    }
+    Ok(value)
+}
+
 /// Per-connection facts used to build the forwarding headers, computed once per connection.
 pub struct Client {
     pub ip: IpAddr,

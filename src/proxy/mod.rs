@@ -180,17 +180,7 @@ impl ConnCtx {
         // 2. Route.
         // A target in absolute form (HTTP/1.1) or h2's :authority names the host, whatever Host
         // says (RFC 9112 §3.2.2, RFC 9113 §8.3.1); routing and the upstream request see that one.
-        let host_value = match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => parts.headers.get(header::HOST).cloned(),
-        };
-        match &host_value {
-            None => return Err(ProxyError::BadRequest("missing Host")),
-            Some(h) if !headers::is_valid_authority(h.as_bytes()) => {
-                return Err(ProxyError::BadRequest("invalid Host or :authority"))
-            }
-            Some(_) => {}
-        }
+        let host_value = Some(headers::request_authority(&parts.uri, &parts.headers).map_err(ProxyError::BadRequest)?);
         let host = host_value.as_ref().and_then(|h| h.to_str().ok()).map(host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
         track.pool = Some(Cow::Borrowed(pool));

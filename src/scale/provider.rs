@@ -143,10 +143,29 @@ pub fn reply_backends(pool: &PoolConfig, reply: &HookReply) -> Result<Vec<Backen
             if !(1..=crate::config::MAX_WEIGHT).contains(&weight) {
                 return Err(ProviderError::BadReply(format!("backend {addr}: weight {weight} is out of range")));
             }
-            let max_inflight = b.max_inflight.unwrap_or(pool.max_inflight_per_backend).max(1);
+            let max_inflight = b.max_inflight.unwrap_or(pool.max_inflight_per_backend);
+            if !(1..=1_000_000).contains(&max_inflight) {
+                return Err(ProviderError::BadReply(format!(
+                    "backend {addr}: max_inflight {max_inflight} is out of range"
+                )));
+            }
             Ok(BackendConfig { addr, weight, max_inflight, backup: false })
         })
         .collect()
+}
+
+/// The reply parser and what follows it, for property tests: a reply to each action, turned into
+/// backends of a default pool.
+#[cfg(test)]
+pub(crate) fn parse_reply_for_test(out: &[u8]) {
+    for action in [Action::ScaleUp, Action::ScaleDown, Action::Replace] {
+        if let Ok(reply) = parse_reply(action, out) {
+            let text = "[pools.p]\n[[pools.p.backends]]\naddr = \"127.0.0.1:9001\"\n";
+            if let Ok(c) = crate::config::Config::parse(text, Path::new(".")) {
+                let _ = reply_backends(&c.pools[0], &reply);
+            }
+        }
+    }
 }
 
 fn parse_reply(action: Action, out: &[u8]) -> Result<HookReply, ProviderError> {

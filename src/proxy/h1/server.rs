@@ -919,4 +919,6 @@ mod date {
 }
 
 #[cfg(test)]
+mod differential;
+#[cfg(test)]
 mod tests;

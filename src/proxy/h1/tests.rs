@@ -367,3 +367,69 @@ async fn request_bodies_are_framed_by_length_or_chunked() {
     w.end_body(&mut wire).unwrap();
     assert_eq!(&wire[..], b"5\r\nhello\r\n0\r\n\r\n");
 }
+
+mod fuzz {
+    //! The chunked decoder and the response head parser under arbitrary input (more cases with
+    //! `HEADROOM_FUZZ_CASES`).
+    use super::super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("HEADROOM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    /// Decodes `wire` fed in pieces of `step` bytes: the data, and whether the body ended.
+    fn decode(wire: &[u8], step: usize) -> Result<(Vec<u8>, bool), Error> {
+        let mut state = State::Chunked(Chunk::Size);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            while let Some(data) = next_frame(&mut state, &mut buf)? {
+                out.extend_from_slice(&data);
+            }
+            if state == State::Done {
+                return Ok((out, true));
+            }
+        }
+        Ok((out, state == State::Done))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+        #[test]
+        fn chunked_bodies_decode_to_what_was_encoded_in_any_pieces(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..6),
+            ext in prop::sample::select(vec!["", ";a=b", " ; x", ";q=\"v\""]),
+            trailer in prop::sample::select(vec!["", "x-t: 1\r\n", "a: b\r\nc: d\r\n"]),
+            step in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:x}{ext}\r\n", c.len()).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(format!("0{ext}\r\n{trailer}\r\n").as_bytes());
+            let (data, ended) = decode(&wire, step).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(ended);
+            prop_assert_eq!(data, chunks.concat());
+        }
+
+        #[test]
+        fn any_bytes_through_the_chunked_decoder_never_panic(wire in prop::collection::vec(any::<u8>(), 0..600), step in 1usize..32) {
+            let _ = decode(&wire, step);
+        }
+
+        #[test]
+        fn any_response_head_parses_without_panicking(raw in prop::collection::vec(any::<u8>(), 0..400)) {
+            let mut buf = BytesMut::from(&raw[..]);
+            let _ = parse_head(&mut buf);
+            let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+            text.extend_from_slice(&raw);
+            let mut buf = BytesMut::from(&text[..]);
+            let _ = parse_head(&mut buf);
+        }
+    }
+}
