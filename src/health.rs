@@ -28,50 +28,104 @@ use tokio::time::Instant;
 /// Checks pool `name` until `shutdown` resolves. Each backend has its own next-check time: a
 /// check is scheduled when the previous one finished, `interval` (jittered) later, or
 /// `fast_interval` later while the backend is changing state. A backend is never checked twice at
-/// once. Reads the current snapshot on every wake-up, so it follows the pool's backends and
-/// settings as they change.
+/// once. Follows the pool's backends and settings as reloads change them. A wake-up costs
+/// O(log n) per backend checked ([`Schedule`]); the whole pool is walked only when it changed.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    // Next check per backend; `None` while its check is running.
-    let mut due: HashMap<SocketAddr, Option<Instant>> = HashMap::new();
+    let mut schedule = Schedule::default();
+    let mut seen: Option<Arc<crate::backend::Pool>> = None;
     let mut probes = tokio::task::JoinSet::new();
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(cfg) = pool.config.health.clone() else { return };
         let now = Instant::now();
-        due.retain(|addr, _| pool.backends.iter().any(|b| b.addr == *addr));
-        // Backends seen for the first time: first checks spread over the interval (over the fast
-        // interval for backends waiting for their first pass), so a big pool never wakes at once.
-        let n = pool.backends.len().max(1) as u32;
-        for (i, b) in pool.backends.iter().enumerate() {
-            due.entry(b.addr).or_insert_with(|| {
-                let spread = if changing(b) { cfg.fast_interval } else { cfg.interval };
-                Some(now + spread * i as u32 / n)
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &pool)) {
+            schedule.follow(&pool.backends, &cfg, now);
+            seen = Some(pool.clone());
+        }
+        while let Some(backend) = schedule.pop_due(now) {
+            let (cfg, pool) = (cfg.clone(), pool.clone());
+            probes.spawn(async move {
+                let pass = probe(&backend, &pool.config, &cfg).await;
+                backend.metrics.health_check(pass);
+                apply(&backend, &cfg, pass);
+                let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
+                (backend.addr, Instant::now().checked_add(next).unwrap_or_else(Instant::now))
             });
         }
-        for b in &pool.backends {
-            if due.get(&b.addr).is_some_and(|d| d.is_some_and(|at| at <= now)) {
-                due.insert(b.addr, None);
-                let (backend, cfg, pool) = (b.clone(), cfg.clone(), pool.clone());
-                probes.spawn(async move {
-                    let pass = probe(&backend, &pool.config, &cfg).await;
-                    backend.metrics.health_check(pass);
-                    apply(&backend, &cfg, pass);
-                    let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
-                    (backend.addr, Instant::now().checked_add(next).unwrap_or_else(Instant::now))
-                });
-            }
-        }
-        let next_due = due.values().flatten().min().copied().unwrap_or(now + cfg.interval);
+        let next_due = schedule.next().unwrap_or_else(|| now.checked_add(cfg.interval).unwrap_or(now));
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep_until(next_due) => {}
-            Some(Ok((addr, at))) = probes.join_next(), if !probes.is_empty() => {
-                if let Some(d) = due.get_mut(&addr) {
-                    *d = Some(at);
+            Some(Ok((addr, at))) = probes.join_next(), if !probes.is_empty() => schedule.set(addr, at),
+        }
+    }
+}
+
+/// When each backend of a pool is checked next: a min-heap of (time, address) with lazy
+/// deletion, and the backends by address. Entries of removed backends, or older than the
+/// backend's current time, are skipped when they reach the top.
+#[derive(Default)]
+struct Schedule {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, SocketAddr)>>,
+    /// Each backend and its next check; `None` while a check runs.
+    backends: HashMap<SocketAddr, (Arc<Backend>, Option<Instant>)>,
+}
+
+impl Schedule {
+    /// Follows a new backend list: drops the removed, and spreads the first checks of new ones
+    /// over the interval (the fast interval for those waiting for a first pass), so a big pool
+    /// never wakes at once. O(n), on a pool change only.
+    fn follow(&mut self, backends: &[Arc<Backend>], cfg: &HealthConfig, now: Instant) {
+        let current: std::collections::HashSet<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+        self.backends.retain(|addr, _| current.contains(addr));
+        let n = backends.len().max(1) as u32;
+        for (i, b) in backends.iter().enumerate() {
+            match self.backends.get_mut(&b.addr) {
+                // The same address may be a new `Backend` after a reload: check the new one.
+                Some(entry) => entry.0 = b.clone(),
+                None => {
+                    let spread = if changing(b) { cfg.fast_interval } else { cfg.interval };
+                    let at = now.checked_add(spread * i as u32 / n).unwrap_or(now);
+                    self.backends.insert(b.addr, (b.clone(), Some(at)));
+                    self.heap.push(std::cmp::Reverse((at, b.addr)));
                 }
             }
         }
+        // Rebuild when stale entries pile up (many backends removed).
+        if self.heap.len() > 2 * self.backends.len() + 64 {
+            self.heap = self.backends.iter().filter_map(|(a, (_, at))| Some(std::cmp::Reverse(((*at)?, *a)))).collect();
+        }
+    }
+
+    /// The next backend whose check is due by `now`, marked as running.
+    fn pop_due(&mut self, now: Instant) -> Option<Arc<Backend>> {
+        while let Some(std::cmp::Reverse((at, addr))) = self.heap.peek().copied() {
+            if at > now {
+                return None;
+            }
+            self.heap.pop();
+            if let Some((backend, due)) = self.backends.get_mut(&addr) {
+                if *due == Some(at) {
+                    *due = None;
+                    return Some(backend.clone());
+                }
+            }
+        }
+        None
+    }
+
+    /// Schedules `addr`'s next check (a check finished).
+    fn set(&mut self, addr: SocketAddr, at: Instant) {
+        if let Some((_, due)) = self.backends.get_mut(&addr) {
+            *due = Some(at);
+            self.heap.push(std::cmp::Reverse((at, addr)));
+        }
+    }
+
+    /// When the earliest check is due (a stale entry may make this early: a harmless wake-up).
+    fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|std::cmp::Reverse((at, _))| *at)
     }
 }
 
@@ -246,6 +300,35 @@ mod tests {
             apply(&b, &c, true);
         }
         assert_eq!(b.state(), BackendState::Draining, "health checks never undo a drain");
+    }
+
+    #[test]
+    fn the_schedule_hands_out_due_backends_once_and_forgets_removed_ones() {
+        let backends: Vec<Arc<Backend>> =
+            (1..=1000u16).map(|p| Arc::new(Backend::standalone(SocketAddr::from(([127, 0, 0, 1], p)), 1, 1))).collect();
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut s = Schedule::default();
+        s.follow(&backends, &c, t0);
+        // First checks are spread over the interval: a tenth of it has a tenth of the pool due.
+        let mut due = Vec::new();
+        while let Some(b) = s.pop_due(t0 + c.interval / 10) {
+            due.push(b.addr);
+        }
+        assert!((95..=105).contains(&due.len()), "{}", due.len());
+        assert!(s.pop_due(t0 + c.interval / 10).is_none(), "a running check is not handed out again");
+        // Finished checks come back later; removed backends never come back.
+        for a in &due {
+            s.set(*a, t0 + c.interval * 2);
+        }
+        s.follow(&backends[500..], &c, t0);
+        let mut later = std::collections::HashSet::new();
+        while let Some(b) = s.pop_due(t0 + c.interval * 3) {
+            assert!(later.insert(b.addr), "{} handed out twice", b.addr);
+        }
+        assert_eq!(later.len(), 500, "every remaining backend, once");
+        assert!(later.iter().all(|a| a.port() > 500));
+        assert!(s.next().is_none() || s.heap.len() <= 2 * s.backends.len() + 64);
     }
 
     #[test]
