@@ -175,9 +175,12 @@ pub async fn run_with(
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
-    tasks.spawn(admin::serve(listeners.admin, gateway.clone(), prom, reload::until_set(stop_rx.clone())));
-    let interval = gateway.snapshot().config.admin.history_interval;
-    tasks.spawn(admin::history::run(gateway.clone(), interval, reload::until_set(stop_rx.clone())));
+    // The admin API and the history sampler run on a thread of their own: rendering a large
+    // pool's /metrics or /api/pools never delays requests on the data-path workers.
+    match spawn_admin(listeners.admin, gateway.clone(), prom, stop_rx.clone()) {
+        Ok(done) => threads.push(done),
+        Err(e) => tracing::error!(error = %e, "cannot start the admin thread; the admin API is off"),
+    }
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -223,6 +226,35 @@ fn restore_state(
         }
     }
     (restored, None)
+}
+
+/// Runs the admin listener and the history sampler on their own thread and runtime, until
+/// `stop` is set; the receiver resolves when the thread has finished.
+fn spawn_admin(
+    listener: TcpListener,
+    gateway: std::sync::Arc<Gateway>,
+    prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name("headroom-admin".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "the admin thread cannot use its listener"),
+                };
+                let interval = gateway.snapshot().config.admin.history_interval;
+                let history = admin::history::run(gateway.clone(), interval, reload::until_set(stop.clone()));
+                let serve = admin::serve(listener, gateway, prom, reload::until_set(stop));
+                futures_util::future::join(serve, history).await;
+            }),
+            Err(e) => tracing::error!(error = %e, "cannot start the admin runtime"),
+        }
+        let _ = done_tx.send(());
+    })?;
+    Ok(done_rx)
 }
 
 /// A second handle on the same listening socket, for another worker's runtime.

@@ -304,3 +304,33 @@ async fn an_h2_request_whose_body_is_one_empty_data_frame_goes_upstream_without_
     assert!(h.get("content-length").is_none_or(|v| v == "0"), "{h}");
     assert_eq!(seen["body_len"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_leaves_no_gauge_series_behind() {
+    let (backend, other) = (TestBackend::ok().await, TestBackend::ok().await);
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    let reg = format!("{{\"addr\": \"{}\"}}", other.addr);
+    assert_eq!(admin_call(hr.admin, http::Method::POST, "/api/pools/default/backends", &reg).await.0, 201);
+    let scrape =
+        || async { String::from_utf8_lossy(&get(&format!("http://{}/metrics", hr.admin)).await.1).into_owned() };
+    let series = |page: &str| -> usize {
+        page.lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && l.contains(&format!("backend=\"{}\"", other.addr))
+                    && l.starts_with("headroom_backend_")
+            })
+            .count()
+    };
+    let page = scrape().await;
+    assert_eq!(series(&page), 7, "in-flight, healthy and five states:\n{page}");
+    assert_eq!(
+        metric_value(&page, &format!("headroom_backend_healthy{{pool=\"default\",backend=\"{}\"}}", other.addr)),
+        1.0
+    );
+    let path = format!("/api/pools/default/backends/{}", other.addr);
+    assert_eq!(admin_call(hr.admin, http::Method::DELETE, &path, "").await.0, 200);
+    poll_until(T, "the backend gone from the pool", || async { backend_addrs(&hr.pools().await).len() == 1 }).await;
+    let page = scrape().await;
+    assert_eq!(series(&page), 0, "{page}");
+}

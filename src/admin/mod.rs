@@ -92,7 +92,7 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
     json!({ "pools": pools })
 }
 
-/// Sets the gauges that mirror live atomics, just before a scrape.
+/// Sets the per-pool gauges that mirror live atomics, just before a scrape.
 fn sample_gauges(gateway: &Gateway) {
     let snap = gateway.snapshot();
     for p in &snap.pools {
@@ -103,21 +103,39 @@ fn sample_gauges(gateway: &Gateway) {
             let n = p.backends.iter().filter(|b| b.state() == s).count();
             ::metrics::gauge!(metrics::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str()).set(n as f64);
         }
-        for b in &p.backends {
-            let (pool, backend) = (p.config.name.clone(), b.label.to_string());
-            ::metrics::gauge!(metrics::BACKEND_INFLIGHT, "pool" => pool.clone(), "backend" => backend.clone())
-                .set(b.in_flight() as f64);
-            let state = b.state();
-            let healthy = if state == crate::backend::BackendState::Healthy { 1.0 } else { 0.0 };
-            ::metrics::gauge!(metrics::BACKEND_HEALTHY, "pool" => pool.clone(), "backend" => backend.clone())
-                .set(healthy);
-            for s in crate::backend::BackendState::ALL {
-                let v = if s == state { 1.0 } else { 0.0 };
-                ::metrics::gauge!(metrics::BACKEND_STATE, "pool" => pool.clone(), "backend" => backend.clone(), "state" => s.as_str())
-                    .set(v);
+    }
+}
+
+/// The per-backend gauges, written straight from the current snapshot at each scrape rather than
+/// kept in the registry: a removed backend's series are gone at the next scrape, and a large pool
+/// costs no registry entries for them.
+fn backend_gauges(gateway: &Gateway, out: &mut String) {
+    use std::fmt::Write as _;
+    let snap = gateway.snapshot();
+    let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &str, &crate::backend::Backend)| {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for p in &snap.pools {
+            for b in &p.backends {
+                line(out, &p.config.name, b);
             }
         }
-    }
+        out.push('\n');
+    };
+    each(out, metrics::BACKEND_INFLIGHT, &|out, pool, b| {
+        let _ =
+            writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {}", metrics::BACKEND_INFLIGHT, b.label, b.in_flight());
+    });
+    each(out, metrics::BACKEND_HEALTHY, &|out, pool, b| {
+        let up = u8::from(b.state() == crate::backend::BackendState::Healthy);
+        let _ = writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {up}", metrics::BACKEND_HEALTHY, b.label);
+    });
+    each(out, metrics::BACKEND_STATE, &|out, pool, b| {
+        let state = b.state();
+        for s in crate::backend::BackendState::ALL {
+            let (name, label, v) = (metrics::BACKEND_STATE, &b.label, u8::from(s == state));
+            let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
+        }
+    });
 }
 
 async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
@@ -136,7 +154,9 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/metrics") => match prom {
             Some(h) => {
                 sample_gauges(&gateway);
-                respond(StatusCode::OK, "text/plain; version=0.0.4", h.render())
+                let mut text = h.render();
+                backend_gauges(&gateway, &mut text);
+                respond(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
         },
