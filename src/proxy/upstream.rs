@@ -48,8 +48,12 @@ pub fn set_current_worker(id: usize) {
 
 /// A backend's upstream connections.
 pub struct Conns {
-    /// Idle HTTP/1.1 connections, one lock-free queue per worker.
-    idle: Box<[ArrayQueue<h1::Conn>]>,
+    /// Idle HTTP/1.1 connections, one lock-free queue per worker, made when that worker first
+    /// gives a connection back: a backend that never carried traffic costs no queue (a queue
+    /// allocates all its slots at once).
+    idle: Box<[std::sync::OnceLock<ArrayQueue<h1::Conn>>]>,
+    /// Slots of each worker's queue.
+    per_worker: usize,
     h2: ArcSwapOption<H2Sender>,
     /// What ALPN chose (`protocol = "auto"`): 0 not known yet, 1 HTTP/1.1, 2 h2.
     alpn: AtomicU8,
@@ -64,25 +68,27 @@ impl Conns {
         let per_worker = (max_inflight as usize).clamp(4, MAX_IDLE_PER_WORKER);
         let slots = WORKER_SLOTS.load(Ordering::Relaxed).max(1);
         Conns {
-            idle: (0..slots).map(|_| ArrayQueue::new(per_worker)).collect(),
+            idle: (0..slots).map(|_| std::sync::OnceLock::new()).collect(),
+            per_worker,
             h2: ArcSwapOption::empty(),
             alpn: AtomicU8::new(ALPN_UNKNOWN),
         }
     }
 
-    fn local(&self) -> &ArrayQueue<h1::Conn> {
+    fn local(&self) -> &std::sync::OnceLock<ArrayQueue<h1::Conn>> {
         &self.idle[WORKER.with(Cell::get) % self.idle.len()]
     }
 
     /// Returns a connection whose response was read to the end. Dropped (closed) when the
     /// pool is full.
     pub fn put_back(&self, conn: h1::Conn) {
-        let _ = self.local().push(conn);
+        let _ = self.local().get_or_init(|| ArrayQueue::new(self.per_worker)).push(conn);
     }
 
     /// Pops idle connections until one is usable (not closed by the backend meanwhile).
     fn checkout(&self, cx: &mut Context<'_>) -> Option<h1::Conn> {
-        while let Some(mut c) = self.local().pop() {
+        let queue = self.local().get()?;
+        while let Some(mut c) = queue.pop() {
             if c.poll_usable(cx) {
                 return Some(c);
             }
@@ -92,7 +98,7 @@ impl Conns {
 
     /// Idle HTTP/1.1 connections over all workers.
     pub fn idle(&self) -> usize {
-        self.idle.iter().map(ArrayQueue::len).sum()
+        self.idle.iter().filter_map(std::sync::OnceLock::get).map(ArrayQueue::len).sum()
     }
 }
 
