@@ -7,6 +7,7 @@
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub const REQUESTS_TOTAL: &str = "headroom_requests_total";
@@ -187,7 +188,12 @@ pub struct BackendMetrics {
     backend: Arc<str>,
     codes: [OnceLock<Counter>; CACHED_CODES.len()],
     durations: [OnceLock<Histogram>; 5],
-    connects: Counter,
+    /// Counters written at scrape time from these (see `admin::backend_series`), not kept in
+    /// the registry: they leave with the backend.
+    connects: AtomicU64,
+    ejections: AtomicU64,
+    checks_passed: AtomicU64,
+    checks_failed: AtomicU64,
 }
 
 impl BackendMetrics {
@@ -197,16 +203,11 @@ impl BackendMetrics {
             backend: Arc::from(backend),
             codes: Default::default(),
             durations: Default::default(),
-            connects: metrics::counter!(UPSTREAM_CONNECTS, "pool" => pool.to_string(), "backend" => backend.to_string()),
+            connects: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
         }
-        .with_zero_counters()
-    }
-
-    fn with_zero_counters(self) -> Self {
-        self.connects.increment(0);
-        metrics::counter!(EJECTIONS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string())
-            .increment(0);
-        self
     }
 
     /// Counts one response with this status.
@@ -222,20 +223,25 @@ impl BackendMetrics {
     }
 
     pub fn connected(&self) {
-        self.connects.increment(1);
+        self.connects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One active health check (off the data path).
     pub fn health_check(&self, pass: bool) {
-        let result = if pass { "pass" } else { "fail" };
-        metrics::counter!(HEALTH_CHECKS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string(), "result" => result)
-            .increment(1);
+        let c = if pass { &self.checks_passed } else { &self.checks_failed };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One passive ejection.
     pub fn ejected(&self) {
-        metrics::counter!(EJECTIONS, "pool" => self.pool.to_string(), "backend" => self.backend.to_string())
-            .increment(1);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (`headroom_upstream_connects_total`, `headroom_ejections_total`, health checks passed,
+    /// failed) so far.
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (get(&self.connects), get(&self.ejections), get(&self.checks_passed), get(&self.checks_failed))
     }
 }
 

@@ -106,9 +106,9 @@ fn sample_gauges(gateway: &Gateway) {
     }
 }
 
-/// The per-backend gauges, written straight from the current snapshot at each scrape rather than
-/// kept in the registry: a removed backend's series are gone at the next scrape, and a large pool
-/// costs no registry entries for them.
+/// The per-backend gauges and counters (all but the per-status request counts), written straight
+/// from the current snapshot at each scrape rather than kept in the registry: a removed backend's
+/// series are gone at the next scrape, and a large pool costs no registry entries for them.
 fn backend_gauges(gateway: &Gateway, out: &mut String) {
     use std::fmt::Write as _;
     let snap = gateway.snapshot();
@@ -136,6 +136,28 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
             let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
         }
     });
+    // Per-backend counters, from the backend's own atomics (they survive reloads with it).
+    let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::backend::Backend) -> u64| {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for p in &snap.pools {
+            for b in &p.backends {
+                let _ = writeln!(out, "{name}{{pool=\"{}\",backend=\"{}\"}} {}", p.config.name, b.label, value(b));
+            }
+        }
+        out.push('\n');
+    };
+    counter(out, metrics::UPSTREAM_CONNECTS, &|b| b.metrics.counts().0);
+    counter(out, metrics::EJECTIONS, &|b| b.metrics.counts().1);
+    let _ = writeln!(out, "# TYPE {} counter", metrics::HEALTH_CHECKS);
+    for p in snap.pools.iter().filter(|p| p.config.health.is_some()) {
+        for b in &p.backends {
+            let (_, _, passed, failed) = b.metrics.counts();
+            for (result, n) in [("pass", passed), ("fail", failed)] {
+                let (name, pool, label) = (metrics::HEALTH_CHECKS, &p.config.name, &b.label);
+                let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",result=\"{result}\"}} {n}");
+            }
+        }
+    }
 }
 
 async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
