@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Throughput with 5,000 clients that sent one byte of the h2 preface and stopped, against the
+# same run with 5,000 idle connections: a release headroom (one worker, CPU 0) in front of the
+# mock backend, `headroom load --concurrency 16` on CPU 1, alternating rounds. Prints req/s of
+# each round. HEADROOM_BIN (default: a fresh `cargo build --release`), CONNS, ROUNDS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNS=${CONNS:-5000}
+ROUNDS=${ROUNDS:-2}
+if [ -z "${HEADROOM_BIN:-}" ]; then
+  cargo build --release -q
+  HEADROOM_BIN=target/release/headroom
+fi
+ulimit -n $((CONNS + 4096))
+dir=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$dir"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+proxy=$(port); admin=$(port); backend=$(port)
+cat > "$dir/headroom.toml" <<T
+[server]
+listen = ["127.0.0.1:$proxy"]
+workers = 1
+access_log = false
+request_header_timeout = "60s"
+[admin]
+listen = "127.0.0.1:$admin"
+[pools.default]
+max_inflight_per_backend = 256
+[[pools.default.backends]]
+addr = "127.0.0.1:$backend"
+T
+cat > "$dir/hold.py" <<'P'
+import socket, sys, time
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    if mode == "one-byte":
+        s.send(b"P")
+    socks.append(s)
+time.sleep(12)
+P
+"$HEADROOM_BIN" mock-backend --listen "127.0.0.1:$backend" --capacity 256 --ttft 0ms --token-interval 0ms --tokens 1 >/dev/null 2>&1 &
+taskset -c 0 "$HEADROOM_BIN" --config "$dir/headroom.toml" >/dev/null 2>&1 &
+sleep 1
+for _ in $(seq "$ROUNDS"); do
+  for mode in idle one-byte; do
+    python3 "$dir/hold.py" "$proxy" "$CONNS" "$mode" &
+    hold=$!
+    sleep 4
+    rps=$(taskset -c 1 "$HEADROOM_BIN" load "http://127.0.0.1:$proxy/v1/chat/completions" --concurrency 16 --duration 5s --json \
+      | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["throughput"], 1))')
+    echo "$mode: $rps req/s with $CONNS such connections open"
+    kill "$hold" 2>/dev/null; wait "$hold" 2>/dev/null || true
+    sleep 1
+  done
+done
