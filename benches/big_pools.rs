@@ -143,6 +143,10 @@ async fn run(n: usize) {
         "RSS: {rss0} KiB at 1 backend, {rss1} KiB at {n}: {:.2} KiB per backend",
         (rss1 as f64 - rss0 as f64) / n as f64
     );
+    // What stays once the reload's transient memory (the parsed file, the old snapshot) is gone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = proc_field(pid, "status", "VmRSS:");
+    println!("RSS 3 s later: {later} KiB: {:.2} KiB per backend", (later as f64 - rss0 as f64) / n as f64);
     let mut pools = Vec::new();
     let mut metrics = Vec::new();
     for _ in 0..3 {
