@@ -13,6 +13,14 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// After a reload or backend change, returns the freed pages of the calling thread's heap to the
+/// system: mimalloc purges lazily, on later allocations, and a reloader that goes quiet would
+/// keep the reload's transient memory resident.
+fn release_memory() {
+    // SAFETY: mi_collect only walks and purges the calling thread's mimalloc heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(name = "headroom", version, about = "An elastic L7 gateway for AI model-serving backends")]
 struct Cli {
@@ -323,6 +331,7 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 return ExitCode::from(73);
             }
+            headroom::reload::set_memory_release(release_memory);
             let workers = worker_count(config.server.workers);
             let rt = match runtime() {
                 Ok(rt) => rt,

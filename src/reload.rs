@@ -16,7 +16,7 @@ use crate::backend::BackendState;
 use crate::config::{BackendConfig, Config};
 use crate::gateway::{Gateway, Snapshot};
 use crate::health;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,16 @@ impl ProxyListeners {
             self.open.push((addr, close));
         }
     }
+}
+
+/// Called on the reloader's thread after each publish, to hand back to the system the memory a
+/// change no longer needs (the parsed file, the previous snapshot). The binary sets it to its
+/// allocator's collect; without it, an allocator may keep that memory resident.
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function [`RELEASE_MEMORY`] calls (once per process).
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
 }
 
 /// A short stable hash of config text.
@@ -400,10 +410,11 @@ impl Reloader {
             .iter()
             .map(|p| {
                 let mut add = self.extra.get(&p.name).cloned().unwrap_or_default();
-                let listed = |addr| p.backends.iter().chain(add.iter()).any(|b| b.addr == addr);
+                // Sets, not scans: a change to a big pool stays O(n).
+                let listed: HashSet<SocketAddr> = p.backends.iter().chain(add.iter()).map(|b| b.addr).collect();
                 let gone: Vec<BackendConfig> = running
                     .pool(&p.name)
-                    .map(|old| old.backends.iter().filter(|b| !listed(b.addr) && b.in_flight() > 0))
+                    .map(|old| old.backends.iter().filter(|b| !listed.contains(&b.addr) && b.in_flight() > 0))
                     .into_iter()
                     .flatten()
                     .map(|b| {
@@ -421,11 +432,13 @@ impl Reloader {
             })
             .collect();
         let next = Snapshot::build(config, &extra, Some(&running));
+        let carried_set: HashSet<(&str, SocketAddr)> = carried.iter().map(|(p, a)| (p.as_str(), *a)).collect();
         for old in &running.pools {
-            let kept = next.pool(&old.config.name);
+            let kept: HashSet<*const crate::backend::Backend> =
+                next.pool(&old.config.name).map(|p| p.backends.iter().map(Arc::as_ptr).collect()).unwrap_or_default();
             for b in &old.backends {
-                let carry = carried.iter().any(|(p, a)| *p == old.config.name && *a == b.addr);
-                let listed = kept.is_some_and(|p| p.backends.iter().any(|n| Arc::ptr_eq(n, b)));
+                let carry = carried_set.contains(&(old.config.name.as_str(), b.addr));
+                let listed = kept.contains(&Arc::as_ptr(b));
                 if !listed || carry {
                     if b.state() != BackendState::Draining {
                         tracing::info!(pool = %old.config.name, backend = %b.addr, in_flight = b.in_flight(), "backend removed; draining");
@@ -437,6 +450,7 @@ impl Reloader {
                 }
             }
         }
+        drop(carried_set);
         self.removed = carried;
         // Requests queued for capacity that this snapshot adds are woken to take it.
         let wake: Vec<_> = next.pools.iter().map(|p| (p.queue.clone(), p.free_slots())).collect();
@@ -445,6 +459,9 @@ impl Reloader {
             for _ in 0..free.min(queue.depth()) {
                 queue.wake_one();
             }
+        }
+        if let Some(release) = RELEASE_MEMORY.get() {
+            release();
         }
     }
 
