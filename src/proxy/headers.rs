@@ -279,14 +279,14 @@ pub fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Result<HeaderV
     if host.is_some_and(|h| !is_valid_authority(h.as_bytes())) {
         return Err("invalid Host");
     }
-    let value = match uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target")?,
-        None => host.cloned().ok_or("missing Host")?,
-    };
-    if !is_valid_authority(value.as_bytes()) {
-        return Err("invalid Host or :authority");
+    match uri.authority() {
+        // Host was checked above; only a target's own authority is left to check.
+        None => host.cloned().ok_or("missing Host"),
+        Some(a) if is_valid_authority(a.as_str().as_bytes()) => {
+            HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target")
+        }
+        Some(_) => Err("invalid Host or :authority"),
     }
-    Ok(value)
 }
 
 /// Per-connection facts used to build the forwarding headers, computed once per connection.
