@@ -183,7 +183,7 @@ pub async fn run_with(
     }
 
     shutdown.await;
-    tracing::info!("shutting down");
+    tracing::info!(timeout = ?gateway.snapshot().config.server.shutdown_timeout, "shutting down: stopped accepting, draining connections");
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     for done in threads {
@@ -191,6 +191,7 @@ pub async fn run_with(
     }
     launched.shutdown().await;
     if gateway.drain_cut.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("connections were still open at the end of the drain period and were cut off");
         return Err(RunError::DrainCut(gateway.snapshot().config.server.shutdown_timeout));
     }
     Ok(())

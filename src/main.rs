@@ -2,7 +2,7 @@
 //! or run the mock backend.
 
 use clap::{Parser, Subcommand};
-use headroom::config::{units::parse_duration, Config};
+use headroom::config::{units::parse_duration, Config, Source};
 use headroom::mock::MockOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,11 +24,11 @@ fn release_memory() {
 #[derive(Parser)]
 #[command(name = "headroom", version, about = "An elastic L7 gateway for AI model-serving backends")]
 struct Cli {
-    /// Config file.
-    #[arg(long, short, global = true, default_value = "config/headroom.toml")]
-    config: PathBuf,
+    /// Config file [default: config/headroom.toml when it exists here, else the embedded default].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     /// Log line format (the access log included): text or json.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -43,7 +43,11 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config and print a one-line summary (exit 0), or the error (exit 1).
-    Check,
+    Check {
+        /// Config file [default: config/headroom.toml when it exists here, else the embedded default].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Write a self-signed development certificate and key (dev.crt, dev.key).
     GenCert {
         /// Directory to write them to.
@@ -52,6 +56,9 @@ enum Command {
         /// Names and IP addresses the certificate is valid for, comma-separated.
         #[arg(long, default_value = "localhost,127.0.0.1,::1", value_delimiter = ',')]
         names: Vec<String>,
+        /// Replace dev.crt and dev.key when they exist.
+        #[arg(long)]
+        force: bool,
     },
     /// Load-test an endpoint: open loop (--rate) or closed loop (--concurrency), SSE-aware.
     Load {
@@ -84,6 +91,9 @@ enum Command {
         /// Share of requests answered with 500, 0..=1.
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
+        /// Log line format: text or json.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
 }
 
@@ -231,23 +241,26 @@ fn state_dir_writable(config: &Config) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check) => match Config::load(&cli.config) {
-            Ok(c) => match state_dir_writable(&c) {
-                Ok(()) => {
-                    println!("{}: ok: {}", cli.config.display(), c.summary());
-                    ExitCode::SUCCESS
-                }
+        Some(Command::Check { config }) => {
+            let source = Source::resolve(config.or(cli.config).as_deref());
+            match source.load() {
+                Ok(c) => match state_dir_writable(&c) {
+                    Ok(()) => {
+                        println!("{source}: ok: {}", c.summary());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        println!("{e}");
+                        ExitCode::from(1)
+                    }
+                },
                 Err(e) => {
                     println!("{e}");
                     ExitCode::from(1)
                 }
-            },
-            Err(e) => {
-                println!("{e}");
-                ExitCode::from(1)
             }
-        },
-        Some(Command::GenCert { out, names }) => match headroom::tls::gen::write_dev_pair(&out, &names) {
+        }
+        Some(Command::GenCert { out, names, force }) => match headroom::tls::gen::write_dev_pair(&out, &names, force) {
             Ok((crt, key)) => {
                 println!("wrote {} and {} (valid for {})", crt.display(), key.display(), names.join(", "));
                 ExitCode::SUCCESS
@@ -290,8 +303,8 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate }) => {
-            let _logs = init_logs(cli.log_format);
+        Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate, log_format }) => {
+            let _logs = init_logs(log_format);
             if !(0.0..=1.0).contains(&fail_rate) {
                 eprintln!("--fail-rate must be between 0 and 1");
                 return ExitCode::from(64);
@@ -320,7 +333,9 @@ fn main() -> ExitCode {
         }
         None => {
             let _logs = init_logs(cli.log_format);
-            let config = match Config::load(&cli.config) {
+            let source = Source::resolve(cli.config.as_deref());
+            tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "headroom starting");
+            let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -348,7 +363,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(69);
                     }
                 };
-                let options = headroom::RunOptions { workers, config_path: Some(cli.config.clone()) };
+                let options = headroom::RunOptions { workers, config_path: source.path().map(PathBuf::from) };
                 match headroom::run_with(config, listeners, headroom::shutdown_signal(), options).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e @ headroom::RunError::DrainCut(_)) => {

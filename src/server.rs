@@ -203,10 +203,22 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl 
     }
     drop(listener);
     drop(drain);
-    tracing::info!(listen = ?local, "stopped accepting; draining connections");
+    tracing::debug!(listen = %DisplayAddr(local), "stopped accepting; draining connections");
     let both = futures_util::future::join(graceful.shutdown(), drain_trigger.drain());
     if tokio::time::timeout(cfg.shutdown_timeout, both).await.is_err() {
         gateway.drain_cut.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(listen = ?local, timeout = ?cfg.shutdown_timeout, "connections still open at the end of the drain period");
+        tracing::debug!(listen = %DisplayAddr(local), timeout = ?cfg.shutdown_timeout, "connections still open at the end of the drain period");
+    }
+}
+
+/// An optional address as a log field: the address, or `-`.
+struct DisplayAddr(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for DisplayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
     }
 }

@@ -33,9 +33,69 @@ fn check_accepts_the_default_config() {
 }
 
 #[test]
+fn with_no_config_file_here_check_checks_the_embedded_default() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN).arg("check").current_dir(elsewhere.path()).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("embedded default: ok: listen 127.0.0.1:8080"), "{stdout}");
+    // In the source tree, the file there is used (and named) instead.
+    let out = Command::new(BIN).arg("check").output().unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("config/headroom.toml: ok:"));
+}
+
+#[test]
+fn load_help_lists_only_what_load_uses() {
+    let out = Command::new(BIN).args(["load", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("--concurrency"), "{help}");
+    assert!(!help.contains("--config") && !help.contains("--log-format"), "{help}");
+    let out = Command::new(BIN).args(["mock-backend", "--help"]).output().unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().contains("--log-format"));
+    // Both places for --config keep working.
+    for args in [&["--config", "config/headroom.toml", "check"][..], &["check", "--config", "config/headroom.toml"]] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+    }
+}
+
+#[test]
+fn gen_cert_keeps_an_existing_key_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = |force: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["gen-cert", "--out"]).arg(dir.path());
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    assert!(gen(false).status.success());
+    let key = std::fs::read(dir.path().join("dev.key")).unwrap();
+    let out = gen(false);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --force"));
+    assert_eq!(std::fs::read(dir.path().join("dev.key")).unwrap(), key);
+    assert!(gen(true).status.success());
+    assert_ne!(std::fs::read(dir.path().join("dev.key")).unwrap(), key);
+}
+
+#[test]
 fn check_reports_broken_configs_on_one_line_with_position() {
     let backend = "[pools.default]\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
-    let cases: [(&str, String, &str, &str); 5] = [
+    let cases: [(&str, String, &str, &str); 7] = [
+        (
+            "weight as a string",
+            format!("{backend}weight = \"2\"\n"),
+            ":4:10:",
+            "pools.default.backends[0].weight: expected an integer 1..=1000, found the string \"2\"",
+        ),
+        (
+            "bare duration",
+            "[server]\nidle_timeout = 5\n".into(),
+            ":2:16:",
+            "server.idle_timeout: expected a duration string such as \"5s\" or \"150ms\", found the integer 5; write \"5s\"",
+        ),
         ("syntax error", "[server\nlisten = [\"127.0.0.1:8080\"]\n".into(), ":1:8:", "unclosed table"),
         (
             "unknown key",

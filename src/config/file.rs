@@ -2,6 +2,7 @@
 //! values that validation may reject keep their source span so errors can point at line:column.
 //! Nothing here checks meaning: that is `validate`'s job.
 
+use super::forms::{Listen, SizeText};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::Spanned;
@@ -22,13 +23,13 @@ pub struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileServer {
-    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub listen: Option<Spanned<Listen>>,
     pub request_header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub send_timeout: Option<Spanned<String>>,
     pub max_inflight_per_connection: Option<Spanned<u32>>,
-    pub max_header_bytes: Option<Spanned<String>>,
-    pub max_request_body: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<SizeText>>,
+    pub max_request_body: Option<Spanned<SizeText>>,
     pub shutdown_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<usize>>,
     pub state_dir: Option<Spanned<String>>,

@@ -8,6 +8,7 @@
 pub mod addr;
 mod autoscale;
 mod file;
+mod forms;
 #[cfg(test)]
 mod fuzz;
 mod tls;
@@ -305,6 +306,56 @@ pub struct LaunchConfig {
     pub ready_timeout: Duration,
 }
 
+/// The default config, compiled into the binary: two local mock backends, autoscaled.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/headroom.toml");
+
+/// Where the config in use comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    /// [`EMBEDDED_DEFAULT`], with relative paths taken from the current directory.
+    Embedded,
+}
+
+impl Source {
+    /// The file named on the command line; without one, `config/headroom.toml` when it exists in
+    /// the current directory, else the embedded default.
+    pub fn resolve(explicit: Option<&Path>) -> Source {
+        match explicit {
+            Some(p) => Source::File(p.to_path_buf()),
+            None if Path::new(DEFAULT_PATH).is_file() => Source::File(PathBuf::from(DEFAULT_PATH)),
+            None => Source::Embedded,
+        }
+    }
+
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            Source::File(p) => Config::load(p),
+            Source::Embedded => Config::parse(EMBEDDED_DEFAULT, Path::new(".")),
+        }
+    }
+
+    /// The file to watch and reload, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) => Some(p),
+            Source::Embedded => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str("embedded default"),
+        }
+    }
+}
+
+/// The config file used when none is named and it exists in the current directory.
+pub const DEFAULT_PATH: &str = "config/headroom.toml";
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -320,10 +371,16 @@ impl Config {
 
     /// Parses and validates config text; `base_dir` is where relative paths point.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let raw: file::FileConfig = toml::from_str(text).map_err(|e| {
+        let located = |e: &toml::de::Error, message: String| {
             let (line, column) =
                 e.span().map(|s| line_col(text, s.start)).map_or((None, None), |(l, c)| (Some(l), Some(c)));
-            ConfigError { file: None, line, column, message: e.message().trim().to_string() }
+            ConfigError { file: None, line, column, message }
+        };
+        let de = toml::de::Deserializer::parse(text).map_err(|e| located(&e, e.message().trim().to_string()))?;
+        let raw: file::FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = dotted_path(e.path());
+            let message = forms::type_error(&path, e.inner().message().trim());
+            located(e.inner(), message)
         })?;
         validate(raw, text, base_dir)
     }
@@ -414,6 +471,28 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `pools.chat.backends[0].weight`: the path serde walked, without the span wrappers' own keys.
+fn dotted_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key.starts_with("$__") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -434,6 +513,14 @@ mod tests {
         assert_eq!(line_col(text, 0), (1, 1));
         assert_eq!(line_col(text, 6), (2, 1));
         assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_autoscales_launched_mocks() {
+        let c = Source::Embedded.load().unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert!(c.pools[0].launch.is_some() && c.pools[0].autoscale.is_some());
+        assert_eq!(Source::Embedded.to_string(), "embedded default");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the line:column of the offending value.
 
 use super::file::{FileBackend, FileConfig, FilePool};
+use super::forms::{Listen, SizeText};
 use super::units::{parse_duration, parse_size};
 use super::*;
 use std::collections::HashSet;
@@ -24,9 +25,12 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             Err(e) => Err(err(s.span(), format!("{field}: {e}"))),
         },
     };
-    let size = |v: &Option<Spanned<String>>, field: &str, default: u64| match v {
+    let size = |v: &Option<Spanned<SizeText>>, field: &str, default: u64| match v {
         None => Ok(default),
-        Some(s) => match parse_size(s.get_ref()) {
+        Some(s) => match match s.get_ref() {
+            SizeText::Text(t) => parse_size(t),
+            SizeText::Bytes(n) => Ok(*n),
+        } {
             Ok(0) => Err(err(s.span(), format!("{field}: must be greater than zero"))),
             Ok(n) => Ok(n),
             Err(e) => Err(err(s.span(), format!("{field}: {e}"))),
@@ -35,14 +39,15 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
 
     // [server]
     let s = &raw.server;
-    let listen = match &s.listen {
+    let listen = match s.listen.as_ref().map(|l| (l.span(), l.get_ref())) {
         None => vec![parse_addr(DEFAULT_LISTEN).map_err(ConfigError::nowhere)?],
-        Some(list) if list.get_ref().is_empty() => {
-            return Err(err(list.span(), "server.listen: needs at least one address".into()))
+        Some((span, Listen::One(a))) => vec![parse_addr(a).map_err(|e| err(span, format!("server.listen: {e}")))?],
+        Some((span, Listen::Many(items))) if items.is_empty() => {
+            return Err(err(span, "server.listen: needs at least one address".into()))
         }
-        Some(list) => {
+        Some((_, Listen::Many(items))) => {
             let mut out = Vec::new();
-            for a in list.get_ref() {
+            for a in items {
                 let addr = parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
                 if out.contains(&addr) {
                     return Err(err(a.span(), format!("server.listen: {addr} is listed twice")));
@@ -112,8 +117,9 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
     if server.listen.contains(&admin.listen) {
         // Point at the admin address when it is written, else at the listen entry it equals.
         let span = raw.admin.listen.as_ref().map(|a| a.span()).or_else(|| {
-            let list = s.listen.as_ref()?;
-            list.get_ref().iter().find(|a| parse_addr(a.get_ref()).ok() == Some(admin.listen)).map(|a| a.span())
+            let listen = s.listen.as_ref()?;
+            let Listen::Many(list) = listen.get_ref() else { return Some(listen.span()) };
+            list.iter().find(|a| parse_addr(a.get_ref()).ok() == Some(admin.listen)).map(|a| a.span())
         });
         return Err(err(
             span.unwrap_or_default(),
