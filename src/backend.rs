@@ -179,6 +179,16 @@ impl Backend {
         BackendState::from_u8(self.hot.state.load(Ordering::Relaxed))
     }
 
+    /// Puts a drained backend back in service: `Starting` (its next passing check makes it
+    /// healthy) when the pool runs health checks, else `Healthy`. False if it was not draining.
+    pub fn undrain(&self, checked: bool) -> bool {
+        if self.state() != BackendState::Draining {
+            return false;
+        }
+        self.set_state(if checked { BackendState::Starting } else { BackendState::Healthy });
+        true
+    }
+
     pub fn set_state(&self, state: BackendState) {
         let before = self.hot.state.swap(state as u8, Ordering::Relaxed);
         if state == BackendState::Healthy && before != BackendState::Healthy as u8 {

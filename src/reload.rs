@@ -53,6 +53,37 @@ pub struct ConfigStatus {
     pub tls_error: Option<String>,
     /// When the certificates were last loaded, Unix seconds.
     pub tls_loaded_at: Option<f64>,
+    /// The last [`CONFIG_EVENTS_KEPT`] loads of the file, oldest first
+    /// (`GET /api/config/events`).
+    #[serde(skip)]
+    pub events: std::collections::VecDeque<ConfigEvent>,
+}
+
+/// Config loads kept for `GET /api/config/events`.
+pub const CONFIG_EVENTS_KEPT: usize = 50;
+
+/// One load of the config file and how it ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigEvent {
+    /// Unix seconds.
+    pub time: f64,
+    /// `file`, `signal` or `api`.
+    pub trigger: &'static str,
+    /// `applied`; `rejected` (the running config stays); `restored` (the file is back to the
+    /// running text, which clears `last_error`).
+    pub outcome: &'static str,
+    /// Hash of the file's text (none when it could not be read).
+    pub hash: Option<String>,
+    pub error: Option<String>,
+}
+
+impl ConfigStatus {
+    fn record(&mut self, event: ConfigEvent) {
+        if self.events.len() == CONFIG_EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
 }
 
 /// The outcome of one reload request.
@@ -64,6 +95,16 @@ pub enum Trigger {
     File,
     Signal,
     Api,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::File => "file",
+            Trigger::Signal => "signal",
+            Trigger::Api => "api",
+        }
+    }
 }
 
 /// A request to the reloader, answered when done.
@@ -84,6 +125,8 @@ pub enum BackendChange {
     AddMany { backends: Vec<BackendConfig>, persist: bool },
     /// Drains, then removes once idle.
     Remove(SocketAddr),
+    /// Puts a drained backend back in service (not one that is being removed).
+    Undrain(SocketAddr),
 }
 
 /// Why a backend change was refused.
@@ -359,16 +402,33 @@ impl Reloader {
         };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) => return Err(self.failed(format!("{}: cannot read config file: {e}", path.display()))),
+            Err(e) => {
+                return Err(self.failed(trigger, None, format!("{}: cannot read config file: {e}", path.display())))
+            }
         };
         let hash = text_hash(&text);
         if trigger == Trigger::File && hash == self.running_hash {
-            return Ok(self.gateway.config_status());
+            // Back to the text that runs: an earlier failure no longer describes the file.
+            let mut status = self.gateway.config_status();
+            if status.last_error.is_some() {
+                status.last_error = None;
+                status.last_error_at = None;
+                status.record(ConfigEvent {
+                    time: unix_now(),
+                    trigger: trigger.as_str(),
+                    outcome: "restored",
+                    hash: Some(hash),
+                    error: None,
+                });
+                self.gateway.set_config_status(status.clone());
+                tracing::info!("config file is back to the running text; last error cleared");
+            }
+            return Ok(status);
         }
         let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let config = match Config::parse(&text, &base) {
             Ok(c) => c,
-            Err(e) => return Err(self.failed(e.in_file(&path).to_string())),
+            Err(e) => return Err(self.failed(trigger, Some(hash), e.in_file(&path).to_string())),
         };
         let started = std::time::Instant::now();
         let running = self.gateway.snapshot();
@@ -378,10 +438,10 @@ impl Reloader {
         let wanted = config.server.listen.clone();
         let bound = match self.listeners.bind_new(&wanted) {
             Ok(b) => b,
-            Err(e) => return Err(self.failed(format!("{}: {e}", path.display()))),
+            Err(e) => return Err(self.failed(trigger, Some(hash), format!("{}: {e}", path.display()))),
         };
         let tls = config.server.tls.clone();
-        self.publish(config);
+        self.publish(config, true);
         self.apply_tls(tls.as_ref(), None);
         self.listeners.apply(&wanted, bound, &self.gateway, stop);
         self.tasks.ensure(&self.gateway, stop);
@@ -393,6 +453,13 @@ impl Reloader {
         status.reloads += 1;
         status.last_error = None;
         status.last_error_at = None;
+        status.record(ConfigEvent {
+            time: status.loaded_at,
+            trigger: trigger.as_str(),
+            outcome: "applied",
+            hash: Some(status.hash.clone()),
+            error: None,
+        });
         self.gateway.set_config_status(status.clone());
         metrics::config_reloaded(true, status.loaded_at);
         tracing::info!(?trigger, hash = %status.hash, took = ?started.elapsed(), "config reloaded");
@@ -401,9 +468,16 @@ impl Reloader {
 
     /// Builds and publishes the snapshot of `config`. Backends gone from it stop taking requests;
     /// those with requests in flight stay listed as `draining` until idle (see `sweep`), and one
-    /// added back meanwhile serves again.
-    fn publish(&mut self, config: Config) {
+    /// added back meanwhile serves again. On a reload of the file (`from_file`), a drained
+    /// backend the file still lists is put back in service.
+    fn publish(&mut self, config: Config, from_file: bool) {
         let running = self.gateway.snapshot();
+        let in_file: HashMap<String, HashSet<SocketAddr>> = match from_file {
+            true => {
+                config.pools.iter().map(|p| (p.name.clone(), p.backends.iter().map(|b| b.addr).collect())).collect()
+            }
+            false => HashMap::new(),
+        };
         let mut carried = Vec::new();
         let extra: Vec<Vec<BackendConfig>> = config
             .pools
@@ -447,6 +521,10 @@ impl Reloader {
                 } else if self.removed.iter().any(|(p, a)| *p == old.config.name && *a == b.addr) {
                     tracing::info!(pool = %old.config.name, backend = %b.addr, "removed backend added back");
                     b.set_state(BackendState::Healthy);
+                } else if in_file.get(&old.config.name).is_some_and(|f| f.contains(&b.addr))
+                    && b.undrain(old.config.health.is_some())
+                {
+                    tracing::info!(pool = %old.config.name, backend = %b.addr, "drained backend listed by the reloaded file; back in service");
                 }
             }
         }
@@ -478,8 +556,12 @@ impl Reloader {
         let Some(pc) = running.config.pools.iter().find(|p| p.name == pool) else {
             return Err(ChangeError::NotFound(format!("no pool {pool:?}")));
         };
+        if let BackendChange::Undrain(addr) = change {
+            return self.undrain(pool, addr);
+        }
         let before = (self.extra.get(pool).cloned().unwrap_or_default(), self.persisted.clone());
         match change {
+            BackendChange::Undrain(_) => {}
             BackendChange::Add { backend, persist } => self.add_backend(pc, backend, persist)?,
             BackendChange::AddMany { backends, persist } => {
                 for b in backends {
@@ -509,8 +591,29 @@ impl Reloader {
             (*self.extra.entry(pool.to_string()).or_default(), self.persisted) = before;
             return Err(ChangeError::Internal(format!("cannot write the state file, so nothing was changed: {e}")));
         }
-        self.publish((*running.config).clone());
+        self.publish((*running.config).clone(), false);
         self.tasks.ensure(&self.gateway, stop);
+        Ok(())
+    }
+
+    /// `POST .../undrain`: a drained backend takes requests again. One being removed (from the
+    /// file, by the API or by the autoscaler) is refused: register it again instead.
+    fn undrain(&mut self, pool: &str, addr: SocketAddr) -> Result<(), ChangeError> {
+        let running = self.gateway.snapshot();
+        let Some(p) = running.pool(pool) else {
+            return Err(ChangeError::NotFound(format!("no pool {pool:?}")));
+        };
+        let Some(b) = p.backends.iter().find(|b| b.addr == addr) else {
+            return Err(ChangeError::NotFound(format!("pool {pool:?} has no backend {addr}")));
+        };
+        if self.removed.iter().any(|(rp, ra)| rp == pool && *ra == addr) {
+            return Err(ChangeError::Conflict(format!(
+                "backend {addr} is being removed; register it again to keep it"
+            )));
+        }
+        if b.undrain(p.config.health.is_some()) {
+            tracing::info!(pool, backend = %addr, state = b.state().as_str(), "backend undrained");
+        }
         Ok(())
     }
 
@@ -527,7 +630,14 @@ impl Reloader {
         }
         let dynamic = self.extra.entry(pool.to_string()).or_default();
         if pc.backends.iter().chain(dynamic.iter()).any(|x| x.addr == b.addr) {
-            return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
+            let drained = self
+                .gateway
+                .snapshot()
+                .pool(pool)
+                .and_then(|p| p.backends.iter().find(|x| x.addr == b.addr).map(|x| x.state()))
+                == Some(BackendState::Draining);
+            let hint = if drained { " (draining: POST .../undrain puts it back)" } else { "" };
+            return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}{hint}", b.addr)));
         }
         tracing::info!(pool, backend = %b.addr, weight = b.weight, "backend registered");
         if persist {
@@ -564,7 +674,7 @@ impl Reloader {
                 .is_none_or(|b| b.in_flight() == 0)
         });
         if idle {
-            self.publish((*running.config).clone());
+            self.publish((*running.config).clone(), false);
         }
     }
 
@@ -615,11 +725,18 @@ impl Reloader {
     }
 
     /// Records a failed reload; the running config stays.
-    fn failed(&self, message: String) -> String {
+    fn failed(&self, trigger: Trigger, hash: Option<String>, message: String) -> String {
         tracing::error!(error = %message, "config reload rejected; the running config stays");
         let mut status = self.gateway.config_status();
         status.last_error = Some(message.clone());
         status.last_error_at = Some(unix_now());
+        status.record(ConfigEvent {
+            time: unix_now(),
+            trigger: trigger.as_str(),
+            outcome: "rejected",
+            hash,
+            error: Some(message.clone()),
+        });
         self.gateway.set_config_status(status);
         metrics::config_reloaded(false, 0.0);
         message

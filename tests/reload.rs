@@ -381,3 +381,77 @@ async fn backends_registered_through_the_api_serve_survive_reloads_and_drain_on_
     }
     assert_eq!(added.hits.load(Ordering::SeqCst), hits);
 }
+
+/// The state `GET /api/pools` shows for `addr` in the first pool.
+async fn state_of(hr: &Headroom, addr: SocketAddr) -> String {
+    let pools = hr.pools().await;
+    let list = pools["pools"][0]["backends"].as_array().unwrap().clone();
+    let b = list.iter().find(|b| b["addr"] == addr.to_string()).unwrap_or_else(|| panic!("{addr} not in {pools}"));
+    b["state"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_comes_back_by_undrain_or_by_a_reload_that_still_lists_it() {
+    let (a, b, c) = (TestBackend::ok().await, TestBackend::ok().await, TestBackend::ok().await);
+    let text = config(&[(a.addr, 1), (b.addr, 1)], "", "");
+    let (_dir, path) = dir_with(&text);
+    let hr = Headroom::start_file(&path).await;
+    let admin = hr.admin;
+    let post = |path: String| async move { admin_call(admin, http::Method::POST, &path, "").await };
+    for x in [a.addr, b.addr] {
+        assert_eq!(post(format!("/api/pools/default/backends/{x}/drain")).await.0, 200);
+    }
+    assert_eq!(get(&hr.url("/x")).await.0, 503, "every backend drained");
+    // Registering it again is refused, with the way back named.
+    let (status, body) = admin_call(
+        hr.admin,
+        http::Method::POST,
+        "/api/pools/default/backends",
+        &format!("{{\"addr\":\"{}\"}}", a.addr),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert!(body["error"].as_str().unwrap().contains("undrain"), "{body}");
+
+    let (status, body) = post(format!("/api/pools/default/backends/{}/undrain", a.addr)).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("healthy")), "{body}");
+    assert_eq!(get(&hr.url("/x")).await.0, 200);
+    assert!(a.hits.load(Ordering::SeqCst) >= 1, "the undrained backend took no traffic");
+    assert_eq!(state_of(&hr, b.addr).await, "draining");
+    // Undraining one that serves changes nothing; unknown ones and bad addresses are refused.
+    assert_eq!(post(format!("/api/pools/default/backends/{}/undrain", a.addr)).await.0, 200);
+    assert_eq!(post(format!("/api/pools/default/backends/{}/undrain", c.addr)).await.0, 404);
+    assert_eq!(post(format!("/api/pools/nope/backends/{}/undrain", a.addr)).await.0, 404);
+    assert_eq!(post("/api/pools/default/backends/nonsense/undrain".into()).await.0, 400);
+
+    // A change through the API does not undrain; a reload of a file that still lists it does.
+    let reg = format!("{{\"addr\":\"{}\"}}", c.addr);
+    assert_eq!(admin_call(hr.admin, http::Method::POST, "/api/pools/default/backends", &reg).await.0, 201);
+    assert_eq!(state_of(&hr, b.addr).await, "draining");
+    write_now(&path, &format!("{text}\n# touched\n"));
+    until_reloads(&hr, 1).await;
+    assert_eq!(state_of(&hr, b.addr).await, "healthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_the_running_text_clears_last_error_and_the_events_keep_the_history() {
+    let a = TestBackend::ok().await;
+    let text = config(&[(a.addr, 1)], "", "");
+    let (_dir, path) = dir_with(&text);
+    let hr = Headroom::start_file(&path).await;
+    write_now(&path, "[pools.default\n");
+    poll_until(T, "error reported", || async { !hr.config_status().await["last_error"].is_null() }).await;
+    write_now(&path, &text);
+    poll_until(T, "error cleared", || async { hr.config_status().await["last_error"].is_null() }).await;
+    let status = hr.config_status().await;
+    assert_eq!(status["reloads"], 0, "the same text is not applied again");
+    assert!(status["last_error_at"].is_null());
+    let (code, body) = get(&format!("http://{}/api/config/events", hr.admin)).await;
+    assert_eq!(code, 200);
+    let events: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let outcomes: Vec<&str> =
+        events["events"].as_array().unwrap().iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["rejected", "restored"], "{events}");
+    assert!(events["events"][0]["error"].as_str().unwrap().contains(":1:"), "{events}");
+    assert_eq!(events["events"][1]["trigger"], "file");
+}

@@ -8,11 +8,13 @@
 //! - `GET /healthz`: `ok` while the process serves.
 //! - `GET /api/pools`: pools, their queue depth and backends.
 //! - `POST /api/pools/{pool}/backends/{addr}/drain`: stop sending new requests to a backend.
+//! - `POST /api/pools/{pool}/backends/{addr}/undrain`: put a drained backend back in service.
 //! - `POST /api/pools/{pool}/backends`, `DELETE /api/pools/{pool}/backends/{addr}`: register and
 //!   deregister backends at run time.
 //! - `GET /api/pools/{pool}/events`: the pool's last scale events.
 //! - `GET /api/pools/{pool}/history`: the pool's last 15 minutes, sampled.
 //! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
+//! - `GET /api/config/events`: the last loads of the config file and how each ended.
 
 mod guard;
 pub mod history;
@@ -185,6 +187,9 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&gateway)),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
+        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/undrain") => {
+            undrain(&gateway, path).await
+        }
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => pool_document(
             &gateway,
@@ -208,6 +213,9 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
         (&Method::GET, "/api/config") => {
             respond(StatusCode::OK, "application/json", json!(gateway.config_status()).to_string())
         }
+        (&Method::GET, "/api/config/events") => {
+            respond(StatusCode::OK, "application/json", json!({ "events": gateway.config_status().events }).to_string())
+        }
         (&Method::POST, "/api/reload") => match gateway.reload(crate::reload::Trigger::Api).await {
             Ok(status) => {
                 respond(StatusCode::OK, "application/json", json!({ "reloaded": true, "config": status }).to_string())
@@ -218,7 +226,7 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
                 json!({ "reloaded": false, "error": e }).to_string(),
             ),
         },
-        (_, "/metrics" | "/healthz" | "/api/pools" | "/api/config" | "/api/reload") => {
+        (_, "/metrics" | "/healthz" | "/api/pools" | "/api/config" | "/api/config/events" | "/api/reload") => {
             respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
         }
         _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
@@ -329,6 +337,30 @@ async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
             "application/json",
             json!({ "pool": pool, "addr": addr.to_string(), "state": "draining" }).to_string(),
         ),
+        Err(e) => change_error(e),
+    }
+}
+
+/// `POST /api/pools/{pool}/backends/{addr}/undrain`: a drained backend takes requests again
+/// (`starting` until its next passing check when the pool has health checks, else `healthy`).
+async fn undrain(gateway: &Gateway, path: &str) -> Response<Body> {
+    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
+    let [pool, "backends", addr, "undrain"] = parts.as_slice() else {
+        return json_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
+        return json_error(StatusCode::BAD_REQUEST, format!("{addr:?}: expected ip:port"));
+    };
+    match gateway.change_backend(pool, crate::reload::BackendChange::Undrain(addr)).await {
+        Ok(()) => {
+            let state = gateway
+                .snapshot()
+                .pool(pool)
+                .and_then(|p| p.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str()))
+                .unwrap_or("removed");
+            let body = json!({ "pool": pool, "addr": addr.to_string(), "state": state });
+            respond(StatusCode::OK, "application/json", body.to_string())
+        }
         Err(e) => change_error(e),
     }
 }
