@@ -23,8 +23,12 @@ pub const EXACT_SCAN_MAX: usize = 16;
 const MAX_SCHEDULE: u64 = 1 << 16;
 
 pub enum Balancer {
-    /// Weighted least-connection: minimise (in_flight + 1) / weight.
-    LeastConn,
+    /// Weighted least-connection: minimise in_flight / weight; backends that tie (an idle pool,
+    /// or one request at a time) take turns by weight, walking a smooth-WRR schedule.
+    LeastConn {
+        schedule: Box<[u32]>,
+        next: AtomicUsize,
+    },
     /// Weighted power of two random choices, the better of two by (in_flight + 1) / weight.
     P2c,
     RoundRobin {
@@ -42,7 +46,9 @@ impl Balancer {
     /// others read weights live).
     pub fn new(kind: BalanceKind, weights: &[u32]) -> Self {
         match kind {
-            BalanceKind::LeastConn => Balancer::LeastConn,
+            BalanceKind::LeastConn => {
+                Balancer::LeastConn { schedule: smooth_schedule(weights).into_boxed_slice(), next: AtomicUsize::new(0) }
+            }
             BalanceKind::P2c => Balancer::P2c,
             BalanceKind::RoundRobin => Balancer::RoundRobin { next: AtomicUsize::new(0) },
             BalanceKind::WeightedRoundRobin => Balancer::WeightedRoundRobin {
@@ -61,15 +67,15 @@ impl Balancer {
         }
         let ok = |i: usize| backends[i].is_eligible() && !exclude(i);
         match self {
-            Balancer::LeastConn => {
+            Balancer::LeastConn { schedule, next } => {
                 if n > EXACT_SCAN_MAX {
                     if let Some(i) = two_choices(backends, &exclude) {
                         return Some(i);
                     }
                 }
-                least_loaded(backends, &exclude)
+                least_loaded(backends, &exclude, Some((schedule, next)))
             }
-            Balancer::P2c => two_choices(backends, &exclude).or_else(|| least_loaded(backends, &exclude)),
+            Balancer::P2c => two_choices(backends, &exclude).or_else(|| least_loaded(backends, &exclude, None)),
             Balancer::RoundRobin { next } => {
                 let start = next.fetch_add(1, Ordering::Relaxed) % n;
                 first_from(start, n, &ok)
@@ -100,32 +106,63 @@ fn better(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 * b.1 < b.0 * a.1
 }
 
+/// Whether two scores are the same fraction.
+#[inline]
+fn same(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 * b.1 == b.0 * a.1
+}
+
 /// The score of backend `i` if it is eligible and not excluded.
 #[inline]
 fn candidate(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool, i: usize) -> Option<(u64, u64)> {
     backends[i].load_score().filter(|_| !exclude(i))
 }
 
-/// Exact scan for the lowest (in_flight + 1) / weight. The scan starts at a random index, so
-/// requests that tie (say, an idle pool) spread instead of all landing on the first backend.
+/// Exact scan for the lowest in_flight / weight. With a schedule, backends that tie for it take
+/// turns by weight (the schedule is walked from a shared counter, which only ties touch);
+/// without one, or when the walk finds none of them soon, the scan's random start spreads them.
 #[inline]
-fn least_loaded(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool) -> Option<usize> {
+fn least_loaded(
+    backends: &[Arc<Backend>],
+    exclude: &impl Fn(usize) -> bool,
+    ties: Option<(&[u32], &AtomicUsize)>,
+) -> Option<usize> {
     let n = backends.len();
     let start = if n > 1 { fastrand::usize(..n) } else { 0 };
     let mut best: Option<(usize, (u64, u64))> = None;
+    let mut tied = 0usize;
     for (i, b) in
         backends[start..].iter().enumerate().map(|(k, b)| (start + k, b)).chain(backends[..start].iter().enumerate())
     {
-        let Some(s) = b.load_score() else { continue };
+        let Some((load, w)) = b.load_score() else { continue };
         if exclude(i) {
             continue;
         }
+        let s = (load - 1, w);
         match best {
-            Some((_, bs)) if !better(s, bs) => {}
-            _ => best = Some((i, s)),
+            Some((_, bs)) if better(bs, s) => {}
+            Some((_, bs)) if same(s, bs) => tied += 1,
+            _ => (best, tied) = (Some((i, s)), 1),
         }
     }
-    best.map(|(i, _)| i)
+    let (found, score) = best?;
+    match ties {
+        Some((schedule, next)) if tied > 1 && !schedule.is_empty() => {
+            let len = schedule.len();
+            let from = next.fetch_add(1, Ordering::Relaxed);
+            (0..len.min(2 * n + 8))
+                .map(|k| schedule[(from + k) % len] as usize)
+                .find(|&i| {
+                    i < n
+                        && !exclude(i)
+                        && backends[i]
+                            .load_score()
+                            .is_some_and(|(l, w)| !better((l - 1, w), score) && !better(score, (l - 1, w)))
+                })
+                .or(Some(found))
+        }
+        _ => Some(found),
+    }
 }
 
 /// Two random eligible candidates, the better one wins. `None` when sampling finds none (the
@@ -242,6 +279,34 @@ mod tests {
             held.push(b[i].try_acquire().unwrap());
         }
         assert_eq!([b[0].in_flight(), b[1].in_flight(), b[2].in_flight()], [10, 20, 30]);
+    }
+
+    #[test]
+    fn least_conn_splits_one_request_at_a_time_by_weight() {
+        let b = pool(&[(1, 1000), (2, 1000), (3, 1000)]);
+        let lb = Balancer::new(BalanceKind::LeastConn, &[1, 2, 3]);
+        let mut counts = [0; 3];
+        for _ in 0..600 {
+            let i = lb.pick(&b, |_| false).unwrap();
+            let _held = b[i].try_acquire().unwrap();
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [100, 200, 300]);
+    }
+
+    #[test]
+    fn least_conn_prefers_the_least_loaded_over_its_turn() {
+        let b = pool(&[(1, 1000), (1, 1000), (1, 1000)]);
+        let lb = Balancer::new(BalanceKind::LeastConn, &[1, 1, 1]);
+        let _busy = (b[0].try_acquire().unwrap(), b[1].try_acquire().unwrap());
+        for _ in 0..10 {
+            assert_eq!(lb.pick(&b, |_| false), Some(2));
+        }
+        // Of two that tie, each gets its turn; the excluded one never.
+        let _third = b[2].try_acquire().unwrap();
+        let picks: Vec<usize> = (0..6).map(|_| lb.pick(&b, |i| i == 1).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i != 1), "{picks:?}");
+        assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
     }
 
     #[test]

@@ -63,6 +63,19 @@ async fn weighted_least_conn_splits_in_flight_by_weight() {
     poll_until(T, "in-flight back to zero", || async { hr.in_flight().await.iter().all(|(_, n)| *n == 0) }).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_at_a_time_is_split_by_weight_too() {
+    let (b1, b2, b3) = (TestBackend::ok().await, TestBackend::ok().await, TestBackend::ok().await);
+    let hr = Headroom::start(&config(&[(b1.addr, 1), (b2.addr, 2), (b3.addr, 3)], "", "")).await;
+    for _ in 0..600 {
+        assert_eq!(get(&hr.url("/x")).await.0, 200);
+    }
+    let split = [&b1, &b2, &b3].map(|b| b.hits.load(Ordering::SeqCst) as f64 / 600.0);
+    for (got, weight) in split.iter().zip([1.0, 2.0, 3.0]) {
+        assert!((got - weight / 6.0).abs() <= 0.05, "sequential split {split:?}, want 1:2:3 within 5 points");
+    }
+}
+
 /// A backend whose response body is driven by the test through the returned channel.
 async fn streaming_backend() -> (TestBackend, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
     let (tx, rx) = mpsc::unbounded_channel();
