@@ -287,6 +287,9 @@ fn main() -> ExitCode {
             };
             let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let (report, samples, elapsed) = rt.block_on(headroom::load::run_with_progress(&plan, show));
+            if let Some(why) = &report.stopped_early {
+                eprintln!("load: stopped early: {why}");
+            }
             let text =
                 if json { serde_json::to_string_pretty(&report).unwrap_or_default() + "\n" } else { report.table() };
             // A closed pipe (`| head`) is not an error worth a panic.

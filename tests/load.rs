@@ -166,3 +166,20 @@ async fn the_command_streams_from_a_mock_backend_and_through_the_default_config(
     assert_eq!(r["tokens_per_request"]["max"], 4.0);
     assert_eq!(r["mode"], "closed loop, 4 clients");
 }
+
+#[test]
+fn a_target_where_nothing_listens_stops_the_run_after_its_first_second() {
+    let dead = free_addr();
+    for mode in [&["--concurrency", "8"][..], &["--rate", "200/s"]] {
+        let started = std::time::Instant::now();
+        let url = format!("http://{dead}/v1/chat/completions");
+        let out = Command::new(BIN).args(["load", &url, "--duration", "30s", "--json"]).args(mode).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{mode:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{mode:?}: ran {:?}", started.elapsed());
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(report["stopped_early"].as_str().unwrap().contains("failed to connect"), "{report}");
+        assert_eq!(report["ok"], 0);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("stopped early"), "{stderr}");
+    }
+}

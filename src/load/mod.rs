@@ -81,6 +81,20 @@ pub struct Progress {
     pub errors: AtomicUsize,
     pub inflight: AtomicUsize,
     pub dropped: AtomicUsize,
+    /// Requests that could not connect.
+    pub connect_failed: AtomicUsize,
+    /// Set when the run should stop sending (see [`FIRST_SECOND`]).
+    pub stop: std::sync::atomic::AtomicBool,
+}
+
+/// When every request finished in the run's first second failed to connect, nothing listens
+/// there: the run stops rather than hammer a closed port for its whole duration.
+pub const FIRST_SECOND: Duration = Duration::from_secs(1);
+
+/// Whether to stop now: something was tried, and every try so far failed to connect.
+fn nothing_listens(p: &Progress) -> bool {
+    let done = p.done.load(Ordering::Relaxed);
+    done > 0 && p.connect_failed.load(Ordering::Relaxed) == done
 }
 
 /// Runs `plan` and returns every sample and the elapsed time.
@@ -92,13 +106,22 @@ pub async fn run(plan: &Plan, progress: Arc<Progress>) -> (Vec<Sample>, f64, usi
     let end = start + plan.duration;
     let mut tasks = tokio::task::JoinSet::new();
     let mut samples = Vec::new();
+    let watcher = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FIRST_SECOND).await;
+            if nothing_listens(&progress) {
+                progress.stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
     match plan.mode {
         Mode::Rate { per_second, ramp } => {
             let mut i = 0usize;
             loop {
                 let at = due_at(i, per_second, ramp.as_secs_f64());
                 let due = start + Duration::from_secs_f64(at);
-                if due >= end {
+                if due >= end || progress.stop.load(Ordering::Relaxed) {
                     break;
                 }
                 tokio::time::sleep_until(due.into()).await;
@@ -121,7 +144,7 @@ pub async fn run(plan: &Plan, progress: Arc<Progress>) -> (Vec<Sample>, f64, usi
                     let mut mine = Vec::new();
                     loop {
                         let now = Instant::now();
-                        if now >= end {
+                        if now >= end || progress.stop.load(Ordering::Relaxed) {
                             break;
                         }
                         mine.extend(one(&client, &plan, &progress, now, now.duration_since(start).as_secs_f64()).await);
@@ -137,6 +160,7 @@ pub async fn run(plan: &Plan, progress: Arc<Progress>) -> (Vec<Sample>, f64, usi
             samples.extend(s);
         }
     }
+    watcher.abort();
     samples.sort_by(|a, b| a.at.total_cmp(&b.at));
     let elapsed = start.elapsed().as_secs_f64();
     (samples, elapsed, progress.dropped.load(Ordering::Relaxed))
@@ -167,6 +191,9 @@ async fn one(
     progress.done.fetch_add(1, Ordering::Relaxed);
     if !sample.ok() {
         progress.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if sample.error.as_deref().is_some_and(|e| e.starts_with("connect:")) {
+        progress.connect_failed.fetch_add(1, Ordering::Relaxed);
     }
     vec![sample]
 }
@@ -297,7 +324,7 @@ pub async fn run_with_progress(plan: &Plan, show: bool) -> (Report, Vec<Sample>,
             }
         })
     });
-    let (samples, elapsed, dropped) = run(plan, progress).await;
+    let (samples, elapsed, dropped) = run(plan, progress.clone()).await;
     if let Some(t) = ticker {
         t.abort();
     }
@@ -308,7 +335,14 @@ pub async fn run_with_progress(plan: &Plan, show: bool) -> (Report, Vec<Sample>,
         Mode::Rate { per_second, .. } => ("open loop".to_string(), Some(per_second)),
         Mode::Concurrency(n) => (format!("closed loop, {n} clients"), None),
     };
-    let report = Report::build(&plan.url.to_string(), mode, rate, elapsed, &samples, dropped);
+    let mut report = Report::build(&plan.url.to_string(), mode, rate, elapsed, &samples, dropped);
+    if progress.stop.load(Ordering::Relaxed) {
+        report.stopped_early = Some(format!(
+            "every request in the first {}s failed to connect to {}; is anything listening there?",
+            FIRST_SECOND.as_secs(),
+            plan.url.authority().map_or("the target".to_string(), |a| a.to_string())
+        ));
+    }
     (report, samples, elapsed)
 }
 

@@ -88,6 +88,52 @@ pub struct Report {
     pub tokens_per_request: Spread,
     /// Count by status (`0`: no response) and by error kind.
     pub statuses: BTreeMap<String, usize>,
+    /// The run in (up to) ten equal windows by send time: how latency moved during it.
+    pub timeline: Vec<Window>,
+    /// Why the run stopped before its duration, if it did.
+    pub stopped_early: Option<String>,
+}
+
+/// Requests scheduled in one window of the run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Window {
+    /// Seconds since the run began.
+    pub from_s: f64,
+    pub to_s: f64,
+    pub sent: usize,
+    pub ok: usize,
+    pub errors: usize,
+    /// Of the successful requests (0 when none).
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub total_p50_ms: f64,
+}
+
+/// Windows this many, or one per second for shorter runs.
+const WINDOWS: usize = 10;
+
+fn timeline(samples: &[Sample], elapsed: f64) -> Vec<Window> {
+    let count = WINDOWS.min(elapsed.floor().max(1.0) as usize);
+    let width = elapsed.max(1e-9) / count as f64;
+    (0..count)
+        .map(|k| {
+            let (from, to) = (k as f64 * width, (k + 1) as f64 * width);
+            let last = k + 1 == count;
+            let inside: Vec<&Sample> = samples.iter().filter(|s| s.at >= from && (s.at < to || last)).collect();
+            let ok: Vec<&&Sample> = inside.iter().filter(|s| s.ok()).collect();
+            let ttft = Spread::of(ok.iter().filter_map(|s| s.ttft_ms).collect());
+            Window {
+                from_s: from,
+                to_s: to,
+                sent: inside.len(),
+                ok: ok.len(),
+                errors: inside.len() - ok.len(),
+                ttft_p50_ms: ttft.p50,
+                ttft_p99_ms: ttft.p99,
+                total_p50_ms: Spread::of(ok.iter().map(|s| s.total_ms).collect()).p50,
+            }
+        })
+        .collect()
 }
 
 impl Report {
@@ -130,6 +176,8 @@ impl Report {
             total_ms: Spread::of(ok.iter().map(|s| s.total_ms).collect()),
             tokens_per_request: Spread::of(ok.iter().map(|s| s.tokens as f64).collect()),
             statuses,
+            timeline: timeline(samples, elapsed),
+            stopped_early: None,
         }
     }
 
@@ -170,6 +218,23 @@ impl Report {
             out += &format!(" {k}={v}");
         }
         out.push('\n');
+        if self.timeline.len() > 1 {
+            out += &format!(
+                "\n{:<14} {:>6} {:>6} {:>6} {:>12} {:>12}\n",
+                "window s", "sent", "ok", "errors", "ttft p50 ms", "ttft p99 ms"
+            );
+            for w in &self.timeline {
+                let (p50, p99) = match w.ok {
+                    0 => ("-".to_string(), "-".to_string()),
+                    _ => (format!("{:.0}", w.ttft_p50_ms), format!("{:.0}", w.ttft_p99_ms)),
+                };
+                let span = format!("{:.0}-{:.0}", w.from_s, w.to_s);
+                out += &format!("{span:<14} {:>6} {:>6} {:>6} {p50:>12} {p99:>12}\n", w.sent, w.ok, w.errors);
+            }
+        }
+        if let Some(why) = &self.stopped_early {
+            out += &format!("\nstopped early: {why}\n");
+        }
         out
     }
 }
@@ -209,5 +274,25 @@ mod tests {
         );
         let total = table.lines().find(|l| l.starts_with("total ms")).unwrap();
         assert!(total.contains("10.00"), "{total}");
+    }
+
+    #[test]
+    fn the_timeline_shows_latency_moving_during_the_run() {
+        let at = |t: f64, ttft: f64| Sample {
+            at: t,
+            status: 200,
+            ttft_ms: Some(ttft),
+            total_ms: ttft + 100.0,
+            ..Default::default()
+        };
+        let samples: Vec<Sample> = (0..100).map(|i| at(i as f64 / 10.0, if i < 50 { 900.0 } else { 200.0 })).collect();
+        let r = Report::build("u", "open".into(), Some(10.0), 10.0, &samples, 0);
+        assert_eq!(r.timeline.len(), 10);
+        assert_eq!(r.timeline.iter().map(|w| w.sent).sum::<usize>(), 100);
+        assert_eq!(r.timeline[0].ttft_p50_ms, 900.0);
+        assert_eq!(r.timeline[9].ttft_p50_ms, 200.0);
+        assert!(r.table().contains("window s"));
+        // A short run has one window per second, and none is printed for one.
+        assert_eq!(Report::build("u", "open".into(), None, 0.5, &samples[..3], 0).timeline.len(), 1);
     }
 }
