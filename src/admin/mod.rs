@@ -38,7 +38,15 @@ use tokio::net::TcpListener;
 type Body = Full<Bytes>;
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut body: Bytes = body.into();
+    // JSON ends its line, so `curl` output in a terminal does too.
+    if content_type == "application/json" && !body.ends_with(b"\n") {
+        let mut line = Vec::with_capacity(body.len() + 1);
+        line.extend_from_slice(&body);
+        line.push(b'\n');
+        body = line.into();
+    }
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     r
