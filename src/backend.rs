@@ -94,6 +94,9 @@ pub struct Backend {
     pub label: Arc<str>,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Responses the client went away from (or was cut off from) before their end: not the
+    /// backend's failure, so not among `errors` nor seen by passive ejection.
+    aborted: AtomicU64,
     /// A backup backend: used only when no primary of its pool is up.
     backup: AtomicBool,
     /// Consecutive passing / failing active health checks.
@@ -137,6 +140,7 @@ impl Backend {
             },
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
             backup: AtomicBool::new(cfg.backup),
             health_passes: AtomicU32::new(0),
             health_failures: AtomicU32::new(0),
@@ -341,10 +345,21 @@ impl Backend {
         self.errors.load(Ordering::Relaxed)
     }
 
+    pub fn aborted(&self) -> u64 {
+        self.aborted.load(Ordering::Relaxed)
+    }
+
     /// Records a finished request's duration (metrics and the pool's history).
-    pub(crate) fn observe(&self, status: u16, failed: bool, seconds: f64) {
+    pub(crate) fn observe(&self, status: u16, outcome: crate::admin::history::Outcome, seconds: f64) {
         self.metrics.observe(status, seconds);
-        self.pool_state.traffic.record(failed, seconds);
+        self.pool_state.traffic.record(outcome, seconds);
+    }
+
+    /// A response the client left before its end: counted, but not as the backend's failure.
+    pub(crate) fn count_aborted(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.aborted.fetch_add(1, Ordering::Relaxed);
+        self.metrics.record(status);
     }
 
     pub(crate) fn count_response(&self, status: u16, failed: bool) {

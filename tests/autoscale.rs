@@ -236,10 +236,18 @@ async fn a_burst_scales_up_once_and_idle_scales_back_down_draining_first() {
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = burst.await.unwrap();
 
-    // Idle, but one long request on each backend: the first release drains a busy backend.
-    let slow: Vec<_> = (0..3).map(|_| tokio::spawn(get_owned(hr.url("/slow")))).collect();
-    poll_until(T, "a slow request on every backend", || async { hr.in_flight().await.iter().all(|(_, n)| *n == 1) })
+    // Idle, but one long request on each backend: the first release drains a busy backend. They
+    // are sent one at a time (least_conn sends each to an idle backend), until every backend still
+    // listed has one: the autoscaler may already have released an idle one meanwhile.
+    let mut slow = Vec::new();
+    while slow.len() < 3 && hr.in_flight().await.iter().any(|(_, n)| *n == 0) {
+        slow.push(tokio::spawn(get_owned(hr.url("/slow"))));
+        let sent = slow.len() as u64;
+        poll_until(T, "the slow request in flight", || async {
+            hr.in_flight().await.iter().map(|(_, n)| *n).sum::<u64>() >= sent
+        })
         .await;
+    }
     poll_until(T, "released down to min_backends", || async { backends(&hr.pools().await).len() == 1 }).await;
     for s in slow {
         assert_eq!(s.await.unwrap(), 200, "a draining backend's request was cut");

@@ -86,7 +86,11 @@ fn the_dockerfile_copies_what_exists_and_runs_the_default_config() {
     let docker = std::fs::read_to_string("deploy/Dockerfile").unwrap();
     assert!(docker.contains("COPY config/headroom.toml /etc/headroom/headroom.toml"));
     assert!(Path::new("config/headroom.toml").exists());
-    assert!(docker.contains("cargo build --release --locked"));
+    // The shipped build is the dist profile (fat LTO), and it is what gets copied.
+    assert!(docker.contains("cargo build --profile dist --locked"));
+    assert!(docker.contains("COPY --from=build /src/target/dist/headroom /usr/local/bin/headroom"));
+    let cargo = std::fs::read_to_string("Cargo.toml").unwrap();
+    assert!(cargo.contains("[profile.dist]\ninherits = \"release\""), "Cargo.toml has no dist profile");
     assert!(Path::new("Cargo.lock").exists(), "--locked needs the lock file");
     assert!(docker.contains("ENTRYPOINT [\"/usr/local/bin/headroom\""));
 }

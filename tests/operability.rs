@@ -171,8 +171,21 @@ async fn the_status_page_shows_each_backend_and_a_failure_without_a_reload() {
     assert_eq!(browser.eval("window.__kept").await, 42, "the page was reloaded");
     let badge = browser.eval(&format!("document.querySelector('tr[data-backend=\"{sb}\"] .badge').textContent")).await;
     assert_eq!(badge, "unhealthy");
-    // The charts are drawn from the history API.
+    // The charts are drawn from the history API, with a time axis, a y scale and a legend.
     wait_page(&mut browser, "charts drawn", "document.querySelectorAll('.charts svg polyline').length", 4.into()).await;
+    assert_eq!(browser.eval("document.querySelectorAll('.charts .axis').length").await, 4);
+    assert_eq!(browser.eval("document.querySelectorAll('.charts .y.top').length").await, 4);
+    let legend = browser.eval("document.querySelector('.legend').textContent").await;
+    assert!(legend.as_str().unwrap().contains("scale up"), "{legend}");
+    assert_eq!(browser.eval("document.querySelectorAll('.events').length").await, 1);
+    // No traffic in the latest sample: no latency to show, not the last one seen.
+    wait_page(
+        &mut browser,
+        "idle p99 shown as a dash",
+        "document.querySelector('figure[data-chart=\"p99 latency\"] .now').textContent",
+        "–".into(),
+    )
+    .await;
 
     let shot = browser.call("Page.captureScreenshot", serde_json::json!({ "format": "png" })).await;
     use base64::Engine;
@@ -181,6 +194,39 @@ async fn the_status_page_shows_each_backend_and_a_failure_without_a_reload() {
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     std::fs::write(&out, &png).unwrap();
     eprintln!("screenshot: {} ({} bytes)", out.display(), png.len());
+    hr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_live_rates_before_the_first_history_sample() {
+    let a = TestBackend::ok().await;
+    let hr = Headroom::start(
+        &config(&[(a.addr, 1)], "", "").replace("[server]", "[admin]\nhistory_interval = \"60s\"\n[server]"),
+    )
+    .await;
+    let url = hr.url("/x");
+    let load = tokio::spawn(async move {
+        for _ in 0..400 {
+            get(&url).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let mut browser = Browser::open(&format!("http://{}/?refresh=250", hr.admin)).await;
+    let rps = "(document.querySelector('.rps') || {textContent: '–'}).textContent";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let shown = browser.eval(rps).await;
+        let value: f64 = shown.as_str().and_then(|t| t.parse().ok()).unwrap_or(0.0);
+        if value > 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "req/s still {shown} with traffic running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let history: serde_json::Value =
+        serde_json::from_slice(&get(&format!("http://{}/api/pools/default/history", hr.admin)).await.1).unwrap();
+    assert_eq!(history["samples"].as_array().unwrap().len(), 0, "shown before any history sample");
+    load.abort();
     hr.stop().await;
 }
 

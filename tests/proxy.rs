@@ -579,6 +579,28 @@ async fn expect_100_continue_is_answered_once_and_not_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_a_stream_is_counted_as_aborted_not_as_a_backend_error() {
+    let (streaming, mut streams) = streaming_backend().await;
+    let outlier = "[pools.default.outlier]\nconsecutive_failures = 1\n";
+    let hr = Headroom::start(&config(&[(streaming.addr, 1)], outlier, "")).await;
+    for _ in 0..3 {
+        let resp = client().request(Request::get(hr.url("/stream")).body(full(Bytes::new())).unwrap()).await.unwrap();
+        let events = streams.recv().await.unwrap();
+        let mut body = resp.into_body();
+        events.send(Bytes::from_static(b"data: one\n\n")).await.unwrap();
+        body.frame().await.unwrap().unwrap();
+        drop(body); // the client goes away mid-stream
+        poll_until(T, "the backend sees the stream closed", || async { events.is_closed() }).await;
+    }
+    let pools = hr.pools().await;
+    let b = &pools["pools"][0]["backends"][0];
+    assert_eq!((b["errors"].as_u64(), b["aborted"].as_u64()), (Some(0), Some(3)), "{b}");
+    assert_eq!(b["state"], "healthy", "client aborts ejected the backend: {b}");
+    assert_eq!(pools["pools"][0]["aborted"], 3);
+    assert_eq!(pools["pools"][0]["errors"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_backend_finishes_its_stream_and_takes_no_new_requests() {
     let (streaming, mut streams) = streaming_backend().await;
     let other = TestBackend::ok().await;

@@ -59,6 +59,9 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
         .pools
         .iter()
         .map(|p| {
+            let in_file: std::collections::HashSet<std::net::SocketAddr> =
+                p.config.backends.iter().map(|c| c.addr).collect();
+            let traffic = p.state.traffic.totals();
             let backends: Vec<_> = p
                 .backends
                 .iter()
@@ -73,13 +76,14 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                         "state": b.state().as_str(),
                         "requests": b.requests(),
                         "errors": b.errors(),
+                        "aborted": b.aborted(),
                         "idle_connections": b.conns.idle(),
                         "backup": b.is_backup(),
                         "ejections": b.ejections(),
                         "last_ejection_ms": b.last_ejection_ms(),
                         "ejected_for_ms": b.ejected_for_ms(),
                         "saturated_for_ms": b.saturated_for_ms(),
-                        "dynamic": !p.config.backends.iter().any(|c| c.addr == b.addr),
+                        "dynamic": !in_file.contains(&b.addr),
                     })
                 })
                 .collect();
@@ -89,6 +93,9 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                 "queue_depth": p.queue.depth(),
                 "queue_max_depth": p.queue.max_depth(),
                 "in_flight": p.in_flight(),
+                "requests": traffic.requests,
+                "errors": traffic.errors,
+                "aborted": traffic.aborted,
                 "autoscale": p.config.autoscale.as_ref().map(|a| json!({
                     "min_backends": a.min_backends,
                     "max_backends": a.max_backends,

@@ -24,7 +24,7 @@ pub fn page(gateway: &Gateway) -> String {
              <div class=\"stats\"><span>queue <b class=\"queue\">{}</b>/{}</span><span>in flight <b>{}</b></span>\
              <span>backends <b>{}</b></span></div><div class=\"scroll\"><table><thead><tr><th>backend</th><th>state</th>\
              <th>in flight / capacity</th><th class=\"hide-sm\">weight</th><th class=\"hide-sm\">requests</th>\
-             <th class=\"hide-sm\">errors</th></tr></thead><tbody>",
+             <th class=\"hide-sm\">errors</th><th class=\"hide-sm\">aborted</th></tr></thead><tbody>",
             p.queue.depth(),
             p.queue.max_depth(),
             p.in_flight(),
@@ -39,14 +39,18 @@ pub fn page(gateway: &Gateway) -> String {
                 "<tr data-backend=\"{addr}\" data-state=\"{state}\"><td>{addr}</td>\
                  <td><span class=\"badge {state}\">{state}</span></td>\
                  <td><span class=\"bar\"><i style=\"width:{pct}%\"></i></span> {}/{cap}</td>\
-                 <td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td></tr>",
+                 <td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td>\
+                 <td class=\"hide-sm\">{}</td></tr>",
                 b.in_flight(),
                 b.weight(),
                 b.requests(),
-                b.errors()
+                b.errors(),
+                b.aborted()
             );
         }
-        pools.push_str("</tbody></table></div><div class=\"charts\"></div></section>\n");
+        pools.push_str(
+            "</tbody></table></div><div class=\"charts\"></div><h3>scale events</h3><div class=\"events\"></div></section>\n",
+        );
     }
     TEMPLATE.replacen("{{POOLS}}", &pools, 1).replacen("{{UPDATED}}", "", 1)
 }

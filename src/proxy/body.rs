@@ -313,24 +313,46 @@ impl ResponseBody {
     }
 }
 
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    /// The backend broke the stream or went silent past `stream_idle_timeout`.
+    BackendFailed,
+    /// The client went away first; `stalled`: it was cut off for taking no response bytes.
+    ClientGone {
+        stalled: bool,
+    },
+}
+
 /// Releases the slot, records the request, and gives the connection back if the body ended
-/// cleanly. `stalled`: the client connection was cut off for taking no response bytes.
-fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, clean: bool, stalled: bool) {
+/// cleanly. A client that leaves early is counted as `aborted`, never as the backend's error.
+fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, end: End) {
+    use crate::admin::history::Outcome;
     let Some(up) = done.take() else { return };
     let backend = up.guard.backend();
-    if clean {
+    if end == End::Complete {
         if let Some(conn) = body.take_reusable() {
             backend.conns.put_back(conn);
         }
     }
-    let failed = up.status >= 500 || !clean;
-    backend.count_response(up.status, failed);
-    backend.observe(up.status, failed, up.started.elapsed().as_secs_f64());
+    let outcome = match end {
+        End::Complete if up.status < 500 => Outcome::Ok,
+        End::Complete | End::BackendFailed => Outcome::Failed,
+        End::ClientGone { .. } => Outcome::Aborted,
+    };
+    if outcome == Outcome::Aborted {
+        backend.count_aborted(up.status);
+    } else {
+        backend.count_response(up.status, outcome == Outcome::Failed);
+    }
+    backend.observe(up.status, outcome, up.started.elapsed().as_secs_f64());
     if let Some(log) = &up.log {
-        let outcome = match (clean, stalled) {
-            (true, _) => "complete",
-            (false, true) => "client_stalled",
-            (false, false) => "aborted",
+        let outcome = match end {
+            End::Complete => "complete",
+            End::BackendFailed => "backend_failed",
+            End::ClientGone { stalled: true } => "client_stalled",
+            End::ClientGone { stalled: false } => "aborted",
         };
         log.write(up.status, &backend.label, outcome);
     }
@@ -356,7 +378,7 @@ impl Body for ResponseBody {
                         log.bytes += data.len() as u64;
                     }
                     if body.is_end_stream() {
-                        finish(done, body, true, false);
+                        finish(done, body, End::Complete);
                     } else if let Some(a) = this.active.as_ref().filter(|a| a.conn().watches_sends()) {
                         a.conn().frame_handed();
                         this.handed = true;
@@ -369,11 +391,11 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    finish(done, body, false, false);
+                    finish(done, body, End::BackendFailed);
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
-                    finish(done, body, true, false);
+                    finish(done, body, End::Complete);
                     Poll::Ready(None)
                 }
                 Poll::Pending => {
@@ -383,7 +405,7 @@ impl Body for ResponseBody {
                     let timeout = up.stream_idle_timeout;
                     let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     if sleep.as_mut().poll(cx).is_ready() {
-                        finish(done, body, false, false);
+                        finish(done, body, End::BackendFailed);
                         return Poll::Ready(Some(Err(Box::new(StreamIdle(timeout)))));
                     }
                     Poll::Pending
@@ -419,8 +441,8 @@ impl Drop for ResponseBody {
         if let Inner::Upstream { body, done, .. } = &mut self.inner {
             // Dropped before the end means the client went away: the upstream connection is
             // mid-response and is closed rather than reused.
-            let clean = body.is_end_stream();
-            finish(done, body, clean, stalled);
+            let end = if body.is_end_stream() { End::Complete } else { End::ClientGone { stalled } };
+            finish(done, body, end);
         }
     }
 }
