@@ -106,7 +106,8 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "pools": pools })
+    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    json!({ "time": time, "pools": pools })
 }
 
 /// Sets the per-pool gauges that mirror live atomics, just before a scrape.
