@@ -49,9 +49,10 @@ async fn percentiles_match_a_backend_with_fixed_delays() {
     assert_eq!((report.sent, report.ok), (100, 100), "{}", report.table());
     let t = report.total_ms;
     eprintln!("total ms: p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}", t.p50, t.p90, t.p99, t.max);
-    // Lower bounds are exact (the delays); upper bounds leave room for a loaded machine.
-    assert!(t.p50 >= 20.0 && t.p50 < 60.0, "p50 {}", t.p50);
-    assert!(t.p90 >= 20.0 && t.p90 < 60.0, "p90 {}: 90 of 100 take 20 ms", t.p90);
+    // Lower bounds are exact (the delays); upper bounds leave room for a loaded machine while
+    // still telling the 20 ms class from the 200 ms one.
+    assert!(t.p50 >= 20.0 && t.p50 < 150.0, "p50 {}", t.p50);
+    assert!(t.p90 >= 20.0 && t.p90 < 150.0, "p90 {}: 90 of 100 take 20 ms", t.p90);
     assert!(t.p99 >= 200.0 && t.p99 < 400.0, "p99 {}: 10 of 100 take 200 ms", t.p99);
     assert!(t.max >= 200.0);
     assert_eq!(report.statuses["200"], 100);
@@ -170,7 +171,7 @@ async fn the_command_streams_from_a_mock_backend_and_through_the_default_config(
 #[test]
 fn a_target_where_nothing_listens_stops_the_run_after_its_first_second() {
     let dead = free_addr();
-    for mode in [&["--concurrency", "8"][..], &["--rate", "200/s"]] {
+    for mode in [&["--concurrency", "2"][..], &["--rate", "50/s"]] {
         let started = std::time::Instant::now();
         let url = format!("http://{dead}/v1/chat/completions");
         let out = Command::new(BIN).args(["load", &url, "--duration", "30s", "--json"]).args(mode).output().unwrap();
