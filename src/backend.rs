@@ -228,13 +228,13 @@ impl Backend {
     #[inline]
     pub fn is_saturated(&self) -> bool {
         let until = self.hot.saturated_until_ms.load(Ordering::Relaxed);
-        until != 0 && crate::proxy::conn::now_ms() < until
+        until != 0 && crate::clock::now_ms() < until
     }
 
     /// Milliseconds left of a `Retry-After` pause (0 when none).
     pub fn saturated_for_ms(&self) -> u64 {
         let until = self.hot.saturated_until_ms.load(Ordering::Relaxed);
-        until.saturating_sub(crate::proxy::conn::now_ms())
+        until.saturating_sub(crate::clock::now_ms())
     }
 
     /// Takes no new requests for `pause` (a 429/503 with `Retry-After`), capped at
@@ -244,7 +244,7 @@ impl Backend {
         if ms == 0 {
             return;
         }
-        self.hot.saturated_until_ms.fetch_max(crate::proxy::conn::now_ms() + ms, Ordering::Relaxed);
+        self.hot.saturated_until_ms.fetch_max(crate::clock::now_ms() + ms, Ordering::Relaxed);
         tracing::info!(backend = %self.addr, pause_ms = ms, "backend asked for a pause (Retry-After)");
     }
 
@@ -282,7 +282,7 @@ impl Backend {
     /// Begins a slow-start ramp at 10% if the pool has one.
     fn start_ramp(&self) {
         if self.pool_state.slow_start_ms.load(Ordering::Relaxed) > 0 {
-            self.ramp_since_ms.store(crate::proxy::conn::now_ms(), Ordering::Relaxed);
+            self.ramp_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
             self.hot.ramp.store(FIRST_RAMP, Ordering::Relaxed);
         }
     }
@@ -321,7 +321,7 @@ impl Backend {
     /// timeouts), when it has and the pool watches for outliers; `None` while it answers well.
     pub fn failing_for_ms(&self) -> Option<u64> {
         let since = self.failing_since_ms.load(Ordering::Relaxed);
-        (since != 0).then(|| crate::proxy::conn::now_ms().saturating_sub(since))
+        (since != 0).then(|| crate::clock::now_ms().saturating_sub(since))
     }
 
     /// Length of the latest ejection in milliseconds (0 if never ejected).
@@ -334,7 +334,7 @@ impl Backend {
         if self.state() != BackendState::Ejected {
             return 0;
         }
-        self.ejected_until_ms.load(Ordering::Relaxed).saturating_sub(crate::proxy::conn::now_ms())
+        self.ejected_until_ms.load(Ordering::Relaxed).saturating_sub(crate::clock::now_ms())
     }
 
     pub fn requests(&self) -> u64 {
@@ -387,7 +387,7 @@ impl Backend {
         let Some(cfg) = guard.as_ref() else { return };
         let failures = self.outlier_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if self.failing_since_ms.load(Ordering::Relaxed) == 0 {
-            let now = crate::proxy::conn::now_ms().max(1);
+            let now = crate::clock::now_ms().max(1);
             let _ = self.failing_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         }
         if failures >= cfg.consecutive_failures && self.state() == BackendState::Healthy {
@@ -423,7 +423,7 @@ impl Backend {
         let times = self.ejection_streak.fetch_add(1, Ordering::Relaxed) + 1;
         let duration = cfg.base_ejection.saturating_mul(times).min(cfg.max_ejection);
         self.last_ejection_ms.store(duration.as_millis() as u64, Ordering::Relaxed);
-        self.ejected_until_ms.store(crate::proxy::conn::now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until_ms.store(crate::clock::now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
         self.outlier_failures.store(0, Ordering::Relaxed);
         self.metrics.ejected();
         tracing::warn!(backend = %self.addr, times, ?duration, "backend ejected after consecutive failures");
@@ -766,7 +766,7 @@ mod tests {
         let left = b.saturated_for_ms();
         assert!(left > 299_000 && left <= 300_000, "capped at five minutes: {left}");
         assert_eq!(b.state(), BackendState::Healthy, "a pause is not a state change");
-        b.hot.saturated_until_ms.store(crate::proxy::conn::now_ms(), Ordering::Relaxed);
+        b.hot.saturated_until_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         assert!(b.try_acquire().is_some(), "usable again once the pause is over");
     }
 }

@@ -1,8 +1,17 @@
-//! Deadlines that cannot overflow. Every `Instant + Duration` on a path a client or a config
-//! value can reach goes through here, so that no duration, however long, can panic the process.
+//! Time for the rest of the crate: deadlines that cannot overflow (every `Instant + Duration` on
+//! a path a client or a config value can reach goes through here, so that no duration, however
+//! long, can panic the process), and a cheap shared millisecond clock for bookkeeping kept in
+//! atomics (idle periods, ejections, saturation, slow start).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Milliseconds since the first use: monotonic, shared by every thread, one `Instant` read.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
 
 /// About 30 years: what "never" means for a deadline.
 const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);

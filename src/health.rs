@@ -149,7 +149,7 @@ pub async fn readmit_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Fu
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(cfg) = pool.config.outlier.clone() else { return };
-        let now = crate::proxy::conn::now_ms();
+        let now = crate::clock::now_ms();
         let mut still_ejected = 0;
         for b in &pool.backends {
             if b.state() != BackendState::Ejected {
@@ -185,7 +185,7 @@ pub async fn ramp_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Futur
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
         let Some(slow_start) = pool.config.slow_start else { return };
-        let now = crate::proxy::conn::now_ms();
+        let now = crate::clock::now_ms();
         for b in &pool.backends {
             b.advance_ramp(now);
         }

@@ -1,6 +1,9 @@
 //! headroom: an elastic L7 gateway for AI model-serving backends.
 //!
-//! The crate by concern:
+//! The crate by concern, module by module:
+
+#![warn(clippy::too_many_lines)]
+
 pub mod admin; //    metrics, JSON API (off the data path)
 pub mod backend; //  per-backend atomics, pools, the in-flight guard
 pub mod balance; //  pickers: weighted least-conn, round robin, smooth WRR, p2c
@@ -81,6 +84,7 @@ pub struct RunOptions {
 /// Runs the gateway with `workers - 1` more threads accepting on the same listeners, each with
 /// its own single-threaded runtime: a connection and its upstream work stay on one thread, with
 /// no work-stealing scheduler between them. Shared state stays lock-free (atomics, `ArcSwap`).
+#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub async fn run_with(
     config: Config,
     listeners: Listeners,

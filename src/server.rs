@@ -93,7 +93,7 @@ fn accept_failed(e: &std::io::Error) {
     static UNLOGGED: AtomicU64 = AtomicU64::new(0);
     crate::admin::metrics::accept_error();
     UNLOGGED.fetch_add(1, Ordering::Relaxed);
-    let now = crate::proxy::conn::now_ms().max(1);
+    let now = crate::clock::now_ms().max(1);
     let last = LAST_LOG_MS.load(Ordering::Relaxed);
     let due = last == 0 || now.saturating_sub(last) >= 1000;
     if due && LAST_LOG_MS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {

@@ -69,6 +69,7 @@ type DurationRule<'a> = &'a dyn Fn(&Option<Spanned<String>>, &str, Duration) -> 
 
 /// Validates `[pools.{name}.autoscale]`. `has_launch` says whether the pool has a `[launch]`
 /// section (the local provider needs one); `default_target` is the pool's per-backend capacity.
+#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub(super) fn validate(
     name: &str,
     raw: &Spanned<FileAutoscale>,

@@ -15,6 +15,7 @@ const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const MAX_WEIGHT: u32 = 1000;
 
 /// Validates a parsed file; `text` is the source (for line:column), `base_dir` resolves paths.
+#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
@@ -197,6 +198,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
     Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
 }
 
+#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 fn validate_pool(
     name: &str,
     pool: &Spanned<FilePool>,

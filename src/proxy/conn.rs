@@ -11,18 +11,12 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
-
-/// Milliseconds since the first use, a cheap shared clock for the idle bookkeeping.
-pub(crate) fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// State shared between a client connection's IO wrapper and its service.
 #[derive(Debug, Default)]
@@ -55,14 +49,14 @@ pub struct ConnShared {
 impl ConnShared {
     pub fn new() -> Arc<Self> {
         let s = ConnShared::default();
-        s.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        s.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         Arc::new(s)
     }
 
     /// Shared state of an h2 connection: response bodies report frames waiting for the client.
     pub fn new_h2() -> Arc<Self> {
         let s = ConnShared { watch_sends: true, ..ConnShared::default() };
-        s.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        s.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         Arc::new(s)
     }
 
@@ -86,14 +80,14 @@ impl ConnShared {
     /// A response body handed a frame to the connection and waits to be asked for the next.
     pub(crate) fn frame_handed(&self) {
         if self.unsent.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.unsent_progress_ms.store(now_ms(), Ordering::Relaxed);
+            self.unsent_progress_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         }
     }
 
     /// A body that had handed a frame was asked for more (or dropped): the client took it.
     pub(crate) fn frame_taken(&self) {
         self.unsent.fetch_sub(1, Ordering::Relaxed);
-        self.unsent_progress_ms.store(now_ms(), Ordering::Relaxed);
+        self.unsent_progress_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 
     /// When the bodies waiting on the client will have waited `send_timeout` with no progress
@@ -138,7 +132,7 @@ impl ActiveRequest {
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        self.0.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
         self.0.finished.fetch_add(1, Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -183,8 +177,8 @@ impl<S: ClientStream> ClientIo<S> {
             idle_timeout,
             timer: Box::pin(tokio::time::sleep(header_timeout.min(idle_timeout))),
             timer_waker: None,
-            timer_due_ms: crate::clock::add_ms(now_ms(), header_timeout.min(idle_timeout)),
-            opened_ms: now_ms(),
+            timer_due_ms: crate::clock::add_ms(crate::clock::now_ms(), header_timeout.min(idle_timeout)),
+            opened_ms: crate::clock::now_ms(),
             seen_finished: 0,
             served_any: false,
             closed: false,
@@ -215,7 +209,7 @@ impl<S: ClientStream> ClientIo<S> {
 
     /// What to do when the timer fires: `Some(deadline_ms)` to keep waiting, `None` to close.
     fn next_deadline(&mut self) -> Option<u64> {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         if self.shared.active.load(Ordering::Relaxed) > 0 {
             // A request is in progress; its own timeouts apply, and the send timeout here.
             let later = crate::clock::add_ms(now, self.idle_timeout);
@@ -262,7 +256,7 @@ impl<S: ClientStream> ClientIo<S> {
 
     /// Sets the timer to fire at `due_ms` (`now_ms`); it is polled again before it counts.
     fn set_timer(&mut self, due_ms: u64) {
-        let wait = Duration::from_millis(due_ms.saturating_sub(now_ms()).max(1));
+        let wait = Duration::from_millis(due_ms.saturating_sub(crate::clock::now_ms()).max(1));
         self.timer.as_mut().reset(crate::clock::deadline(wait));
         self.timer_due_ms = due_ms;
         self.timer_waker = None;

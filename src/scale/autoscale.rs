@@ -114,6 +114,7 @@ impl Scaler {
     }
 
     /// One look at the pool; false when the pool no longer autoscales.
+    #[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
     fn step(&mut self, done: &mpsc::UnboundedSender<Done>) -> bool {
         while self.calls.try_join_next().is_some() {}
         let snap = self.gateway.snapshot();

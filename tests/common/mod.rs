@@ -353,8 +353,13 @@ pub async fn raw(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
 
 /// A loopback address nothing listens on.
 pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    // Bound but never listening: connections are refused, and the port stays taken for the rest
+    // of the test process, so no server another test starts can land on it.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(socket);
+    addr
 }
 
 /// Sends `method path` with a body to the admin listener: (status, JSON body).

@@ -19,9 +19,10 @@
 
 use super::{next_frame, Chunk, ConnectionTokens, State as Framing, KEEP_ALIVE};
 use crate::clock::add_ms;
+use crate::clock::now_ms;
 use crate::error::ProxyError;
 use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
-use crate::proxy::conn::{now_ms, ConnShared};
+use crate::proxy::conn::ConnShared;
 use crate::proxy::ProxyService;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -284,6 +285,7 @@ enum HeadError {
 const MAX_TARGET: u32 = u16::MAX as u32 - 1;
 
 /// Parses a request head at the front of `buf`, consuming it. `None` while incomplete.
+#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -697,6 +699,7 @@ impl Conn {
     }
 
     /// Writes `resp`; returns whether the connection may stay open.
+    #[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
     async fn respond(
         &mut self,
         resp: Response<ResponseBody>,

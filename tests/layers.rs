@@ -1,0 +1,216 @@
+//! The crate's layers, checked: a module may use modules of its own layer or of layers below it,
+//! never above. `LAYERS` gives every module of `src/` a layer (by path prefix, the longest
+//! wins), from the bottom up:
+//!
+//! 0 clock, error, config · 1 certificate loading (tls) · 2 the pool model the hot path reads
+//! (backend, balance, the admission queue) · 3 the HTTP/1 codec · 4 upstream connections ·
+//! 5 the proxy and its snapshot (gateway) · 6 what changes the snapshot (health, reload, scale) ·
+//! 7 admin, server, TLS accept · 8 the crate root · 9 the dev tools (load, mock), which nothing
+//! else may use.
+//!
+//! `KNOWN_UPWARD` lists the uses that still point up, as they were when this check was written:
+//! the architecture work removes them. A new upward use fails this test, and so does an entry
+//! that is no longer there (so the list only shrinks).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+const LAYERS: [(&str, u8); 22] = [
+    ("clock", 0),
+    ("error", 0),
+    ("config", 0),
+    ("tls", 1),
+    ("backend", 2),
+    ("balance", 2),
+    ("scale::queue", 2),
+    ("proxy::h1", 3),
+    ("proxy::upstream", 4),
+    ("proxy", 5),
+    ("gateway", 5),
+    ("health", 6),
+    ("reload", 6),
+    ("scale", 6),
+    ("admin", 7),
+    ("server", 7),
+    ("tls::server", 7),
+    ("tls::gen", 7),
+    ("", 8),
+    ("main", 8),
+    ("load", 9),
+    ("mock", 9),
+];
+
+/// Uses that point up today, `from -> to` by module path.
+const KNOWN_UPWARD: &[&str] = &[
+    "backend -> admin::history",
+    "backend -> admin::metrics",
+    "backend -> proxy::upstream",
+    "config::tls -> tls",
+    "error -> scale::queue",
+    "gateway -> admin::history",
+    "gateway -> admin::metrics",
+    "gateway -> reload",
+    "gateway -> scale::events",
+    "gateway -> scale::launch",
+    "gateway -> tls::server",
+    "proxy -> admin::history",
+    "proxy -> admin::metrics",
+    "proxy::body -> admin::history",
+    "proxy::conn -> admin::metrics",
+    "proxy::h1 -> proxy::body",
+    "proxy::h1 -> proxy::upstream",
+    "proxy::h1::server -> proxy",
+    "proxy::h1::server -> proxy::body",
+    "proxy::h1::server -> proxy::conn",
+    "proxy::upstream -> proxy::body",
+    "reload -> admin::metrics",
+    "reload -> server",
+    "scale::autoscale -> admin::metrics",
+];
+
+fn layer(module: &str) -> u8 {
+    LAYERS
+        .iter()
+        .filter(|(prefix, _)| prefix.is_empty() || module == *prefix || module.starts_with(&format!("{prefix}::")))
+        .max_by_key(|(prefix, _)| prefix.len())
+        .map_or(8, |(_, l)| *l)
+}
+
+/// Every module of `src/` by path (`proxy::h1::server`), with its text without test code.
+fn modules() -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![Path::new("src").to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let rel = path.strip_prefix("src").unwrap().with_extension("");
+            let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            if parts.last().is_some_and(|l| l == "mod" || l == "lib") {
+                parts.pop();
+            }
+            // Test-only files: what they use is not the crate's structure.
+            if parts.last().is_some_and(|l| ["tests", "fuzz", "differential"].contains(&l.as_str())) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = match text.find("#[cfg(test)]\nmod tests {") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            };
+            out.insert(parts.join("::"), text);
+        }
+    }
+    out
+}
+
+/// The module paths `text` (of module `from`) refers to through `crate::` and `super::`.
+fn uses(from: &str, text: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let parent: Vec<&str> = from.split("::").filter(|s| !s.is_empty()).collect();
+    let mut resolve = |path: Vec<String>| {
+        // The longest prefix that is a module: an item of a module is a use of the module.
+        for n in (0..=path.len()).rev() {
+            let candidate = path[..n].join("::");
+            if known.contains(&candidate) {
+                found.insert(candidate);
+                return;
+            }
+        }
+    };
+    for (root, base) in [("crate::", Vec::new()), ("super::", parent[..parent.len().saturating_sub(1)].to_vec())] {
+        let mut rest = text;
+        while let Some(i) = rest.find(root) {
+            // Not the tail of a longer word (`my_crate::`).
+            let word_before = rest[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_');
+            rest = &rest[i + root.len()..];
+            if word_before {
+                continue;
+            }
+            for path in expand(rest) {
+                let mut full: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+                full.extend(path);
+                resolve(full);
+            }
+        }
+    }
+    found
+}
+
+/// The paths after `crate::`: `a::b::C`, or each of `{a::b, c::{d, e}}`.
+fn expand(text: &str) -> Vec<Vec<String>> {
+    let ident = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+    let mut prefix = Vec::new();
+    let mut rest = text;
+    loop {
+        let id = ident(rest);
+        if id.is_empty() {
+            break;
+        }
+        prefix.push(id.clone());
+        rest = &rest[id.len()..];
+        if let Some(r) = rest.strip_prefix("::") {
+            rest = r;
+        } else {
+            return vec![prefix];
+        }
+    }
+    let Some(group) = rest.strip_prefix('{') else { return vec![prefix] };
+    // Split the braces' content at depth-0 commas.
+    let (mut depth, mut start, mut out) = (0usize, 0usize, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                out.push(&group[start..i]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(&group[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.into_iter()
+        .flat_map(|item| expand(item.trim()))
+        .map(|tail| prefix.iter().cloned().chain(tail).collect())
+        .collect()
+}
+
+#[test]
+fn no_module_uses_a_module_of_a_higher_layer_beyond_the_known_ones() {
+    let modules = modules();
+    let known: BTreeSet<String> = modules.keys().cloned().collect();
+    let mut upward = BTreeSet::new();
+    for (from, text) in &modules {
+        for to in uses(from, text, &known) {
+            if to != *from && layer(&to) > layer(from) {
+                upward.insert(format!("{from} -> {to}"));
+            }
+        }
+    }
+    let listed: BTreeSet<String> = KNOWN_UPWARD.iter().map(|s| s.to_string()).collect();
+    let new: Vec<&String> = upward.difference(&listed).collect();
+    let gone: Vec<&String> = listed.difference(&upward).collect();
+    assert!(new.is_empty(), "uses that point up a layer (see LAYERS): {new:#?}");
+    assert!(gone.is_empty(), "no longer there; remove from KNOWN_UPWARD: {gone:#?}");
+    eprintln!("{} upward uses left", upward.len());
+}
+
+#[test]
+fn the_use_parser_reads_grouped_and_nested_paths() {
+    let paths = expand("{a::b, c::{d, e::F}};");
+    assert_eq!(paths, [vec!["a", "b"], vec!["c", "d"], vec!["c", "e", "F"]]);
+    assert_eq!(expand("x::y::Z;"), [vec!["x", "y", "Z"]]);
+    let known: BTreeSet<String> = ["", "a", "a::b", "c"].iter().map(|s| s.to_string()).collect();
+    let found = uses("a::b", "use crate::c::Thing; use super::Other; let x = my_crate::nope;", &known);
+    assert_eq!(found, ["a", "c"].iter().map(|s| s.to_string()).collect());
+}
