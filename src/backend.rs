@@ -350,7 +350,7 @@ impl Backend {
     }
 
     /// Records a finished request's duration (metrics and the pool's history).
-    pub(crate) fn observe(&self, status: u16, outcome: crate::admin::history::Outcome, seconds: f64) {
+    pub(crate) fn observe(&self, status: u16, outcome: crate::traffic::Outcome, seconds: f64) {
         self.metrics.observe(status, seconds);
         self.pool_state.traffic.record(outcome, seconds);
     }
@@ -501,7 +501,7 @@ pub struct PoolState {
     pub retry_requests: AtomicU64,
     pub retries: AtomicU64,
     /// Finished requests, errors and latencies, for the status page's history.
-    pub traffic: crate::admin::history::Traffic,
+    pub traffic: crate::traffic::Traffic,
 }
 
 impl PoolState {

@@ -4,9 +4,19 @@
 //! (client, upstream, gateway) and whether trying another backend is safe; [`ProxyError::status`]
 //! maps it exhaustively, without a catch-all, so a new kind cannot silently get the wrong status.
 
-use crate::scale::queue::Rejection;
 use http::StatusCode;
 use std::time::Duration;
+
+/// Why the admission queue could not admit a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No backend of the pool takes traffic, and none is starting.
+    NoBackend,
+    /// The queue was full.
+    QueueFull,
+    /// The request waited `queue.timeout` without a slot freeing.
+    QueueTimeout,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -19,6 +19,7 @@ pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //    admission queue, autoscaler, providers, local launcher
 pub mod server; //   client listeners, graceful drain
 pub mod tls; //      rustls: listener certificates by SNI, upstream TLS, dev certificates
+pub mod traffic; //  a pool's request counters, as the data path records them
 
 use config::Config;
 use gateway::{Gateway, Snapshot};

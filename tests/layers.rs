@@ -3,7 +3,7 @@
 //! wins), from the bottom up:
 //!
 //! 0 clock, error, config · 1 certificate loading (tls) · 2 the pool model the hot path reads
-//! (backend, balance, the admission queue) · 3 the HTTP/1 codec · 4 upstream connections ·
+//! (backend, balance, the admission queue, the traffic counters) · 3 the HTTP/1 codec · 4 upstream connections ·
 //! 5 the proxy and its snapshot (gateway) · 6 what changes the snapshot (health, reload, scale) ·
 //! 7 admin, server, TLS accept · 8 the crate root · 9 the dev tools (load, mock), which nothing
 //! else may use.
@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 22] = [
+const LAYERS: [(&str, u8); 23] = [
     ("clock", 0),
     ("error", 0),
     ("config", 0),
@@ -23,6 +23,7 @@ const LAYERS: [(&str, u8); 22] = [
     ("backend", 2),
     ("balance", 2),
     ("scale::queue", 2),
+    ("traffic", 2),
     ("proxy::h1", 3),
     ("proxy::upstream", 4),
     ("proxy", 5),
@@ -42,20 +43,16 @@ const LAYERS: [(&str, u8); 22] = [
 
 /// Uses that point up today, `from -> to` by module path.
 const KNOWN_UPWARD: &[&str] = &[
-    "backend -> admin::history",
     "backend -> admin::metrics",
     "backend -> proxy::upstream",
     "config::tls -> tls",
-    "error -> scale::queue",
     "gateway -> admin::history",
     "gateway -> admin::metrics",
     "gateway -> reload",
     "gateway -> scale::events",
     "gateway -> scale::launch",
     "gateway -> tls::server",
-    "proxy -> admin::history",
     "proxy -> admin::metrics",
-    "proxy::body -> admin::history",
     "proxy::conn -> admin::metrics",
     "proxy::h1 -> proxy::body",
     "proxy::h1 -> proxy::upstream",

@@ -328,7 +328,7 @@ enum End {
 /// Releases the slot, records the request, and gives the connection back if the body ended
 /// cleanly. A client that leaves early is counted as `aborted`, never as the backend's error.
 fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, end: End) {
-    use crate::admin::history::Outcome;
+    use crate::traffic::Outcome;
     let Some(up) = done.take() else { return };
     let backend = up.guard.backend();
     if end == End::Complete {

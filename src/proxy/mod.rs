@@ -115,7 +115,7 @@ impl ConnCtx {
                     match &track.pool {
                         Some(p) => {
                             p.metrics.record_local(status, seconds);
-                            p.state.traffic.record(crate::admin::history::Outcome::of(status >= 500), seconds);
+                            p.state.traffic.record(crate::traffic::Outcome::of(status >= 500), seconds);
                         }
                         None => self.gateway.unrouted.record_local(status, seconds),
                     }
@@ -337,7 +337,7 @@ impl ConnCtx {
             if e.source() != crate::error::Source::Client {
                 let status = e.status().as_u16();
                 guard.backend().count_response(status, e.status().is_server_error());
-                let outcome = crate::admin::history::Outcome::of(e.status().is_server_error());
+                let outcome = crate::traffic::Outcome::of(e.status().is_server_error());
                 guard.backend().observe(status, outcome, started.elapsed().as_secs_f64());
                 track.counted_on_backend = true;
             }

@@ -11,23 +11,13 @@
 #![allow(clippy::disallowed_types)]
 
 use crate::backend::{InflightGuard, Pool};
+pub use crate::error::Rejection;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-
-/// Why a request could not be admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
-    /// No backend of the pool takes traffic, and none is starting.
-    NoBackend,
-    /// The queue was full.
-    QueueFull,
-    /// The request waited `queue.timeout` without a slot freeing.
-    QueueTimeout,
-}
 
 struct Waiter {
     id: u64,
