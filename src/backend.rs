@@ -8,11 +8,11 @@
 //!
 //! Never locks and never awaits: every method here is a handful of atomic operations.
 
-use crate::admin::metrics::BackendMetrics;
 use crate::balance::Balancer;
 use crate::config::{BackendConfig, OutlierConfig, PoolConfig};
 use crate::proxy::upstream::Conns;
 use crate::scale::queue::AdmissionQueue;
+use crate::telemetry::BackendMetrics;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -526,7 +526,7 @@ pub struct Pool {
     pub state: Arc<PoolState>,
     /// Whether any backend is a backup (the pickers only look at tiers when so).
     has_backups: bool,
-    pub metrics: crate::admin::metrics::PoolMetrics,
+    pub metrics: crate::telemetry::PoolMetrics,
 }
 
 impl Pool {
@@ -567,7 +567,7 @@ impl Pool {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         Pool {
             balancer: Balancer::new(config.balance, &weights),
-            metrics: crate::admin::metrics::PoolMetrics::new(&config.name),
+            metrics: crate::telemetry::PoolMetrics::new(&config.name),
             has_backups: backends.iter().any(|b| b.is_backup()),
             config,
             backends,

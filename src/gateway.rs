@@ -4,12 +4,12 @@
 //! single snapshot, so a request sees one consistent view. Per-backend state lives in `Arc`s that
 //! a new snapshot reuses by (pool, address), so counters, in-flight counts and queues carry over.
 
-use crate::admin::metrics::PoolMetrics;
 use crate::backend::Pool;
 use crate::config::{BackendConfig, Config};
 use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
 use crate::scale::events::EventLog;
 use crate::scale::launch::Launched;
+use crate::telemetry::PoolMetrics;
 use crate::tls::server::ServerTls;
 use arc_swap::ArcSwap;
 use std::cell::RefCell;

@@ -18,6 +18,7 @@ pub mod proxy; //    the data path
 pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //    admission queue, autoscaler, providers, local launcher
 pub mod server; //   client listeners, graceful drain
+pub mod telemetry; // metric names and recording (the Prometheus recorder); rendered by admin
 pub mod tls; //      rustls: listener certificates by SNI, upstream TLS, dev certificates
 pub mod traffic; //  a pool's request counters, as the data path records them
 
@@ -94,8 +95,8 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let RunOptions { workers, config_path } = options;
     let workers = workers.max(1);
-    let prom = admin::metrics::install();
-    admin::metrics::init_counters();
+    let prom = telemetry::install();
+    telemetry::init_counters();
     proxy::upstream::set_worker_count(workers);
     let (mut extra, launched) = scale::launch::launch_all(&config).await?;
     let launched = std::sync::Arc::new(launched);

@@ -11,11 +11,11 @@
 //! Runs as one task off the data path; it owns the per-pool background tasks (health checks,
 //! ejection clock, slow-start ramp) and starts or stops them as pools and sections come and go.
 
-use crate::admin::metrics;
 use crate::backend::BackendState;
 use crate::config::{BackendConfig, Config};
 use crate::gateway::{Gateway, Snapshot};
 use crate::health;
+use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -461,7 +461,7 @@ impl Reloader {
             error: None,
         });
         self.gateway.set_config_status(status.clone());
-        metrics::config_reloaded(true, status.loaded_at);
+        telemetry::config_reloaded(true, status.loaded_at);
         tracing::info!(?trigger, hash = %status.hash, took = ?started.elapsed(), "config reloaded");
         Ok(status)
     }
@@ -714,11 +714,11 @@ impl Reloader {
         match current.reload_files() {
             Ok(fresh) => {
                 tracing::info!("TLS certificates reloaded");
-                metrics::tls_cert_reloaded(true);
+                telemetry::tls_cert_reloaded(true);
                 self.apply_tls(Some(&fresh), None);
             }
             Err(e) => {
-                metrics::tls_cert_reloaded(false);
+                telemetry::tls_cert_reloaded(false);
                 self.apply_tls(Some(current), Some(e));
             }
         }
@@ -738,7 +738,7 @@ impl Reloader {
             error: Some(message.clone()),
         });
         self.gateway.set_config_status(status);
-        metrics::config_reloaded(false, 0.0);
+        telemetry::config_reloaded(false, 0.0);
         message
     }
 }

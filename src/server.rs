@@ -91,7 +91,7 @@ fn accept_failed(e: &std::io::Error) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST_LOG_MS: AtomicU64 = AtomicU64::new(0);
     static UNLOGGED: AtomicU64 = AtomicU64::new(0);
-    crate::admin::metrics::accept_error();
+    crate::telemetry::accept_error();
     UNLOGGED.fetch_add(1, Ordering::Relaxed);
     let now = crate::clock::now_ms().max(1);
     let last = LAST_LOG_MS.load(Ordering::Relaxed);

@@ -18,10 +18,10 @@
 
 mod guard;
 pub mod history;
-pub mod metrics;
 mod status;
 
 use crate::gateway::Gateway;
+use crate::telemetry;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -114,12 +114,13 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
 fn sample_gauges(gateway: &Gateway) {
     let snap = gateway.snapshot();
     for p in &snap.pools {
-        ::metrics::gauge!(metrics::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
+        ::metrics::gauge!(telemetry::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
         let panic = p.config.panic_threshold > 0.0 && p.in_panic();
-        ::metrics::gauge!(metrics::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
+        ::metrics::gauge!(telemetry::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
         for s in crate::backend::BackendState::ALL {
             let n = p.backends.iter().filter(|b| b.state() == s).count();
-            ::metrics::gauge!(metrics::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str()).set(n as f64);
+            ::metrics::gauge!(telemetry::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str())
+                .set(n as f64);
         }
     }
 }
@@ -139,18 +140,23 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
         }
         out.push('\n');
     };
-    each(out, metrics::BACKEND_INFLIGHT, &|out, pool, b| {
-        let _ =
-            writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {}", metrics::BACKEND_INFLIGHT, b.label, b.in_flight());
+    each(out, telemetry::BACKEND_INFLIGHT, &|out, pool, b| {
+        let _ = writeln!(
+            out,
+            "{}{{pool=\"{pool}\",backend=\"{}\"}} {}",
+            telemetry::BACKEND_INFLIGHT,
+            b.label,
+            b.in_flight()
+        );
     });
-    each(out, metrics::BACKEND_HEALTHY, &|out, pool, b| {
+    each(out, telemetry::BACKEND_HEALTHY, &|out, pool, b| {
         let up = u8::from(b.state() == crate::backend::BackendState::Healthy);
-        let _ = writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {up}", metrics::BACKEND_HEALTHY, b.label);
+        let _ = writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {up}", telemetry::BACKEND_HEALTHY, b.label);
     });
-    each(out, metrics::BACKEND_STATE, &|out, pool, b| {
+    each(out, telemetry::BACKEND_STATE, &|out, pool, b| {
         let state = b.state();
         for s in crate::backend::BackendState::ALL {
-            let (name, label, v) = (metrics::BACKEND_STATE, &b.label, u8::from(s == state));
+            let (name, label, v) = (telemetry::BACKEND_STATE, &b.label, u8::from(s == state));
             let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
         }
     });
@@ -164,14 +170,14 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
         }
         out.push('\n');
     };
-    counter(out, metrics::UPSTREAM_CONNECTS, &|b| b.metrics.counts().0);
-    counter(out, metrics::EJECTIONS, &|b| b.metrics.counts().1);
-    let _ = writeln!(out, "# TYPE {} counter", metrics::HEALTH_CHECKS);
+    counter(out, telemetry::UPSTREAM_CONNECTS, &|b| b.metrics.counts().0);
+    counter(out, telemetry::EJECTIONS, &|b| b.metrics.counts().1);
+    let _ = writeln!(out, "# TYPE {} counter", telemetry::HEALTH_CHECKS);
     for p in snap.pools.iter().filter(|p| p.config.health.is_some()) {
         for b in &p.backends {
             let (_, _, passed, failed) = b.metrics.counts();
             for (result, n) in [("pass", passed), ("fail", failed)] {
-                let (name, pool, label) = (metrics::HEALTH_CHECKS, &p.config.name, &b.label);
+                let (name, pool, label) = (telemetry::HEALTH_CHECKS, &p.config.name, &b.label);
                 let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",result=\"{result}\"}} {n}");
             }
         }
@@ -181,7 +187,7 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
 async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     if let Err(refusal) = guard::check(&parts, &gateway.snapshot().config.admin) {
-        metrics::admin_refused(refusal.reason);
+        telemetry::admin_refused(refusal.reason);
         tracing::warn!(method = %parts.method, path = parts.uri.path(), reason = refusal.reason, "admin request refused");
         let mut resp = json_error(refusal.status, refusal.message);
         if refusal.status == StatusCode::UNAUTHORIZED {
@@ -307,7 +313,7 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
         return json_error(StatusCode::BAD_REQUEST, format!("addr {:?}: expected ip:port", reg.addr));
     };
     if let Err(rule) = gateway.addr_policy().check(addr) {
-        metrics::backend_addr_refused(pool, "api", rule.as_str());
+        telemetry::backend_addr_refused(pool, "api", rule.as_str());
         return json_error(StatusCode::BAD_REQUEST, format!("addr {addr}: {rule}"));
     }
     let weight = reg.weight.unwrap_or(1);

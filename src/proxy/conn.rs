@@ -68,7 +68,7 @@ impl ConnShared {
     /// Marks the connection as cut off for taking no response bytes (counted once).
     pub(crate) fn set_stalled(&self) {
         if !self.stalled.swap(true, Ordering::Relaxed) {
-            crate::admin::metrics::client_stalled();
+            crate::telemetry::client_stalled();
         }
     }
 

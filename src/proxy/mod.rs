@@ -160,7 +160,7 @@ impl ConnCtx {
             return Err(ProxyError::HeadersTooLarge(server.max_header_bytes));
         }
         if self.gateway.via.seen_in(&parts.headers, &scan) {
-            crate::admin::metrics::loop_detected();
+            crate::telemetry::loop_detected();
             return Err(ProxyError::LoopDetected);
         }
         let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();

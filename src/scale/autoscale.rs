@@ -13,11 +13,11 @@
 use super::events::ScaleEvent;
 use super::policy::{Decision, Observation, Policy};
 use super::provider::{self, Action, Current, HookRequest};
-use crate::admin::metrics;
 use crate::backend::{BackendState, Pool};
 use crate::config::ProviderKind;
 use crate::gateway::Gateway;
 use crate::reload::{BackendChange, ChangeError};
+use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,7 +62,7 @@ struct Done {
 /// `[autoscale]` section is gone.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    metrics::init_scale_counters(&name);
+    telemetry::init_scale_counters(&name);
     let mut scaler = Scaler::new(gateway, name);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     loop {
@@ -171,7 +171,7 @@ impl Scaler {
                 if state == BackendState::Healthy {
                     t.healthy_seen = true;
                     if t.asked {
-                        metrics::provisioned(&pool.config.name, now.duration_since(t.since).as_secs_f64());
+                        telemetry::provisioned(&pool.config.name, now.duration_since(t.since).as_secs_f64());
                     }
                 } else if now.duration_since(t.since) >= cfg.provision_timeout {
                     give_up.push(b.addr);
@@ -192,7 +192,7 @@ impl Scaler {
             }
         }
         obs.starting += self.asking + self.awaiting.iter().map(|(_, n)| n).sum::<u32>();
-        metrics::desired_backends(&pool.config.name, Policy::desired(&cfg, &obs));
+        telemetry::desired_backends(&pool.config.name, Policy::desired(&cfg, &obs));
 
         for addr in give_up {
             let reason = format!("not healthy within provision_timeout ({:?})", cfg.provision_timeout);
@@ -311,7 +311,7 @@ impl Scaler {
             if !t.asked {
                 (t.asked, t.since) = (true, done.started);
                 if t.healthy_seen {
-                    metrics::provisioned(&self.name, now.duration_since(done.started).as_secs_f64());
+                    telemetry::provisioned(&self.name, now.duration_since(done.started).as_secs_f64());
                 }
             }
         }
@@ -336,7 +336,7 @@ impl Scaler {
             }
         }
         let outcome = if done.result.is_ok() { "ok" } else { "error" };
-        metrics::scale_event(&self.name, done.action.as_str(), outcome);
+        telemetry::scale_event(&self.name, done.action.as_str(), outcome);
         let backends = done.added.iter().chain(&done.released).map(ToString::to_string).collect();
         self.gateway.scale_events.record(
             &self.name,
@@ -388,7 +388,7 @@ async fn register(
     let mut surplus = Vec::new();
     for b in backends {
         if let Err(rule) = policy.check(b.addr) {
-            metrics::backend_addr_refused(pool, "provider", rule.as_str());
+            telemetry::backend_addr_refused(pool, "provider", rule.as_str());
             let addr = b.addr;
             tracing::warn!(pool, backend = %addr, %rule, "a provider returned an address no backend may have; skipped");
         } else if before.contains(&b.addr) || wanted.iter().any(|w: &crate::config::BackendConfig| w.addr == b.addr) {

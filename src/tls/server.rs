@@ -3,8 +3,8 @@
 //! ALPN `h2`/`http/1.1` and TLS 1.2/1.3 only, and the bounded handshake.
 
 use super::{provider, TlsError};
-use crate::admin::metrics;
 use crate::config::TlsConfig;
+use crate::telemetry;
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -89,7 +89,7 @@ impl ServerTls {
             handshake_timeout_ms: AtomicU64::new(cfg.handshake_timeout.as_millis() as u64),
         });
         record_expiry(cfg);
-        metrics::init_tls_counters();
+        telemetry::init_tls_counters();
         Ok(tls)
     }
 
@@ -111,7 +111,7 @@ impl ServerTls {
             Ok(Err(e)) => Handshake::Failed(e),
             Err(_) => Handshake::TimedOut,
         };
-        metrics::tls_handshake(match &outcome {
+        telemetry::tls_handshake(match &outcome {
             Handshake::Done(_) => "ok",
             Handshake::Failed(_) => "error",
             Handshake::TimedOut => "timeout",
@@ -125,7 +125,7 @@ fn record_expiry(cfg: &TlsConfig) {
         .chain(cfg.sni.iter().map(|s| (s.server_names[0].clone(), &s.pair)));
     for (name, pair) in named {
         if let Some(t) = super::expiry(&pair.loaded) {
-            metrics::tls_cert_expiry(&name, t);
+            telemetry::tls_cert_expiry(&name, t);
         }
     }
 }
