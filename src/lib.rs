@@ -173,7 +173,9 @@ pub async fn run_with(
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
     gateway.set_reloader(reload_tx);
     let text = config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
-    let reloader = reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, persisted, closers);
+    let proxy_listeners = reload::ProxyListeners::new(closers, |l, g, until| Box::pin(server::serve(l, g, until)));
+    let reloader =
+        reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, persisted, proxy_listeners);
     if state_error.is_some() {
         gateway.set_config_status(reload::ConfigStatus { state_error, ..gateway.config_status() });
     }

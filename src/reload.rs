@@ -157,12 +157,27 @@ pub async fn until_either(a: watch::Receiver<bool>, b: watch::Receiver<bool>) {
     }
 }
 
+/// Serves one proxy listener until the future given resolves: the server's accept loop, handed
+/// in by whoever builds the reloader (the control layer does not reach up into the server).
+pub type Serve = fn(
+    tokio::net::TcpListener,
+    Arc<Gateway>,
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The proxy listeners by configured address, each with the switch that closes it everywhere.
-struct ProxyListeners {
+pub struct ProxyListeners {
     open: Vec<(SocketAddr, watch::Sender<bool>)>,
+    serve: Serve,
 }
 
 impl ProxyListeners {
+    /// The listeners being served, by configured address with their close switches, and how to
+    /// serve one a reload adds.
+    pub fn new(open: Vec<(SocketAddr, watch::Sender<bool>)>, serve: Serve) -> Self {
+        ProxyListeners { open, serve }
+    }
+
     /// Binds the addresses `wanted` adds; nothing is started or closed yet.
     fn bind_new(&self, wanted: &[SocketAddr]) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, String> {
         let mut bound = Vec::new();
@@ -205,7 +220,7 @@ impl ProxyListeners {
             let (close, closed) = watch::channel(false);
             let until = until_either(stop.clone(), closed);
             tracing::info!(%addr, "proxy listening (added by reload)");
-            tokio::spawn(crate::server::serve(l, gateway.clone(), until));
+            tokio::spawn((self.serve)(l, gateway.clone(), Box::pin(until)));
             self.open.push((addr, close));
         }
     }
@@ -306,7 +321,7 @@ impl Reloader {
         text: &str,
         extra: HashMap<String, Vec<BackendConfig>>,
         persisted: std::collections::HashSet<(String, SocketAddr)>,
-        listeners: Vec<(SocketAddr, watch::Sender<bool>)>,
+        listeners: ProxyListeners,
     ) -> Self {
         let running_hash = text_hash(text);
         gateway.set_config_status(ConfigStatus {
@@ -333,7 +348,7 @@ impl Reloader {
             cert_watcher,
             cert_events_tx,
             cert_events,
-            listeners: ProxyListeners { open: listeners },
+            listeners,
             removed: Vec::new(),
         }
     }

@@ -57,7 +57,6 @@ const KNOWN_UPWARD: &[&str] = &[
     "proxy::h1::server -> proxy::body",
     "proxy::h1::server -> proxy::conn",
     "proxy::upstream -> proxy::body",
-    "reload -> server",
 ];
 
 fn layer(module: &str) -> u8 {
