@@ -481,3 +481,26 @@ pub fn cpu_time(pid: u32) -> Duration {
     // The kernel reports in USER_HZ, 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
+
+/// A backend whose response body is driven by the test through the returned channel.
+pub async fn streaming_backend() -> (TestBackend, mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let b = TestBackend::start(move |_req| {
+        let tx = tx.clone();
+        async move {
+            let (events, body) = channel_body();
+            let _ = tx.send(events);
+            Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
+        }
+    })
+    .await;
+    (b, rx)
+}
+
+pub fn json_of(text: &str) -> serde_json::Value {
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    // A chunked response carries its size lines around the JSON.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |i| i + 1);
+    serde_json::from_str(&body[start..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
