@@ -240,148 +240,159 @@ fn state_dir_writable(config: &Config) -> Result<(), String> {
     }
 }
 
-#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config }) => {
-            let source = Source::resolve(config.or(cli.config).as_deref());
-            match source.load() {
-                Ok(c) => match state_dir_writable(&c) {
-                    Ok(()) => {
-                        println!("{source}: ok: {}", c.summary());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        println!("{e}");
-                        ExitCode::from(1)
-                    }
-                },
-                Err(e) => {
-                    println!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Some(Command::GenCert { out, names, force }) => match headroom::tls::gen::write_dev_pair(&out, &names, force) {
-            Ok((crt, key)) => {
-                println!("wrote {} and {} (valid for {})", crt.display(), key.display(), names.join(", "));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("gen-cert: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Some(Command::Load { args, json, plot }) => {
-            let plan = match load_plan(args) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("load: {e}");
-                    return ExitCode::from(64);
-                }
-            };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(70);
-                }
-            };
-            let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let (report, samples, elapsed) = rt.block_on(headroom::load::run_with_progress(&plan, show));
-            if let Some(why) = &report.stopped_early {
-                eprintln!("load: stopped early: {why}");
-            }
-            let text =
-                if json { serde_json::to_string_pretty(&report).unwrap_or_default() + "\n" } else { report.table() };
-            // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
-            if let Some(path) = plot {
-                if let Err(e) = headroom::load::plot::write_svg(&path, &report.url, &samples, elapsed) {
-                    eprintln!("load: --plot: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-            if report.ok == 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        Some(Command::Check { config }) => check(&Source::resolve(config.or(cli.config).as_deref())),
+        Some(Command::GenCert { out, names, force }) => gen_cert(&out, &names, force),
+        Some(Command::Load { args, json, plot }) => load(args, json, plot),
         Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate, log_format }) => {
             let _logs = init_logs(log_format);
-            if !(0.0..=1.0).contains(&fail_rate) {
-                eprintln!("--fail-rate must be between 0 and 1");
-                return ExitCode::from(64);
-            }
-            let opts = MockOptions { capacity, ttft, token_interval, tokens, fail_rate };
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(70);
-                }
-            };
-            rt.block_on(async {
-                match tokio::net::TcpListener::bind(listen).await {
-                    Ok(l) => {
-                        tracing::info!(%listen, capacity, "mock backend listening");
-                        headroom::mock::serve(l, opts, headroom::shutdown_signal()).await;
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("cannot listen on {listen}: {e}");
-                        ExitCode::from(69)
-                    }
-                }
-            })
+            mock_backend(listen, MockOptions { capacity, ttft, token_interval, tokens, fail_rate })
         }
         None => {
             let _logs = init_logs(cli.log_format);
-            let source = Source::resolve(cli.config.as_deref());
-            tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "headroom starting");
-            let config = match source.load() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(64);
-                }
-            };
-            if let Err(e) = state_dir_writable(&config) {
-                eprintln!("{e}");
-                return ExitCode::from(73);
-            }
-            headroom::reload::set_memory_release(release_memory);
-            let workers = worker_count(config.server.workers);
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::from(70);
-                }
-            };
-            rt.block_on(async move {
-                let listeners = match headroom::bind(&config).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(69);
-                    }
-                };
-                let options = headroom::RunOptions { workers, config_path: source.path().map(PathBuf::from) };
-                match headroom::run_with(config, listeners, headroom::shutdown_signal(), options).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e @ headroom::RunError::DrainCut(_)) => {
-                        eprintln!("{e}");
-                        ExitCode::from(75)
-                    }
-                    Err(e) => {
-                        eprintln!("{e}");
-                        ExitCode::from(70)
-                    }
-                }
-            })
+            run(Source::resolve(cli.config.as_deref()))
         }
     }
+}
+
+/// `headroom check`: exit 0 with a summary line, or 1 with the error.
+fn check(source: &Source) -> ExitCode {
+    match source.load().map_err(|e| e.to_string()).and_then(|c| state_dir_writable(&c).map(|()| c)) {
+        Ok(c) => {
+            println!("{source}: ok: {}", c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `headroom gen-cert`.
+fn gen_cert(out: &std::path::Path, names: &[String], force: bool) -> ExitCode {
+    match headroom::tls::gen::write_dev_pair(out, names, force) {
+        Ok((crt, key)) => {
+            println!("wrote {} and {} (valid for {})", crt.display(), key.display(), names.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gen-cert: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `headroom load`: exit 0 when a request succeeded, 1 when none did, 64 on bad arguments.
+fn load(args: LoadArgs, json: bool, plot: Option<PathBuf>) -> ExitCode {
+    let plan = match load_plan(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (report, samples, elapsed) = rt.block_on(headroom::load::run_with_progress(&plan, show));
+    if let Some(why) = &report.stopped_early {
+        eprintln!("load: stopped early: {why}");
+    }
+    let text = if json { serde_json::to_string_pretty(&report).unwrap_or_default() + "\n" } else { report.table() };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    if let Some(path) = plot {
+        if let Err(e) = headroom::load::plot::write_svg(&path, &report.url, &samples, elapsed) {
+            eprintln!("load: --plot: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if report.ok == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `headroom mock-backend`: serves until SIGTERM/SIGINT.
+fn mock_backend(listen: std::net::SocketAddr, opts: MockOptions) -> ExitCode {
+    if !(0.0..=1.0).contains(&opts.fail_rate) {
+        eprintln!("--fail-rate must be between 0 and 1");
+        return ExitCode::from(64);
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let capacity = opts.capacity;
+    rt.block_on(async {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => {
+                tracing::info!(%listen, capacity, "mock backend listening");
+                headroom::mock::serve(l, opts, headroom::shutdown_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cannot listen on {listen}: {e}");
+                ExitCode::from(69)
+            }
+        }
+    })
+}
+
+/// `headroom`: runs the gateway until SIGTERM/SIGINT (exit codes in README).
+fn run(source: Source) -> ExitCode {
+    tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "headroom starting");
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(64);
+        }
+    };
+    if let Err(e) = state_dir_writable(&config) {
+        eprintln!("{e}");
+        return ExitCode::from(73);
+    }
+    headroom::reload::set_memory_release(release_memory);
+    let workers = worker_count(config.server.workers);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    rt.block_on(async move {
+        let listeners = match headroom::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(69);
+            }
+        };
+        let options = headroom::RunOptions { workers, config_path: source.path().map(PathBuf::from) };
+        match headroom::run_with(config, listeners, headroom::shutdown_signal(), options).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ headroom::RunError::DrainCut(_)) => {
+                eprintln!("{e}");
+                ExitCode::from(75)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(70)
+            }
+        }
+    })
 }
