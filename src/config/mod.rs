@@ -11,6 +11,7 @@ mod file;
 mod forms;
 #[cfg(test)]
 mod fuzz;
+mod sections;
 mod source;
 mod tls;
 pub mod units;

@@ -211,6 +211,7 @@ fn validate_pool(
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let p = pool.get_ref();
     let field = |f: &str| format!("pools.{name}.{f}");
+    let ctx = sections::Ctx { text, name, duration: &duration };
 
     let balance = match &p.balance {
         None => BalanceKind::LeastConn,
@@ -257,43 +258,7 @@ fn validate_pool(
 
     let launch = match &p.launch {
         None => None,
-        Some(l) => {
-            let lr = l.get_ref();
-            if lr.command.get_ref().is_empty() {
-                return Err(err(lr.command.span(), format!("{}: needs at least the program", field("launch.command"))));
-            }
-            if !lr.command.get_ref().iter().any(|a| a.contains("{addr}")) {
-                return Err(err(
-                    lr.command.span(),
-                    format!(
-                        "{}: must pass \"{{addr}}\" somewhere so the backend knows where to listen",
-                        field("launch.command")
-                    ),
-                ));
-            }
-            // An autoscaled pool may launch none at first: the autoscaler starts what it needs.
-            let lowest = if p.autoscale.is_some() { 0 } else { 1 };
-            let count = match &lr.count {
-                None => 1,
-                Some(c) if *c.get_ref() < lowest || *c.get_ref() > 256 => {
-                    return Err(err(c.span(), format!("{}: allowed range is {lowest}..=256", field("launch.count"))))
-                }
-                Some(c) => *c.get_ref(),
-            };
-            Some(LaunchConfig {
-                command: lr.command.get_ref().clone(),
-                count,
-                weight: match &lr.weight {
-                    None => 1,
-                    Some(w) => check_weight(w, &field("launch.weight"), text)?,
-                },
-                max_inflight: match &lr.max_inflight {
-                    None => max_inflight_per_backend,
-                    Some(v) => check_capacity(v, &field("launch.max_inflight"), text)?,
-                },
-                ready_timeout: duration(&lr.ready_timeout, &field("launch.ready_timeout"), Duration::from_secs(10))?,
-            })
-        }
+        Some(l) => Some(sections::launch(&ctx, l, p.autoscale.is_some(), max_inflight_per_backend)?),
     };
     if backends.is_empty() && launch.is_none() && p.autoscale.is_none() {
         return Err(err(
@@ -304,76 +269,12 @@ fn validate_pool(
 
     let health = match &p.health {
         None => None,
-        Some(h) => {
-            let path = match &h.path {
-                None => "/health".to_string(),
-                Some(v) if !v.get_ref().starts_with('/') => {
-                    return Err(err(v.span(), format!("{}: must start with '/'", field("health.path"))))
-                }
-                Some(v) => v.get_ref().clone(),
-            };
-            let threshold = |v: &Option<Spanned<u32>>, f: &str, default: u32| match v {
-                None => Ok(default),
-                Some(t) if (1..=100).contains(t.get_ref()) => Ok(*t.get_ref()),
-                Some(t) => Err(err(t.span(), format!("{}: allowed range is 1..=100", field(f)))),
-            };
-            let expect_status = match &h.expect_status {
-                None => (200, 299),
-                Some(v) => parse_status_range(v.get_ref()).ok_or_else(|| {
-                    err(
-                        v.span(),
-                        format!("{}: expected a status or a range such as \"200-299\"", field("health.expect_status")),
-                    )
-                })?,
-            };
-            let interval = duration(&h.interval, &field("health.interval"), Duration::from_secs(2))?;
-            let fast_interval = duration(&h.fast_interval, &field("health.fast_interval"), interval / 4)?;
-            if fast_interval > interval {
-                let span = h.fast_interval.as_ref().map(|v| v.span()).unwrap_or_default();
-                return Err(err(
-                    span,
-                    format!("{}: must not be longer than health.interval", field("health.fast_interval")),
-                ));
-            }
-            Some(HealthConfig {
-                path,
-                interval,
-                fast_interval,
-                timeout: duration(&h.timeout, &field("health.timeout"), Duration::from_secs(1))?,
-                healthy_threshold: threshold(&h.healthy_threshold, "health.healthy_threshold", 2)?,
-                unhealthy_threshold: threshold(&h.unhealthy_threshold, "health.unhealthy_threshold", 3)?,
-                expect_status,
-                gate_new_backends: h.gate_new_backends.unwrap_or(true),
-            })
-        }
+        Some(h) => Some(sections::health(&ctx, h)?),
     };
 
     let outlier = match &p.outlier {
         None => None,
-        Some(o) => Some(OutlierConfig {
-            consecutive_failures: match &o.consecutive_failures {
-                None => 5,
-                Some(v) if (1..=1000).contains(v.get_ref()) => *v.get_ref(),
-                Some(v) => {
-                    return Err(err(
-                        v.span(),
-                        format!("{}: allowed range is 1..=1000", field("outlier.consecutive_failures")),
-                    ))
-                }
-            },
-            base_ejection: duration(&o.base_ejection, &field("outlier.base_ejection"), Duration::from_secs(30))?,
-            max_ejection: duration(&o.max_ejection, &field("outlier.max_ejection"), Duration::from_secs(300))?,
-            max_ejected_percent: match &o.max_ejected_percent {
-                None => 50,
-                Some(v) if *v.get_ref() <= 100 => *v.get_ref(),
-                Some(v) => {
-                    return Err(err(
-                        v.span(),
-                        format!("{}: allowed range is 0..=100", field("outlier.max_ejected_percent")),
-                    ))
-                }
-            },
-        }),
+        Some(o) => Some(sections::outlier(&ctx, o)?),
     };
 
     // An autoscaled pool must notice a dead backend even without [health]: passive signals then.
@@ -400,50 +301,7 @@ fn validate_pool(
 
     let retry = match &p.retry {
         None => None,
-        Some(r) => {
-            let kinds: Vec<String> = match &r.on {
-                None => RetryConfig::KINDS.map(String::from).to_vec(),
-                Some(list) => {
-                    for k in list.get_ref() {
-                        if !RetryConfig::KINDS.contains(&k.as_str()) {
-                            return Err(err(
-                                list.span(),
-                                format!(
-                                    "{}: unknown kind {k:?}; allowed: {}",
-                                    field("retry.on"),
-                                    RetryConfig::KINDS.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                    list.get_ref().clone()
-                }
-            };
-            Some(RetryConfig {
-                attempts: match &r.attempts {
-                    None => 2,
-                    Some(v) if *v.get_ref() <= 10 => *v.get_ref(),
-                    Some(v) => {
-                        return Err(err(v.span(), format!("{}: allowed range is 0..=10", field("retry.attempts"))))
-                    }
-                },
-                on_reset: kinds.iter().any(|k| k == "reset"),
-                on_refused_stream: kinds.iter().any(|k| k == "refused-stream"),
-                on_503: kinds.iter().any(|k| k == "503"),
-                on_429: kinds.iter().any(|k| k == "429"),
-                budget_percent: match &r.budget_percent {
-                    None => 20,
-                    Some(v) if *v.get_ref() <= 100 => *v.get_ref(),
-                    Some(v) => {
-                        return Err(err(
-                            v.span(),
-                            format!("{}: allowed range is 0..=100", field("retry.budget_percent")),
-                        ))
-                    }
-                },
-                idempotent_only: r.idempotent_only.unwrap_or(true),
-            })
-        }
+        Some(r) => Some(sections::retry(&ctx, r)?),
     };
 
     let autoscale = match &p.autoscale {
@@ -510,7 +368,7 @@ fn validate_backend(
     Ok(BackendConfig { addr, weight, max_inflight, backup: b.backup.unwrap_or(false) })
 }
 
-fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+pub(super) fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
     let v = *w.get_ref();
     if (1..=MAX_WEIGHT).contains(&v) {
         Ok(v)
@@ -519,7 +377,7 @@ fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, Config
     }
 }
 
-fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+pub(super) fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
     let n = *v.get_ref();
     if (1..=1_000_000).contains(&n) {
         Ok(n)
@@ -558,7 +416,7 @@ fn admin_token(a: &super::file::FileAdmin, text: &str, base_dir: &Path) -> Resul
 }
 
 /// `"200"` or `"200-299"`, within 100..=599.
-fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+pub(super) fn parse_status_range(text: &str) -> Option<(u16, u16)> {
     let (lo, hi) = match text.split_once('-') {
         Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
         None => {
