@@ -25,6 +25,7 @@ pub mod traffic; //  a pool's request counters, as the data path records them
 use config::Config;
 use gateway::{Gateway, Snapshot};
 use std::future::Future;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -86,7 +87,6 @@ pub struct RunOptions {
 /// Runs the gateway with `workers - 1` more threads accepting on the same listeners, each with
 /// its own single-threaded runtime: a connection and its upstream work stay on one thread, with
 /// no work-stealing scheduler between them. Shared state stays lock-free (atomics, `ArcSwap`).
-#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
@@ -123,49 +123,12 @@ pub async fn run_with(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut threads = Vec::new();
     for l in &listeners.proxy {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, workers, "proxy listening");
         }
     }
-    for worker in 1..workers.max(1) {
-        let shared: std::io::Result<Vec<_>> = listeners.proxy.iter().map(clone_listener).collect();
-        let shared = match shared {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot share the listeners with a worker");
-                break;
-            }
-        };
-        let (gateway, stop_rx) = (gateway.clone(), stop_rx.clone());
-        let close_rxs: Vec<watch::Receiver<bool>> = closers.iter().map(|(_, c)| c.subscribe()).collect();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let spawned = std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
-            proxy::upstream::set_current_worker(worker);
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(async move {
-                    let mut serving = tokio::task::JoinSet::new();
-                    for (std_listener, close) in shared.into_iter().zip(close_rxs) {
-                        match TcpListener::from_std(std_listener) {
-                            Ok(l) => {
-                                let until = reload::until_either(stop_rx.clone(), close);
-                                serving.spawn(server::serve(l, gateway.clone(), until));
-                            }
-                            Err(e) => tracing::error!(error = %e, "worker cannot use a listener"),
-                        }
-                    }
-                    while serving.join_next().await.is_some() {}
-                }),
-                Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
-            }
-            let _ = done_tx.send(());
-        });
-        match spawned {
-            Ok(_) => threads.push(done_rx),
-            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
-        }
-    }
+    let mut threads = spawn_workers(workers, &listeners.proxy, &gateway, &stop_rx, &closers);
     for (l, (_, close)) in listeners.proxy.into_iter().zip(&closers) {
         tasks.spawn(server::serve(l, gateway.clone(), reload::until_either(stop_rx.clone(), close.subscribe())));
     }
@@ -203,6 +166,57 @@ pub async fn run_with(
         return Err(RunError::DrainCut(gateway.snapshot().config.server.shutdown_timeout));
     }
     Ok(())
+}
+
+/// Starts workers `1..workers`, each a thread with its own single-threaded runtime accepting on
+/// clones of the proxy listeners until `stop` (or a listener's own close switch); returns a
+/// receiver per thread that resolves when it has finished.
+fn spawn_workers(
+    workers: usize,
+    proxy: &[TcpListener],
+    gateway: &Arc<Gateway>,
+    stop_rx: &watch::Receiver<bool>,
+    closers: &[(std::net::SocketAddr, watch::Sender<bool>)],
+) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    let mut threads = Vec::new();
+    for worker in 1..workers.max(1) {
+        let shared: std::io::Result<Vec<_>> = proxy.iter().map(clone_listener).collect();
+        let shared = match shared {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listeners with a worker");
+                break;
+            }
+        };
+        let (gateway, stop_rx) = (gateway.clone(), stop_rx.clone());
+        let close_rxs: Vec<watch::Receiver<bool>> = closers.iter().map(|(_, c)| c.subscribe()).collect();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
+            proxy::upstream::set_current_worker(worker);
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(async move {
+                    let mut serving = tokio::task::JoinSet::new();
+                    for (std_listener, close) in shared.into_iter().zip(close_rxs) {
+                        match TcpListener::from_std(std_listener) {
+                            Ok(l) => {
+                                let until = reload::until_either(stop_rx.clone(), close);
+                                serving.spawn(server::serve(l, gateway.clone(), until));
+                            }
+                            Err(e) => tracing::error!(error = %e, "worker cannot use a listener"),
+                        }
+                    }
+                    while serving.join_next().await.is_some() {}
+                }),
+                Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+            }
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => threads.push(done_rx),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    threads
 }
 
 /// Adds the backends saved in the state file (if `server.state_dir` is set) to `extra`, by pool

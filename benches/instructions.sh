@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# User-space instructions headroom executes per proxied request, counted by callgrind: steady
+# whatever else the machine does, so two builds compare to the instruction (before/after a
+# hot-path change). One worker, one keep-alive client connection, GET /v1/models answered by the
+# built-in mock backend (which runs outside valgrind). Two runs, of N1 and N2 requests; the
+# difference of their totals divided by N2 - N1 leaves start-up and shutdown out.
+#
+# Needs valgrind and python3. Env: HEADROOM_BIN (default: the release build, rebuilt first),
+# N1 (500), N2 (2500).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin=${HEADROOM_BIN:-$repo/target/release/headroom}
+n1=${N1:-500} n2=${N2:-2500}
+command -v valgrind >/dev/null || { echo "missing: valgrind (apt-get install valgrind)" >&2; exit 1; }
+[ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+backend=$(free_port) proxy=$(free_port) admin=$(free_port)
+"$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 >/dev/null 2>&1 &
+pids+=($!)
+cat > "$dir/headroom.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$proxy"]
+workers = 1
+access_log = false
+[admin]
+listen = "127.0.0.1:$admin"
+[pools.default]
+[[pools.default.backends]]
+addr = "127.0.0.1:$backend"
+EOF
+
+# Sends $1 keep-alive GETs on one connection, each answered 200.
+send() {
+  python3 - "$proxy" "$1" <<'PY'
+import http.client, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(600):
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30); c.connect(); break
+    except OSError:
+        time.sleep(0.1)
+for _ in range(n):
+    c.request("GET", "/v1/models")
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}
+
+# Runs headroom under callgrind for $1 requests; prints its total instruction count.
+measure() {
+  local out="$dir/cg.$1"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$dir/headroom.toml" >/dev/null 2>&1 &
+  local pid=$!
+  send "$1"
+  kill -TERM "$pid"
+  wait "$pid" || true
+  grep -m1 '^summary:' "$out" | awk '{print $2}'
+}
+a=$(measure "$n1")
+b=$(measure "$n2")
+echo "instructions: $a for $n1 requests, $b for $n2"
+echo "per request: $(( (b - a) / (n2 - n1) ))"
