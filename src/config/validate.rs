@@ -15,7 +15,6 @@ const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const MAX_WEIGHT: u32 = 1000;
 
 /// Validates a parsed file; `text` is the source (for line:column), `base_dir` resolves paths.
-#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let duration = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
@@ -40,24 +39,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
 
     // [server]
     let s = &raw.server;
-    let listen = match s.listen.as_ref().map(|l| (l.span(), l.get_ref())) {
-        None => vec![parse_addr(DEFAULT_LISTEN).map_err(ConfigError::nowhere)?],
-        Some((span, Listen::One(a))) => vec![parse_addr(a).map_err(|e| err(span, format!("server.listen: {e}")))?],
-        Some((span, Listen::Many(items))) if items.is_empty() => {
-            return Err(err(span, "server.listen: needs at least one address".into()))
-        }
-        Some((_, Listen::Many(items))) => {
-            let mut out = Vec::new();
-            for a in items {
-                let addr = parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
-                if out.contains(&addr) {
-                    return Err(err(a.span(), format!("server.listen: {addr} is listed twice")));
-                }
-                out.push(addr);
-            }
-            out
-        }
-    };
+    let listen = server_listen(s, text)?;
     let max_header_bytes = size(&s.max_header_bytes, "server.max_header_bytes", 64 << 10)?;
     if let Some(v) = &s.max_header_bytes {
         if !(1024..=(16 << 20)).contains(&max_header_bytes) {
@@ -105,7 +87,49 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         },
     };
 
-    // [admin]
+    let admin = admin(&raw, &server, text, base_dir, duration)?;
+    let mut own = server.listen.clone();
+    own.push(admin.listen);
+    let policy = super::addr::AddrPolicy { own, allow_link_local: admin.allow_link_local_backends };
+
+    let pools = pools(&raw, text, &policy, base_dir, duration)?;
+    let routes = routes(&raw, &pools, text)?;
+
+    Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
+}
+
+/// `server.listen`: one address or a list, none twice.
+fn server_listen(s: &super::file::FileServer, text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    Ok(match s.listen.as_ref().map(|l| (l.span(), l.get_ref())) {
+        None => vec![parse_addr(DEFAULT_LISTEN).map_err(ConfigError::nowhere)?],
+        Some((span, Listen::One(a))) => vec![parse_addr(a).map_err(|e| err(span, format!("server.listen: {e}")))?],
+        Some((span, Listen::Many(items))) if items.is_empty() => {
+            return Err(err(span, "server.listen: needs at least one address".into()))
+        }
+        Some((_, Listen::Many(items))) => {
+            let mut out = Vec::new();
+            for a in items {
+                let addr = parse_addr(a.get_ref()).map_err(|e| err(a.span(), format!("server.listen: {e}")))?;
+                if out.contains(&addr) {
+                    return Err(err(a.span(), format!("server.listen: {addr} is listed twice")));
+                }
+                out.push(addr);
+            }
+            out
+        }
+    })
+}
+
+/// `[admin]`, checked against the proxy listeners.
+fn admin(
+    raw: &FileConfig,
+    server: &ServerConfig,
+    text: &str,
+    base_dir: &Path,
+    duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError>,
+) -> Result<AdminConfig, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let admin = AdminConfig {
         listen: match &raw.admin.listen {
             None => parse_addr(DEFAULT_ADMIN).map_err(ConfigError::nowhere)?,
@@ -115,6 +139,19 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         token: admin_token(&raw.admin, text, base_dir)?,
         allow_link_local_backends: raw.admin.allow_link_local_backends.unwrap_or(false),
     };
+    check_admin_listen(raw, server, &admin, text)?;
+    Ok(admin)
+}
+
+/// The admin listener is not a proxy listener, and is loopback unless a token guards it.
+fn check_admin_listen(
+    raw: &FileConfig,
+    server: &ServerConfig,
+    admin: &AdminConfig,
+    text: &str,
+) -> Result<(), ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let s = &raw.server;
     if server.listen.contains(&admin.listen) {
         // Point at the admin address when it is written, else at the listen entry it equals.
         let span = raw.admin.listen.as_ref().map(|a| a.span()).or_else(|| {
@@ -137,25 +174,37 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
             ),
         ));
     }
-    let mut own = server.listen.clone();
-    own.push(admin.listen);
-    let policy = super::addr::AddrPolicy { own, allow_link_local: admin.allow_link_local_backends };
+    Ok(())
+}
 
-    // [pools.*]
+/// `[pools.*]`: at least one, each validated, no backend address in two of them.
+fn pools(
+    raw: &FileConfig,
+    text: &str,
+    policy: &super::addr::AddrPolicy,
+    base_dir: &Path,
+    duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError> + Copy,
+) -> Result<Vec<PoolConfig>, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let mut pools = Vec::new();
     let mut seen_addrs: HashSet<SocketAddr> = HashSet::new();
     for (name, pool) in &raw.pools {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(err(pool.span(), format!("pools.{name:?}: pool names use letters, digits, '-' and '_'")));
         }
-        pools.push(validate_pool(name, pool, text, &mut seen_addrs, &policy, base_dir, duration)?);
+        pools.push(validate_pool(name, pool, text, &mut seen_addrs, policy, base_dir, duration)?);
     }
     if pools.is_empty() {
         // Nothing to point at but the start of the file.
         return Err(err(0..0, "pools: at least one pool is needed, e.g. [pools.default]".into()));
     }
 
-    // [[routes]]
+    Ok(pools)
+}
+
+/// `[[routes]]`, by pool index; none with a single pool means everything goes to it.
+fn routes(raw: &FileConfig, pools: &[PoolConfig], text: &str) -> Result<Vec<Route>, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
     let mut routes = Vec::new();
     for r in &raw.routes {
         let pool_name = r.pool.get_ref();
@@ -195,7 +244,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         }
     }
 
-    Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
+    Ok(routes)
 }
 
 #[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
