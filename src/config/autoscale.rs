@@ -1,6 +1,6 @@
 //! `[pools.X.autoscale]` and its `[provider]`: the runtime types and their validation.
 
-use super::file::FileAutoscale;
+use super::file::{FileAutoscale, FileProvider};
 use super::ConfigError;
 use std::time::Duration;
 use toml::Spanned;
@@ -69,7 +69,6 @@ type DurationRule<'a> = &'a dyn Fn(&Option<Spanned<String>>, &str, Duration) -> 
 
 /// Validates `[pools.{name}.autoscale]`. `has_launch` says whether the pool has a `[launch]`
 /// section (the local provider needs one); `default_target` is the pool's per-backend capacity.
-#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
 pub(super) fn validate(
     name: &str,
     raw: &Spanned<FileAutoscale>,
@@ -114,69 +113,7 @@ pub(super) fn validate(
                 ),
             ))
         }
-        Some(p) => {
-            let pr = p.get_ref();
-            let kind = match pr.kind.get_ref().as_str() {
-                "local" if !has_launch => {
-                    return Err(err(
-                        pr.kind.span(),
-                        format!(
-                            "{}: \"local\" starts the [pools.{name}.launch] command, and this pool has none",
-                            field("provider.kind")
-                        ),
-                    ))
-                }
-                "local" => ProviderKind::Local,
-                "command" => match &pr.command {
-                    Some(c) if !c.get_ref().is_empty() && !c.get_ref()[0].is_empty() => {
-                        ProviderKind::Command { command: c.get_ref().clone() }
-                    }
-                    Some(c) => {
-                        return Err(err(c.span(), format!("{}: needs at least the program", field("provider.command"))))
-                    }
-                    None => {
-                        return Err(err(
-                            p.span(),
-                            format!("{}: kind = \"command\" needs command = [\"program\", ...]", field("provider")),
-                        ))
-                    }
-                },
-                "webhook" => {
-                    let Some(u) = &pr.url else {
-                        return Err(err(
-                            p.span(),
-                            format!("{}: kind = \"webhook\" needs url = \"http://...\"", field("provider")),
-                        ));
-                    };
-                    let url: http::Uri = u
-                        .get_ref()
-                        .parse()
-                        .map_err(|e| err(u.span(), format!("{}: invalid URL: {e}", field("provider.url"))))?;
-                    if !matches!(url.scheme_str(), Some("http" | "https")) || url.authority().is_none() {
-                        return Err(err(
-                            u.span(),
-                            format!("{}: must be an http:// or https:// URL with a host", field("provider.url")),
-                        ));
-                    }
-                    ProviderKind::Webhook { url, token_env: pr.token_env.as_ref().map(|t| t.get_ref().clone()) }
-                }
-                other => {
-                    return Err(err(
-                        pr.kind.span(),
-                        format!(
-                            "{}: unknown value {other:?}; allowed: {}",
-                            field("provider.kind"),
-                            ProviderKind::ALLOWED
-                        ),
-                    ))
-                }
-            };
-            ProviderConfig {
-                kind,
-                timeout: duration(&pr.timeout, &field("provider.timeout"), Duration::from_secs(30))?,
-                retry_backoff: duration(&pr.retry_backoff, &field("provider.retry_backoff"), Duration::from_secs(1))?,
-            }
-        }
+        Some(p) => provider(name, p, has_launch, text, duration)?,
     };
     Ok(AutoscaleConfig {
         min_backends,
@@ -198,6 +135,73 @@ pub(super) fn validate(
             Duration::from_secs(60),
         )?,
         provider,
+    })
+}
+
+/// `[pools.{name}.autoscale.provider]`.
+fn provider(
+    name: &str,
+    p: &Spanned<FileProvider>,
+    has_launch: bool,
+    text: &str,
+    duration: DurationRule<'_>,
+) -> Result<ProviderConfig, ConfigError> {
+    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
+    let field = |f: &str| format!("pools.{name}.autoscale.{f}");
+    let pr = p.get_ref();
+    let kind = match pr.kind.get_ref().as_str() {
+        "local" if !has_launch => {
+            return Err(err(
+                pr.kind.span(),
+                format!(
+                    "{}: \"local\" starts the [pools.{name}.launch] command, and this pool has none",
+                    field("provider.kind")
+                ),
+            ))
+        }
+        "local" => ProviderKind::Local,
+        "command" => match &pr.command {
+            Some(c) if !c.get_ref().is_empty() && !c.get_ref()[0].is_empty() => {
+                ProviderKind::Command { command: c.get_ref().clone() }
+            }
+            Some(c) => return Err(err(c.span(), format!("{}: needs at least the program", field("provider.command")))),
+            None => {
+                return Err(err(
+                    p.span(),
+                    format!("{}: kind = \"command\" needs command = [\"program\", ...]", field("provider")),
+                ))
+            }
+        },
+        "webhook" => {
+            let Some(u) = &pr.url else {
+                return Err(err(
+                    p.span(),
+                    format!("{}: kind = \"webhook\" needs url = \"http://...\"", field("provider")),
+                ));
+            };
+            let url: http::Uri = u
+                .get_ref()
+                .parse()
+                .map_err(|e| err(u.span(), format!("{}: invalid URL: {e}", field("provider.url"))))?;
+            if !matches!(url.scheme_str(), Some("http" | "https")) || url.authority().is_none() {
+                return Err(err(
+                    u.span(),
+                    format!("{}: must be an http:// or https:// URL with a host", field("provider.url")),
+                ));
+            }
+            ProviderKind::Webhook { url, token_env: pr.token_env.as_ref().map(|t| t.get_ref().clone()) }
+        }
+        other => {
+            return Err(err(
+                pr.kind.span(),
+                format!("{}: unknown value {other:?}; allowed: {}", field("provider.kind"), ProviderKind::ALLOWED),
+            ))
+        }
+    };
+    Ok(ProviderConfig {
+        kind,
+        timeout: duration(&pr.timeout, &field("provider.timeout"), Duration::from_secs(30))?,
+        retry_backoff: duration(&pr.retry_backoff, &field("provider.retry_backoff"), Duration::from_secs(1))?,
     })
 }
 
