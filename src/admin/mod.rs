@@ -332,11 +332,7 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
     match gateway.change_backend(pool, crate::reload::BackendChange::Add { backend: cfg, persist: true }).await {
         Ok(()) => {
-            let state = gateway
-                .snapshot()
-                .pool(pool)
-                .and_then(|p| p.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str()))
-                .unwrap_or("healthy");
+            let state = state_of(gateway, pool, addr).unwrap_or("healthy");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "weight": weight, "state": state });
             respond(StatusCode::CREATED, "application/json", body.to_string())
         }
@@ -344,14 +340,32 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     }
 }
 
+/// `/api/pools/{pool}/backends/{addr}[/{action}]` → (pool, addr); 404 for another shape, 400
+/// for an address that is not `ip:port`.
+fn backend_path<'a>(
+    path: &'a str,
+    action: Option<&str>,
+) -> Result<(&'a str, std::net::SocketAddr), (StatusCode, String)> {
+    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
+    let (pool, addr) = match (parts.as_slice(), action) {
+        ([pool, "backends", addr], None) => (*pool, *addr),
+        ([pool, "backends", addr, a], Some(want)) if *a == want => (*pool, *addr),
+        _ => return Err((StatusCode::NOT_FOUND, "not found".into())),
+    };
+    let addr = addr.parse().map_err(|_| (StatusCode::BAD_REQUEST, format!("{addr:?}: expected ip:port")))?;
+    Ok((pool, addr))
+}
+
+/// The state of backend `addr` of `pool` in the running snapshot, if it is there.
+fn state_of(gateway: &Gateway, pool: &str, addr: std::net::SocketAddr) -> Option<&'static str> {
+    gateway.snapshot().pool(pool)?.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str())
+}
+
 /// `DELETE /api/pools/{pool}/backends/{addr}`: a backend added at runtime drains, then leaves.
 async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
-    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
-    let [pool, "backends", addr] = parts.as_slice() else {
-        return json_error(StatusCode::NOT_FOUND, "not found");
-    };
-    let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
-        return json_error(StatusCode::BAD_REQUEST, format!("{addr:?}: expected ip:port"));
+    let (pool, addr) = match backend_path(path, None) {
+        Ok(p) => p,
+        Err((status, message)) => return json_error(status, message),
     };
     match gateway.change_backend(pool, crate::reload::BackendChange::Remove(addr)).await {
         Ok(()) => respond(
@@ -366,20 +380,13 @@ async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
 /// `POST /api/pools/{pool}/backends/{addr}/undrain`: a drained backend takes requests again
 /// (`starting` until its next passing check when the pool has health checks, else `healthy`).
 async fn undrain(gateway: &Gateway, path: &str) -> Response<Body> {
-    let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
-    let [pool, "backends", addr, "undrain"] = parts.as_slice() else {
-        return json_error(StatusCode::NOT_FOUND, "not found");
-    };
-    let Ok(addr) = addr.parse::<std::net::SocketAddr>() else {
-        return json_error(StatusCode::BAD_REQUEST, format!("{addr:?}: expected ip:port"));
+    let (pool, addr) = match backend_path(path, Some("undrain")) {
+        Ok(p) => p,
+        Err((status, message)) => return json_error(status, message),
     };
     match gateway.change_backend(pool, crate::reload::BackendChange::Undrain(addr)).await {
         Ok(()) => {
-            let state = gateway
-                .snapshot()
-                .pool(pool)
-                .and_then(|p| p.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str()))
-                .unwrap_or("removed");
+            let state = state_of(gateway, pool, addr).unwrap_or("removed");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "state": state });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
