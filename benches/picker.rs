@@ -10,8 +10,8 @@ mod common;
 
 use common::concurrent;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use headroom::backend::{InflightGuard, Pool};
 use headroom::config::{BackendConfig, BalanceKind, PoolConfig, Protocol, QueueConfig};
+use headroom::pool::{InflightGuard, Pool};
 use std::hint::black_box;
 use std::sync::Mutex;
 use std::time::Duration;

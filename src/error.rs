@@ -7,6 +7,9 @@
 use http::StatusCode;
 use std::time::Duration;
 
+/// A boxed error, as `http_body` bodies carry them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why the admission queue could not admit a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {

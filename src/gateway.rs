@@ -4,8 +4,8 @@
 //! single snapshot, so a request sees one consistent view. Per-backend state lives in `Arc`s that
 //! a new snapshot reuses by (pool, address), so counters, in-flight counts and queues carry over.
 
-use crate::backend::Pool;
 use crate::config::{BackendConfig, Config};
+use crate::pool::Pool;
 use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
 use crate::scale::events::EventLog;
 use crate::scale::launch::Launched;

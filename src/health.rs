@@ -11,9 +11,9 @@
 //! Passive ejection happens on the data path (`Backend::count_response`); this module owns the
 //! clock that returns ejected backends to service when their time is up.
 
-use crate::backend::{Backend, BackendState};
 use crate::config::{HealthConfig, PoolConfig};
 use crate::gateway::Gateway;
+use crate::pool::{Backend, BackendState};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
@@ -33,7 +33,7 @@ use tokio::time::Instant;
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut schedule = Schedule::default();
-    let mut seen: Option<Arc<crate::backend::Pool>> = None;
+    let mut seen: Option<Arc<crate::pool::Pool>> = None;
     let mut probes = tokio::task::JoinSet::new();
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
@@ -198,7 +198,7 @@ pub async fn ramp_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Futur
 }
 
 /// Pool `name` in the current snapshot (each round follows reloads); `None` once it is gone.
-fn current_pool(gateway: &Gateway, name: &str) -> Option<Arc<crate::backend::Pool>> {
+fn current_pool(gateway: &Gateway, name: &str) -> Option<Arc<crate::pool::Pool>> {
     gateway.snapshot().pool(name).cloned()
 }
 
@@ -211,7 +211,7 @@ fn jittered(interval: Duration) -> Duration {
 async fn probe(backend: &Backend, pool: &PoolConfig, cfg: &HealthConfig) -> bool {
     let check = async {
         // Over TLS too when the pool's backends speak it (HTTP/1.1 offered by ALPN).
-        let (stream, _) = crate::proxy::upstream::connect_io(backend, pool, true).await.ok()?;
+        let (stream, _) = crate::upstream::connect_io(backend, pool, true).await.ok()?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(conn);

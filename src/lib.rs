@@ -4,23 +4,24 @@
 
 #![warn(clippy::too_many_lines)]
 
-pub mod admin; //    metrics, JSON API (off the data path)
-pub mod backend; //  per-backend atomics, pools, the in-flight guard
-pub mod balance; //  pickers: weighted least-conn, round robin, smooth WRR, p2c
-pub mod clock; //    deadlines that saturate instead of overflowing
-pub mod config; //   TOML → validated runtime config
-pub mod error; //    the one error → status mapping
-pub mod gateway; //  the shared snapshot
-pub mod health; //   active health checks (off the data path)
-pub mod load; //     `headroom load`: an open-loop, SSE-aware load generator
-pub mod mock; //     the mock inference server
-pub mod proxy; //    the data path
-pub mod reload; //   hot reload: file watch, SIGHUP, validated swap
-pub mod scale; //    admission queue, autoscaler, providers, local launcher
-pub mod server; //   client listeners, graceful drain
-pub mod telemetry; // metric names and recording (the Prometheus recorder); rendered by admin
-pub mod tls; //      rustls: listener certificates by SNI, upstream TLS, dev certificates
-pub mod traffic; //  a pool's request counters, as the data path records them
+pub mod admin; //      metrics, JSON API (off the data path)
+pub mod clock; //      deadlines that saturate instead of overflowing
+pub mod config; //     TOML → validated runtime config
+pub mod downstream; // a client connection's shared state; the h2 socket's timeouts
+pub mod error; //      the one error → status mapping
+pub mod gateway; //    the shared snapshot
+pub mod health; //     active health checks (off the data path)
+pub mod http1; //      the HTTP/1.1 codec: framing, client half, server half
+pub mod load; //       `headroom load`: an open-loop, SSE-aware load generator
+pub mod mock; //       the mock inference server
+pub mod pool; //       backends, pools, pickers, the admission queue, traffic counters
+pub mod proxy; //      the data path
+pub mod reload; //     hot reload: file watch, SIGHUP, validated swap
+pub mod scale; //      autoscaler, providers, local launcher
+pub mod server; //     client listeners, graceful drain
+pub mod telemetry; //  metric names and recording (the Prometheus recorder); rendered by admin
+pub mod tls; //        rustls: listener certificates by SNI, upstream TLS, dev certificates
+pub mod upstream; //   connections to backends: pools of idle HTTP/1.1 connections, h2, connect
 
 use config::Config;
 use gateway::{Gateway, Snapshot};
@@ -97,7 +98,7 @@ pub async fn run_with(
     let workers = workers.max(1);
     let prom = telemetry::install();
     telemetry::init_counters();
-    proxy::upstream::set_worker_count(workers);
+    upstream::set_worker_count(workers);
     let (mut extra, launched) = scale::launch::launch_all(&config).await?;
     let launched = std::sync::Arc::new(launched);
     let (persisted, state_error) = restore_state(&config, &mut extra);
@@ -192,7 +193,7 @@ fn spawn_workers(
         let close_rxs: Vec<watch::Receiver<bool>> = closers.iter().map(|(_, c)| c.subscribe()).collect();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let spawned = std::thread::Builder::new().name(format!("headroom-worker-{worker}")).spawn(move || {
-            proxy::upstream::set_current_worker(worker);
+            upstream::set_current_worker(worker);
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(async move {
                     let mut serving = tokio::task::JoinSet::new();

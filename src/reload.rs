@@ -11,10 +11,10 @@
 //! Runs as one task off the data path; it owns the per-pool background tasks (health checks,
 //! ejection clock, slow-start ramp) and starts or stops them as pools and sections come and go.
 
-use crate::backend::BackendState;
 use crate::config::{BackendConfig, Config};
 use crate::gateway::{Gateway, Snapshot};
 use crate::health;
+use crate::pool::BackendState;
 use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -523,7 +523,7 @@ impl Reloader {
         let next = Snapshot::build(config, &extra, Some(&running));
         let carried_set: HashSet<(&str, SocketAddr)> = carried.iter().map(|(p, a)| (p.as_str(), *a)).collect();
         for old in &running.pools {
-            let kept: HashSet<*const crate::backend::Backend> =
+            let kept: HashSet<*const crate::pool::Backend> =
                 next.pool(&old.config.name).map(|p| p.backends.iter().map(Arc::as_ptr).collect()).unwrap_or_default();
             for b in &old.backends {
                 let carry = carried_set.contains(&(old.config.name.as_str(), b.addr));

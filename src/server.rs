@@ -1,13 +1,14 @@
 //! Client-facing listeners: accept, run the TLS handshake when `[server.tls]` is set (ALPN picks
 //! h2 or HTTP/1.1), else tell HTTP/1.1 from h2c (prior knowledge) by the first bytes read.
-//! HTTP/1.x goes to the own codec (`h1::server`); h2 connections are wrapped in [`ClientIo`] and
+//! HTTP/1.x goes to the own codec (`http1::server`); h2 connections are wrapped in [`ClientIo`] and
 //! served by hyper. On shutdown both kinds drain: idle connections close, busy ones finish their
 //! request.
 
 use crate::config::ServerConfig;
+use crate::downstream::h2_io::{ClientIo, ClientStream};
+use crate::downstream::ConnShared;
 use crate::gateway::Gateway;
-use crate::proxy::conn::{ClientIo, ClientStream, ConnShared};
-use crate::proxy::h1::server as own_h1;
+use crate::http1::server as own_h1;
 use crate::proxy::headers::Client;
 use crate::proxy::ProxyService;
 use crate::tls::server::Handshake;

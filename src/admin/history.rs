@@ -9,9 +9,9 @@
 // The ring's lock is off the data path (see above).
 #![allow(clippy::disallowed_types)]
 
-use crate::backend::BackendState;
 use crate::gateway::Gateway;
-use crate::traffic::{p99, Totals, BUCKETS};
+use crate::pool::traffic::{p99, Totals, BUCKETS};
+use crate::pool::BackendState;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -77,7 +77,7 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
                         "requests": b.requests(),
                         "errors": b.errors(),
                         "aborted": b.aborted(),
-                        "idle_connections": b.conns.idle(),
+                        "idle_connections": b.attached.get().map_or(0, |a| a.idle()),
                         "backup": b.is_backup(),
                         "ejections": b.ejections(),
                         "last_ejection_ms": b.last_ejection_ms(),
@@ -117,7 +117,7 @@ fn sample_gauges(gateway: &Gateway) {
         ::metrics::gauge!(telemetry::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
         let panic = p.config.panic_threshold > 0.0 && p.in_panic();
         ::metrics::gauge!(telemetry::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
-        for s in crate::backend::BackendState::ALL {
+        for s in crate::pool::BackendState::ALL {
             let n = p.backends.iter().filter(|b| b.state() == s).count();
             ::metrics::gauge!(telemetry::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str())
                 .set(n as f64);
@@ -131,7 +131,7 @@ fn sample_gauges(gateway: &Gateway) {
 fn backend_gauges(gateway: &Gateway, out: &mut String) {
     use std::fmt::Write as _;
     let snap = gateway.snapshot();
-    let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &str, &crate::backend::Backend)| {
+    let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &str, &crate::pool::Backend)| {
         let _ = writeln!(out, "# TYPE {name} gauge");
         for p in &snap.pools {
             for b in &p.backends {
@@ -150,18 +150,18 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
         );
     });
     each(out, telemetry::BACKEND_HEALTHY, &|out, pool, b| {
-        let up = u8::from(b.state() == crate::backend::BackendState::Healthy);
+        let up = u8::from(b.state() == crate::pool::BackendState::Healthy);
         let _ = writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {up}", telemetry::BACKEND_HEALTHY, b.label);
     });
     each(out, telemetry::BACKEND_STATE, &|out, pool, b| {
         let state = b.state();
-        for s in crate::backend::BackendState::ALL {
+        for s in crate::pool::BackendState::ALL {
             let (name, label, v) = (telemetry::BACKEND_STATE, &b.label, u8::from(s == state));
             let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
         }
     });
     // Per-backend counters, from the backend's own atomics (they survive reloads with it).
-    let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::backend::Backend) -> u64| {
+    let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::pool::Backend) -> u64| {
         let _ = writeln!(out, "# TYPE {name} counter");
         for p in &snap.pools {
             for b in &p.backends {
@@ -410,7 +410,7 @@ fn drain(gateway: &Gateway, path: &str) -> Response<Body> {
         let body = json!({ "error": format!("pool {pool_name:?} has no backend {addr:?}") });
         return respond(StatusCode::NOT_FOUND, "application/json", body.to_string());
     };
-    backend.set_state(crate::backend::BackendState::Draining);
+    backend.set_state(crate::pool::BackendState::Draining);
     tracing::info!(pool = %pool_name, backend = %addr, in_flight = backend.in_flight(), "draining backend");
     let body = json!({
         "pool": pool_name,

@@ -218,7 +218,7 @@ async fn exchange(client: &Client<HttpConnector, Full<Bytes>>, plan: &Plan, sche
     let resp = match client.request(req).await {
         Ok(r) => r,
         Err(e) => {
-            sample.error = Some(format!("connect: {}", crate::proxy::upstream::error_chain(&e)));
+            sample.error = Some(format!("connect: {}", crate::upstream::error_chain(&e)));
             sample.total_ms = ms(scheduled);
             return sample;
         }

@@ -1,274 +1,20 @@
-//! Body wrappers of the data path. Both stream frame by frame; neither waits to buffer.
-//!
-//! [`RequestBody`] forwards the client's body upstream and enforces `max_request_body` on bodies
-//! of unknown length. When the request may be retried, it also keeps references to the frames it
-//! forwarded, up to [`KEEP_LIMIT`] bytes, so a small body can be sent again ([`Kept`]). [`ResponseBody`] carries the upstream body (or a small local one) to the
-//! client and holds everything that must live exactly as long as the response: the backend's
-//! in-flight slot, the upstream connection (given back only after a clean end), and the
-//! connection-activity marker. It finishes on the last frame, not on `None`, because hyper stops
-//! polling a body whose `is_end_stream()` is true.
+//! The body sent to the client. [`ResponseBody`] carries the upstream body (or a small local one)
+//! to the client, frame by frame, and holds everything that must live exactly as long as the
+//! response: the backend's in-flight slot, the upstream connection (given back only after a clean
+//! end), and the connection-activity marker. It finishes on the last frame, not on `None`,
+//! because hyper stops polling a body whose `is_end_stream()` is true.
 
-use super::conn::ActiveRequest;
-use super::upstream::UpstreamBody;
-use crate::backend::InflightGuard;
+use crate::downstream::ActiveRequest;
+use crate::error::BoxError;
+use crate::pool::InflightGuard;
+use crate::upstream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::time::Sleep;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The largest request body kept for a retry. Larger bodies are streamed and not retried.
-pub const KEEP_LIMIT: usize = 64 * 1024;
-
-/// Hands the frames of a fully forwarded small body to whoever wants to send it again.
-pub type Kept = tokio::sync::oneshot::Receiver<Vec<Bytes>>;
-
-/// Collects forwarded frames while they stay under [`KEEP_LIMIT`] bytes.
-struct Keeper {
-    frames: Vec<Bytes>,
-    bytes: usize,
-    done: tokio::sync::oneshot::Sender<Vec<Bytes>>,
-}
-
-/// How a request body ended early, as seen by the proxy after the upstream send failed.
-pub mod outcome {
-    pub const TOO_LARGE: u8 = 1;
-    pub const IDLE: u8 = 2;
-    /// The client's body itself failed (malformed chunks, connection closed mid-body).
-    pub const CLIENT: u8 = 3;
-}
-
-/// A client's request body as it arrives: from our own HTTP/1.1 codec, or from hyper (h2, TLS).
-pub enum ClientBody {
-    Own(super::h1::server::Body),
-    Hyper(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    #[inline]
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Own(b) => Pin::new(b).poll_frame(cx),
-            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Own(b) => b.is_end_stream(),
-            ClientBody::Hyper(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Own(b) => b.size_hint(),
-            ClientBody::Hyper(b) => b.size_hint(),
-        }
-    }
-}
-
-/// The client's request body on its way upstream. It fails (aborting the upstream request) when
-/// more than `limit` bytes arrive, or when the client sends nothing for `idle_timeout`; the
-/// shared `outcome` says which, so the caller answers 413 or 408 rather than 502.
-pub struct RequestBody {
-    /// `None`: a body from memory (`replay`), or none at all.
-    inner: Option<ClientBody>,
-    /// What was already taken from `inner` (see [`RequestBody::settle_h2`]), forwarded first.
-    first: Option<Result<Frame<Bytes>, BoxError>>,
-    /// A kept body being sent again, front first.
-    replay: Vec<Bytes>,
-    /// Set while the frames are kept for a retry.
-    keep: Option<Keeper>,
-    limit: u64,
-    seen: u64,
-    idle_timeout: Duration,
-    idle: Option<Pin<Box<Sleep>>>,
-    outcome: Option<Arc<AtomicU8>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RequestBodyError {
-    #[error("request body larger than {0} bytes")]
-    TooLarge(u64),
-    #[error("client sent no request body data for {0:?}")]
-    Idle(Duration),
-}
-
-impl RequestBody {
-    /// Wraps `inner`. `limit` is enforced on what streams through (a declared length was checked
-    /// before). `outcome` is only needed, and only allocated, for requests that have a body.
-    pub fn new(inner: ClientBody, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
-        let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
-        let body = RequestBody {
-            inner: Some(inner),
-            first: None,
-            replay: Vec::new(),
-            keep: None,
-            limit,
-            seen: 0,
-            idle_timeout,
-            idle: None,
-            outcome: outcome.clone(),
-        };
-        (body, outcome)
-    }
-
-    /// An h2 request may carry "no body" as one empty DATA frame with END_STREAM after its
-    /// HEADERS; hyper cannot tell that from the HEADERS alone, and the request would go upstream
-    /// chunked. This takes the first frame: an empty last one leaves the body empty; any other
-    /// is kept and forwarded first. `wait`: wait for it (at most `idle_timeout`; methods whose
-    /// requests have no body by custom, GET and the like); otherwise only look.
-    pub async fn settle_h2(mut self, wait: bool) -> Self {
-        let idle = self.idle_timeout;
-        let Some(inner) = self.inner.as_mut().filter(|b| !b.is_end_stream()) else { return self };
-        let polled = if wait {
-            let next = std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx));
-            tokio::time::timeout(idle, next).await.ok().flatten()
-        } else {
-            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-            match Pin::new(inner).poll_frame(&mut cx) {
-                Poll::Ready(frame) => frame,
-                Poll::Pending => None,
-            }
-        };
-        match polled {
-            Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => {}
-            other => self.first = other,
-        }
-        self
-    }
-
-    /// Keeps what is forwarded for a retry; the receiver gets the frames once the body has been
-    /// forwarded in full, if it stayed within [`KEEP_LIMIT`] bytes and had no trailers.
-    pub fn keep(&mut self) -> Kept {
-        let (done, kept) = tokio::sync::oneshot::channel();
-        self.keep = Some(Keeper { frames: Vec::new(), bytes: 0, done });
-        if self.inner.is_some() && self.is_end_stream() {
-            self.finish_keep();
-        }
-        kept
-    }
-
-    /// A body sent from memory: a kept one, sent again (empty for a request that had none).
-    pub fn replay(mut frames: Vec<Bytes>) -> Self {
-        frames.reverse();
-        RequestBody {
-            inner: None,
-            first: None,
-            replay: frames,
-            keep: None,
-            limit: u64::MAX,
-            seen: 0,
-            idle_timeout: Duration::MAX,
-            idle: None,
-            outcome: None,
-        }
-    }
-
-    fn finish_keep(&mut self) {
-        if let Some(k) = self.keep.take() {
-            let _ = k.done.send(k.frames);
-        }
-    }
-
-    fn fail(&self, code: u8, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(o) = &self.outcome {
-            o.store(code, Ordering::Relaxed);
-        }
-        Poll::Ready(Some(Err(Box::new(e))))
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(this.replay.pop().map(|b| Ok(Frame::data(b))));
-        };
-        let polled = match this.first.take() {
-            Some(first) => Poll::Ready(Some(first)),
-            None => Pin::new(inner).poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.limit {
-                        this.keep = None;
-                        return this.fail(outcome::TOO_LARGE, RequestBodyError::TooLarge(this.limit));
-                    }
-                }
-                if let Some(k) = &mut this.keep {
-                    match frame.data_ref() {
-                        Some(data) if k.bytes + data.len() <= KEEP_LIMIT => {
-                            k.bytes += data.len();
-                            k.frames.push(data.clone());
-                        }
-                        // Too big, or trailers: this body will not be sent again.
-                        _ => this.keep = None,
-                    }
-                }
-                // hyper stops polling once the body says it has ended, so the end is seen here.
-                if this.inner.as_ref().is_some_and(ClientBody::is_end_stream) {
-                    this.finish_keep();
-                }
-                if let Some(sleep) = &mut this.idle {
-                    sleep.as_mut().reset(crate::clock::deadline(this.idle_timeout));
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.keep = None;
-                if let Some(o) = &this.outcome {
-                    o.store(outcome::CLIENT, Ordering::Relaxed);
-                }
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.finish_keep();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                // Armed only once the body actually has to wait for the client.
-                let timeout = this.idle_timeout;
-                let sleep = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return this.fail(outcome::IDLE, RequestBodyError::Idle(timeout));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Some(inner) => self.first.is_none() && inner.is_end_stream(),
-            None => self.replay.is_empty(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(inner) if self.first.is_none() => inner.size_hint(),
-            Some(_) => SizeHint::default(),
-            None => SizeHint::with_exact(self.replay.iter().map(|b| b.len() as u64).sum()),
-        }
-    }
-}
 
 /// What finishing an upstream response releases.
 pub struct Upstream {
@@ -328,12 +74,12 @@ enum End {
 /// Releases the slot, records the request, and gives the connection back if the body ended
 /// cleanly. A client that leaves early is counted as `aborted`, never as the backend's error.
 fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, end: End) {
-    use crate::traffic::Outcome;
+    use crate::pool::traffic::Outcome;
     let Some(up) = done.take() else { return };
     let backend = up.guard.backend();
     if end == End::Complete {
         if let Some(conn) = body.take_reusable() {
-            backend.conns.put_back(conn);
+            crate::upstream::put_back(backend, conn);
         }
     }
     let outcome = match end {

@@ -7,17 +7,15 @@
 
 mod access;
 pub mod body;
-pub mod conn;
-pub mod h1;
 pub mod headers;
-pub mod upstream;
 
-use crate::backend::{Backend, InflightGuard, Pool};
+use crate::downstream::{ActiveRequest, ConnShared};
 use crate::error::{error_body, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
-use crate::scale::queue;
-use body::{ClientBody, RequestBody, ResponseBody, Upstream};
-use conn::{ActiveRequest, ConnShared};
+use crate::http1::AmbiguousFraming;
+use crate::pool::{Backend, InflightGuard, Pool};
+use crate::upstream::{self, ClientBody, RequestBody};
+use body::{ResponseBody, Upstream};
 use headers::{new_request_id, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -59,18 +57,20 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
-impl ProxyService {
-    /// Serves one request (the entry point of the own HTTP/1.1 codec).
-    pub(crate) fn handle_request(
+impl crate::http1::server::Handler for ProxyService {
+    type Body = ResponseBody;
+
+    /// Serves one request read by the own HTTP/1.1 codec.
+    fn call(
         &self,
-        req: Request<ClientBody>,
+        req: Request<crate::http1::server::Body>,
     ) -> impl Future<Output = Response<ResponseBody>> + Send + '_ {
-        self.0.handle(req)
+        self.0.handle(req.map(ClientBody::Own))
     }
 
     /// The answer to a request refused before it could be parsed (malformed or oversized head,
     /// header timeout), counted like any other unrouted failure.
-    pub(crate) fn local_error(&self, e: &ProxyError) -> Response<ResponseBody> {
+    fn refuse(&self, e: &ProxyError) -> Response<ResponseBody> {
         let status = e.status().as_u16();
         self.0.gateway.unrouted.record_local(status, 0.0);
         tracing::debug!(error = %e, status, "request refused before parsing finished");
@@ -115,7 +115,7 @@ impl ConnCtx {
                     match &track.pool {
                         Some(p) => {
                             p.metrics.record_local(status, seconds);
-                            p.state.traffic.record(crate::traffic::Outcome::of(status >= 500), seconds);
+                            p.state.traffic.record(crate::pool::traffic::Outcome::of(status >= 500), seconds);
                         }
                         None => self.gateway.unrouted.record_local(status, seconds),
                     }
@@ -147,7 +147,7 @@ impl ConnCtx {
 
         // 1. The request itself: framing and limits.
         let is_h1 = parts.version != Version::HTTP_2;
-        if is_h1 && self.conn.suspicious() {
+        if is_h1 && parts.extensions.get::<AmbiguousFraming>().is_some() {
             return Err(ProxyError::BadRequest(
                 "ambiguous framing: Content-Length with Transfer-Encoding, or Content-Length twice",
             ));
@@ -188,9 +188,9 @@ impl ConnCtx {
 
         // 3. Admit: a slot on a backend, now or after queueing.
         let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
-        let (guard, waited, newer) = match queue::admit_now(pool) {
+        let (guard, waited, newer) = match crate::pool::admit_now(pool) {
             Some(g) => (g, None, None),
-            None => Box::pin(queue::admit(pool, latest)).await.map_err(ProxyError::Unavailable)?,
+            None => Box::pin(crate::pool::admit(pool, latest)).await.map_err(ProxyError::Unavailable)?,
         };
         // A request that waited may have been admitted to a newer version of its pool.
         let pool = match &newer {
@@ -245,7 +245,7 @@ impl ConnCtx {
             Some(r) => {
                 pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let method_ok = !r.idempotent_only || parts.method.is_idempotent();
-                let small = declared.is_none_or(|n| n <= body::KEEP_LIMIT as u64);
+                let small = declared.is_none_or(|n| n <= upstream::KEEP_LIMIT as u64);
                 // A refused h2 stream was not processed, so any method may go again.
                 ((method_ok || r.on_refused_stream) && small).then(|| Replay {
                     method_ok,
@@ -324,9 +324,9 @@ impl ConnCtx {
                 }
                 Ok(Err(upstream::SendError { error, .. })) => {
                     match body_outcome.as_ref().map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
-                        Some(body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
-                        Some(body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
-                        Some(body::outcome::CLIENT) => ProxyError::ClientBody(error.to_string()),
+                        Some(upstream::body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
+                        Some(upstream::body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
+                        Some(upstream::body::outcome::CLIENT) => ProxyError::ClientBody(error.to_string()),
                         _ => error,
                     }
                 }
@@ -337,7 +337,7 @@ impl ConnCtx {
             if e.source() != crate::error::Source::Client {
                 let status = e.status().as_u16();
                 guard.backend().count_response(status, e.status().is_server_error());
-                let outcome = crate::traffic::Outcome::of(e.status().is_server_error());
+                let outcome = crate::pool::traffic::Outcome::of(e.status().is_server_error());
                 guard.backend().observe(status, outcome, started.elapsed().as_secs_f64());
                 track.counted_on_backend = true;
             }
@@ -389,7 +389,7 @@ struct Replay {
 /// The body of a request that may be sent again.
 enum Kept {
     /// Still streaming upstream; the frames arrive once it has been forwarded in full.
-    Waiting(body::Kept),
+    Waiting(upstream::Kept),
     /// The whole body (empty for a request that had none).
     Frames(Vec<bytes::Bytes>),
     /// Too big to keep, not fully forwarded, or broken: cannot be sent again.

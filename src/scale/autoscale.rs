@@ -13,9 +13,9 @@
 use super::events::ScaleEvent;
 use super::policy::{Decision, Observation, Policy};
 use super::provider::{self, Action, Current, HookRequest};
-use crate::backend::{BackendState, Pool};
 use crate::config::ProviderKind;
 use crate::gateway::Gateway;
+use crate::pool::{BackendState, Pool};
 use crate::reload::{BackendChange, ChangeError};
 use crate::telemetry;
 use std::collections::{HashMap, HashSet};

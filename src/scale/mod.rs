@@ -7,5 +7,4 @@ pub mod events;
 pub mod launch;
 pub mod policy;
 pub mod provider;
-pub mod queue;
 pub mod state;

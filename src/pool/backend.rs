@@ -1,21 +1,20 @@
-//! Backends and pools as the hot path sees them.
-//!
-//! A [`Backend`] is plain atomics behind an `Arc` (in-flight count, state, weight, counters) plus its
-//! idle upstream connections. A [`Pool`] is an immutable list of backends with the picker and the
-//! admission queue; a new config builds new `Pool`s that reuse the `Arc<Backend>`s of unchanged
-//! addresses, so counters and in-flight counts survive. An [`InflightGuard`] holds one unit of a
-//! backend's capacity and gives it back (waking the queue) when dropped.
+//! One backend as the hot path sees it: plain atomics behind an `Arc` (in-flight count, state,
+//! weight, slow-start ramp, saturation pause, counters, passive ejection), and the
+//! [`InflightGuard`] that holds one unit of its capacity and gives it back (waking the pool's
+//! queue) when dropped. What another layer keeps per backend (the upstream connections) sits in
+//! an [`Attached`] slot this module never looks into.
 //!
 //! Never locks and never awaits: every method here is a handful of atomic operations.
 
-use crate::balance::Balancer;
-use crate::config::{BackendConfig, OutlierConfig, PoolConfig};
-use crate::proxy::upstream::Conns;
-use crate::scale::queue::AdmissionQueue;
+use super::queue::AdmissionQueue;
+use super::state::PoolState;
+use super::traffic::Outcome;
+use crate::config::{BackendConfig, OutlierConfig};
 use crate::telemetry::BackendMetrics;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 /// Lifecycle state of a backend. Only `Healthy` takes new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +118,16 @@ pub struct Backend {
     pool_state: Arc<PoolState>,
     /// The admission queue of the pool this backend belongs to, woken when a slot frees.
     queue: Arc<AdmissionQueue>,
-    pub(crate) conns: Conns,
+    /// What the upstream layer keeps for this backend (its connections), made on first use.
+    pub attached: OnceLock<Box<dyn Attached>>,
     pub(crate) metrics: BackendMetrics,
+}
+
+/// Per-backend state kept by a layer above this one (the upstream connections), stored in the
+/// backend so that finding it costs no lookup; this layer only reads its size for the API.
+pub trait Attached: std::any::Any + Send + Sync {
+    /// Idle connections kept for the backend.
+    fn idle(&self) -> usize;
 }
 
 impl Backend {
@@ -153,7 +160,7 @@ impl Backend {
             last_ejection_ms: AtomicU64::new(0),
             pool_state,
             queue,
-            conns: Conns::new(cfg.max_inflight),
+            attached: OnceLock::new(),
         }
     }
 
@@ -350,7 +357,7 @@ impl Backend {
     }
 
     /// Records a finished request's duration (metrics and the pool's history).
-    pub(crate) fn observe(&self, status: u16, outcome: crate::traffic::Outcome, seconds: f64) {
+    pub(crate) fn observe(&self, status: u16, outcome: Outcome, seconds: f64) {
         self.metrics.observe(status, seconds);
         self.pool_state.traffic.record(outcome, seconds);
     }
@@ -430,7 +437,7 @@ impl Backend {
     }
 
     /// Claims one unit of capacity on any backend that is not draining (panic mode).
-    fn try_acquire_in_panic(self: &Arc<Self>) -> Option<InflightGuard> {
+    pub(super) fn try_acquire_in_panic(self: &Arc<Self>) -> Option<InflightGuard> {
         if self.state() == BackendState::Draining {
             return None;
         }
@@ -486,287 +493,5 @@ impl Drop for InflightGuard {
     }
 }
 
-/// State shared by the backends of one pool and carried across snapshots.
-#[derive(Default)]
-pub struct PoolState {
-    /// Passive ejection settings; `None` when the pool has none.
-    pub outlier: arc_swap::ArcSwapOption<OutlierConfig>,
-    /// Backends in the pool (for the ejection cap).
-    pub size: AtomicU32,
-    /// Backends ejected right now.
-    pub ejected: AtomicU32,
-    /// `slow_start` in milliseconds; 0 when off.
-    pub slow_start_ms: AtomicU64,
-    /// Requests and retries seen by a pool with `[retry]`, for the retry budget.
-    pub retry_requests: AtomicU64,
-    pub retries: AtomicU64,
-    /// Finished requests, errors and latencies, for the status page's history.
-    pub traffic: crate::traffic::Traffic,
-}
-
-impl PoolState {
-    /// Takes one retry from the budget: retries stay under `percent`% of requests (plus a
-    /// small allowance, so a quiet pool can still retry).
-    pub fn take_retry(&self, percent: u32) -> bool {
-        let requests = self.retry_requests.load(Ordering::Relaxed);
-        let allowed = requests * percent as u64 / 100 + 3;
-        self.retries.fetch_add(1, Ordering::Relaxed) < allowed || {
-            self.retries.fetch_sub(1, Ordering::Relaxed);
-            false
-        }
-    }
-}
-
-/// A pool of interchangeable backends, immutable once built (one per config snapshot).
-pub struct Pool {
-    pub config: PoolConfig,
-    pub backends: Vec<Arc<Backend>>,
-    pub balancer: Balancer,
-    pub queue: Arc<AdmissionQueue>,
-    pub state: Arc<PoolState>,
-    /// Whether any backend is a backup (the pickers only look at tiers when so).
-    has_backups: bool,
-    pub metrics: crate::telemetry::PoolMetrics,
-}
-
-impl Pool {
-    /// Builds a pool from config, reusing `existing` backends (matched by address) and queue.
-    pub fn build(config: PoolConfig, extra: &[BackendConfig], existing: Option<&Pool>) -> Pool {
-        let queue = match existing {
-            Some(old) => {
-                old.queue.set_max_depth(config.queue.max_depth);
-                old.queue.clone()
-            }
-            None => Arc::new(AdmissionQueue::new(config.queue.max_depth)),
-        };
-        let state = existing.map(|old| old.state.clone()).unwrap_or_default();
-        state.outlier.store(config.outlier.clone().map(Arc::new));
-        state.slow_start_ms.store(config.slow_start.map_or(0, |d| d.as_millis() as u64), Ordering::Relaxed);
-        let backends: Vec<Arc<Backend>> = config
-            .backends
-            .iter()
-            .chain(extra.iter())
-            .map(|b| {
-                let reused = existing.and_then(|old| old.backends.iter().find(|o| o.addr == b.addr));
-                match reused {
-                    Some(old) => {
-                        old.update(b);
-                        old.clone()
-                    }
-                    None => {
-                        let fresh = Arc::new(Backend::new(&config.name, b, queue.clone(), state.clone()));
-                        if config.health.as_ref().is_some_and(|h| h.gate_new_backends) {
-                            fresh.set_state(BackendState::Starting);
-                        }
-                        fresh
-                    }
-                }
-            })
-            .collect();
-        state.size.store(backends.len() as u32, Ordering::Relaxed);
-        let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
-        Pool {
-            balancer: Balancer::new(config.balance, &weights),
-            metrics: crate::telemetry::PoolMetrics::new(&config.name),
-            has_backups: backends.iter().any(|b| b.is_backup()),
-            config,
-            backends,
-            queue,
-            state,
-        }
-    }
-
-    /// Picks a backend and claims a slot on it; `None` when nothing eligible is left.
-    #[inline]
-    pub fn try_acquire(&self) -> Option<InflightGuard> {
-        self.try_acquire_except(|_| false)
-    }
-
-    /// Like [`Pool::try_acquire`], never choosing a backend whose index `exclude` names
-    /// (failover: "not that one again").
-    #[inline]
-    pub fn try_acquire_except(&self, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
-        if self.config.panic_threshold > 0.0 && self.in_panic() {
-            return self.acquire_in_panic(&exclude);
-        }
-        // Only the tier in use is eligible: primaries while any is up, else the backups.
-        let backups = self.has_backups && self.using_backups();
-        let exclude = |i: usize| exclude(i) || (self.has_backups && self.backends[i].is_backup() != backups);
-        // A pick can lose a race for the last slot of a backend; try a few times, then give up
-        // (the caller queues, and is woken when a slot frees).
-        for _ in 0..4 {
-            let i = self.balancer.pick(&self.backends, exclude)?;
-            if let Some(g) = self.backends[i].try_acquire() {
-                return Some(g);
-            }
-        }
-        None
-    }
-
-    /// Whether any backend takes traffic, or is about to (`starting`): worth queueing for.
-    pub fn any_serving(&self) -> bool {
-        if self.config.panic_threshold > 0.0 && self.in_panic() {
-            return self.backends.iter().any(|b| b.state() != BackendState::Draining);
-        }
-        self.backends.iter().any(|b| match b.state() {
-            BackendState::Healthy => !b.is_saturated(),
-            BackendState::Starting => true,
-            _ => false,
-        })
-    }
-
-    /// Whether some backend of the tier in use has a free slot right now.
-    pub fn has_capacity(&self) -> bool {
-        if self.config.panic_threshold > 0.0 && self.in_panic() {
-            return self
-                .backends
-                .iter()
-                .any(|b| b.state() != BackendState::Draining && b.in_flight() < b.max_inflight());
-        }
-        let backups = self.has_backups && self.using_backups();
-        self.backends.iter().any(|b| b.is_eligible() && (!self.has_backups || b.is_backup() == backups))
-    }
-
-    /// Free slots on the backends that take requests now.
-    pub fn free_slots(&self) -> usize {
-        self.backends
-            .iter()
-            .filter(|b| b.is_serving())
-            .map(|b| b.effective_max_inflight().saturating_sub(b.in_flight()) as usize)
-            .sum()
-    }
-
-    /// Whether the healthy share of the pool is below `panic_threshold`.
-    pub fn in_panic(&self) -> bool {
-        let healthy = self.backends.iter().filter(|b| b.state() == BackendState::Healthy).count();
-        (healthy as f64) < self.config.panic_threshold * self.backends.len() as f64
-    }
-
-    /// Panic mode: the least loaded backend that is not draining, whatever its health.
-    fn acquire_in_panic(&self, exclude: &impl Fn(usize) -> bool) -> Option<InflightGuard> {
-        for _ in 0..4 {
-            // From a random start, so ties (an idle pool) spread over the backends.
-            let n = self.backends.len();
-            let start = if n > 1 { fastrand::usize(..n) } else { 0 };
-            let best = (0..n)
-                .map(|k| ((start + k) % n, &self.backends[(start + k) % n]))
-                .filter(|(i, b)| {
-                    !exclude(*i) && b.state() != BackendState::Draining && b.in_flight() < b.max_inflight()
-                })
-                .min_by(|(_, a), (_, b)| {
-                    let (la, wa) = (a.in_flight() as u64 + 1, a.weight().max(1) as u64);
-                    let (lb, wb) = (b.in_flight() as u64 + 1, b.weight().max(1) as u64);
-                    (la * wb).cmp(&(lb * wa))
-                })
-                .map(|(i, _)| i)?;
-            if let Some(g) = self.backends[best].try_acquire_in_panic() {
-                return Some(g);
-            }
-        }
-        None
-    }
-
-    /// True when no primary backend is healthy, so the backups serve.
-    pub fn using_backups(&self) -> bool {
-        !self.backends.iter().any(|b| !b.is_backup() && b.is_serving())
-    }
-
-    /// The index of `backend` in this pool.
-    pub fn index_of(&self, backend: &Arc<Backend>) -> Option<usize> {
-        self.backends.iter().position(|b| Arc::ptr_eq(b, backend))
-    }
-
-    pub fn in_flight(&self) -> u64 {
-        self.backends.iter().map(|b| b.in_flight() as u64).sum()
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acquire_respects_capacity_and_releases() {
-        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 2));
-        let g1 = b.try_acquire().unwrap();
-        let g2 = b.try_acquire().unwrap();
-        assert!(b.try_acquire().is_none());
-        assert_eq!(b.in_flight(), 2);
-        drop(g1);
-        assert_eq!(b.in_flight(), 1);
-        drop(g2);
-        assert_eq!(b.in_flight(), 0);
-        b.set_state(BackendState::Draining);
-        assert!(b.try_acquire().is_none());
-    }
-
-    #[test]
-    fn concurrent_acquires_never_exceed_capacity() {
-        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 10));
-        let held: Vec<_> = std::thread::scope(|s| {
-            let hs: Vec<_> =
-                (0..4).map(|_| s.spawn(|| (0..100).filter_map(|_| b.try_acquire()).collect::<Vec<_>>())).collect();
-            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-        });
-        assert_eq!(held.len(), 10);
-        assert_eq!(b.in_flight(), 10);
-    }
-
-    #[test]
-    fn ejections_grow_with_the_streak_stop_at_the_cap_and_are_forgiven() {
-        use std::time::Duration;
-        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 4));
-        b.pool_state.size.store(2, Ordering::Relaxed);
-        b.pool_state.outlier.store(Some(Arc::new(OutlierConfig {
-            consecutive_failures: 2,
-            base_ejection: Duration::from_millis(100),
-            max_ejection: Duration::from_millis(250),
-            max_ejected_percent: 50,
-        })));
-        let mut lengths = Vec::new();
-        for _ in 0..4 {
-            b.count_response(500, true);
-            assert_eq!(b.state(), BackendState::Healthy, "one failure is not enough");
-            b.count_response(502, true);
-            assert_eq!(b.state(), BackendState::Ejected);
-            lengths.push(b.last_ejection_ms());
-            // What the readmission ticker does when the time is up.
-            b.pool_state.ejected.fetch_sub(1, Ordering::Relaxed);
-            b.set_state(BackendState::Healthy);
-        }
-        assert_eq!(lengths, [100, 200, 250, 250]);
-        assert_eq!(b.ejections(), 4);
-        // A success in between resets the failure count.
-        b.count_response(500, true);
-        b.count_response(200, false);
-        b.count_response(500, true);
-        assert_eq!(b.state(), BackendState::Healthy);
-        // After staying in service for the calm period, the next ejection is short again.
-        let until = b.ejected_until_ms.load(Ordering::Relaxed);
-        b.forgive_ejections(until + 100, 250);
-        b.count_response(500, true);
-        assert_eq!(b.last_ejection_ms(), 250, "not forgiven before the calm period");
-        b.pool_state.ejected.fetch_sub(1, Ordering::Relaxed);
-        b.set_state(BackendState::Healthy);
-        let until = b.ejected_until_ms.load(Ordering::Relaxed);
-        b.forgive_ejections(until + 250, 250);
-        b.count_response(500, true);
-        b.count_response(500, true);
-        assert_eq!(b.last_ejection_ms(), 100);
-    }
-
-    #[test]
-    fn a_retry_after_pause_makes_a_backend_ineligible_until_it_ends() {
-        let b = Arc::new(Backend::standalone("127.0.0.1:1".parse().unwrap(), 1, 4));
-        assert!(b.try_acquire().is_some());
-        b.saturate(std::time::Duration::ZERO);
-        assert!(b.is_eligible());
-        b.saturate(std::time::Duration::from_secs(3600));
-        assert!(!b.is_eligible() && b.try_acquire().is_none());
-        let left = b.saturated_for_ms();
-        assert!(left > 299_000 && left <= 300_000, "capped at five minutes: {left}");
-        assert_eq!(b.state(), BackendState::Healthy, "a pause is not a state change");
-        b.hot.saturated_until_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-        assert!(b.try_acquire().is_some(), "usable again once the pause is over");
-    }
-}
+mod tests;

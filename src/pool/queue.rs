@@ -10,14 +10,11 @@
 // The one lock of the crate, on the overload path only (see above).
 #![allow(clippy::disallowed_types)]
 
-use crate::backend::{InflightGuard, Pool};
 pub use crate::error::Rejection;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 struct Waiter {
     id: u64,
@@ -70,7 +67,7 @@ impl AdmissionQueue {
     }
 
     /// Joins the back of the queue, or fails when it is full.
-    fn join(&self) -> Result<Ticket<'_>, Rejection> {
+    pub(super) fn join(&self) -> Result<Ticket<'_>, Rejection> {
         let max = self.max_depth();
         let mut cur = self.depth.load(Ordering::SeqCst);
         loop {
@@ -91,16 +88,16 @@ impl AdmissionQueue {
 
 /// A place in the queue. Dropping it leaves the queue; a wake-up it received but did not use is
 /// passed on to the next waiter, so no freed slot is ever lost.
-struct Ticket<'q> {
+pub(super) struct Ticket<'q> {
     queue: &'q AdmissionQueue,
     id: u64,
-    rx: oneshot::Receiver<()>,
-    used: bool,
+    pub(super) rx: oneshot::Receiver<()>,
+    pub(super) used: bool,
 }
 
 impl Ticket<'_> {
     /// Goes back to the front after a wake-up that lost its slot to a racing request.
-    fn requeue_front(&mut self) {
+    pub(super) fn requeue_front(&mut self) {
         let (tx, rx) = oneshot::channel();
         self.rx = rx;
         self.queue.list().push_front(Waiter { id: self.id, tx });
@@ -121,70 +118,4 @@ impl Drop for Ticket<'_> {
             self.queue.list().retain(|w| w.id != id);
         }
     }
-}
-
-/// The fast path of [`admit`]: a slot right now, when nobody is queued ahead.
-#[inline]
-pub fn admit_now(pool: &Pool) -> Option<InflightGuard> {
-    if pool.queue.depth() == 0 {
-        pool.try_acquire()
-    } else {
-        None
-    }
-}
-
-/// Claims a slot on the pool: at once if one is free and nobody is waiting, else by waiting in
-/// the queue. Returns the slot, how long the request queued (`None` if it did not), and the
-/// newer version of the pool the slot is in when it is not `pool` (so the fast path costs no
-/// reference count).
-///
-/// A waiting request looks at the newest version of its pool (`latest`) each time it is woken,
-/// so backends added while it waits (a reload, the autoscaler) serve it. A pool that autoscales
-/// queues requests even with no backend at all: the autoscaler is bringing one (scale from zero).
-pub async fn admit(
-    pool: &Arc<Pool>,
-    latest: impl Fn() -> Option<Arc<Pool>>,
-) -> Result<(InflightGuard, Option<Duration>, Option<Arc<Pool>>), Rejection> {
-    let queue = &pool.queue;
-    if let Some(g) = admit_now(pool) {
-        return Ok((g, None, None));
-    }
-    if !worth_waiting(pool) {
-        return Err(Rejection::NoBackend);
-    }
-    let start = Instant::now();
-    let deadline = start + pool.config.queue.timeout;
-    let mut ticket = queue.join()?;
-    // A slot may have freed between our failed pick and joining: make sure someone takes it.
-    if pool.has_capacity() {
-        queue.wake_one();
-    }
-    loop {
-        match tokio::time::timeout_at(deadline, &mut ticket.rx).await {
-            Err(_) => return Err(Rejection::QueueTimeout),
-            Ok(_) => {
-                let newer = latest().filter(|p| !Arc::ptr_eq(p, pool) && Arc::ptr_eq(&p.queue, queue));
-                let current = newer.as_ref().unwrap_or(pool);
-                if let Some(g) = current.try_acquire() {
-                    ticket.used = true;
-                    return Ok((g, Some(start.elapsed()), newer));
-                }
-                if !worth_waiting(current) {
-                    ticket.used = true;
-                    return Err(Rejection::NoBackend);
-                }
-                ticket.requeue_front();
-                // The slot that woke us went to someone else; if another is free, go again.
-                if current.has_capacity() {
-                    queue.wake_one();
-                }
-            }
-        }
-    }
-}
-
-/// Whether a backend takes traffic or is on its way: one is starting, or the autoscaler may add
-/// one.
-fn worth_waiting(pool: &Pool) -> bool {
-    pool.config.autoscale.is_some() || pool.any_serving()
 }

@@ -8,8 +8,8 @@
 //! Picking and claiming are separate: the caller claims a slot with `Backend::try_acquire`, which
 //! may fail when another request won the race; the pool then picks again.
 
-use crate::backend::Backend;
 use crate::config::BalanceKind;
+use crate::pool::Backend;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -241,7 +241,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::InflightGuard;
+    use crate::pool::InflightGuard;
     use proptest::prelude::*;
 
     fn pool(specs: &[(u32, u32)]) -> Vec<Arc<Backend>> {
@@ -332,7 +332,7 @@ mod tests {
             let mut held = Vec::new();
             for (i, s) in specs.iter().enumerate() {
                 for _ in 0..s.2.min(s.1) { held.push(b[i].try_acquire().unwrap()); }
-                if s.3 { b[i].set_state(crate::backend::BackendState::Draining); }
+                if s.3 { b[i].set_state(crate::pool::BackendState::Draining); }
             }
             let excluded: Vec<bool> = specs.iter().map(|s| s.4).collect();
             let weights: Vec<u32> = specs.iter().map(|s| s.0).collect();

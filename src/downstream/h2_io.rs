@@ -1,142 +1,19 @@
-//! State shared by a client connection and its requests ([`ConnShared`]), and the IO wrapper of
-//! the connections hyper serves (h2, by prior knowledge or ALPN): it enforces the connection's
-//! first-request and idle timeouts, which hyper's h2 server does not have. HTTP/1.x connections
-//! are served by `h1::server`, which does this (and spots request-smuggling shapes) itself.
-//!
-//! [`ClientIo`] sits between the socket and hyper. It keeps its own state, shares a few atomics
-//! with the service ([`ConnShared`]), and arms a single lazily-reset timer per connection, so a
-//! read costs a few loads.
+//! The client socket of an h2 connection as hyper sees it ([`ClientIo`]): it enforces the
+//! connection's first-request, idle and send timeouts, which hyper's h2 server does not have.
+//! It keeps its own state, shares a few atomics with the requests ([`ConnShared`]), and arms a
+//! single lazily-reset timer per connection, so a read costs a few loads.
 
+use super::ConnShared;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
-
-/// State shared between a client connection's IO wrapper and its service.
-#[derive(Debug, Default)]
-pub struct ConnShared {
-    /// Requests being served on this connection (several on h2).
-    active: AtomicU32,
-    /// Bumped each time a request finishes, so the IO side notices a new idle period.
-    finished: AtomicU64,
-    /// When the last request finished (`now_ms`).
-    idle_since_ms: AtomicU64,
-    /// A header block with two Content-Lengths, or Content-Length and Transfer-Encoding, was read.
-    suspicious: AtomicBool,
-    /// The current response's head is being written (own HTTP/1.1 codec): too late for a
-    /// `100 Continue`.
-    pub(crate) responding: AtomicBool,
-    /// A request body read over TLS wants a `100 Continue` written (own HTTP/1.1 codec).
-    pub(crate) continue_wanted: AtomicBool,
-    /// The connection was cut off because the client took no response bytes for
-    /// `send_timeout`; the requests it ends are logged as `client_stalled`.
-    stalled: AtomicBool,
-    /// h2 only: response bodies that handed a frame to hyper and were not asked for the next one
-    /// yet (hyper asks only once the client's flow-control window has room).
-    unsent: AtomicU32,
-    /// h2 only: when a body waiting for the client last made progress (`now_ms`).
-    unsent_progress_ms: AtomicU64,
-    /// Whether response bodies report their frames to `unsent` (h2 connections).
-    watch_sends: bool,
-}
-
-impl ConnShared {
-    pub fn new() -> Arc<Self> {
-        let s = ConnShared::default();
-        s.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-        Arc::new(s)
-    }
-
-    /// Shared state of an h2 connection: response bodies report frames waiting for the client.
-    pub fn new_h2() -> Arc<Self> {
-        let s = ConnShared { watch_sends: true, ..ConnShared::default() };
-        s.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-        Arc::new(s)
-    }
-
-    /// Whether the connection was cut off for taking no response bytes.
-    pub fn stalled(&self) -> bool {
-        self.stalled.load(Ordering::Relaxed)
-    }
-
-    /// Marks the connection as cut off for taking no response bytes (counted once).
-    pub(crate) fn set_stalled(&self) {
-        if !self.stalled.swap(true, Ordering::Relaxed) {
-            crate::telemetry::client_stalled();
-        }
-    }
-
-    /// Whether this connection's response bodies report [`Self::frame_handed`].
-    pub(crate) fn watches_sends(&self) -> bool {
-        self.watch_sends
-    }
-
-    /// A response body handed a frame to the connection and waits to be asked for the next.
-    pub(crate) fn frame_handed(&self) {
-        if self.unsent.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.unsent_progress_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// A body that had handed a frame was asked for more (or dropped): the client took it.
-    pub(crate) fn frame_taken(&self) {
-        self.unsent.fetch_sub(1, Ordering::Relaxed);
-        self.unsent_progress_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-    }
-
-    /// When the bodies waiting on the client will have waited `send_timeout` with no progress
-    /// (`now_ms`), or `None` when none waits.
-    fn send_deadline_ms(&self, send_timeout: Duration) -> Option<u64> {
-        (self.unsent.load(Ordering::Relaxed) > 0)
-            .then(|| crate::clock::add_ms(self.unsent_progress_ms.load(Ordering::Relaxed), send_timeout))
-    }
-
-    /// Marks a request as started; the returned marker ends it when dropped (with the response body).
-    pub fn start(self: &Arc<Self>) -> ActiveRequest {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveRequest(self.clone())
-    }
-
-    /// Whether the bytes read so far contain a smuggling shape (HTTP/1 only).
-    pub fn suspicious(&self) -> bool {
-        self.suspicious.load(Ordering::Relaxed)
-    }
-
-    /// When the last request on this connection finished (`now_ms`), as its response body ended.
-    pub(crate) fn idle_since_ms(&self) -> u64 {
-        self.idle_since_ms.load(Ordering::Relaxed)
-    }
-
-    /// Records a smuggling shape found while parsing a head: the proxy refuses the request.
-    pub(crate) fn set_suspicious(&self) {
-        self.suspicious.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A request in progress on a connection; dropped when its response is done.
-#[derive(Debug)]
-pub struct ActiveRequest(Arc<ConnShared>);
-
-impl ActiveRequest {
-    /// The connection the request came on.
-    pub fn conn(&self) -> &ConnShared {
-        &self.0
-    }
-}
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        self.0.idle_since_ms.store(crate::clock::now_ms(), Ordering::Relaxed);
-        self.0.finished.fetch_add(1, Ordering::Relaxed);
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// A client socket: plain TCP or TLS over it.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -223,11 +100,8 @@ impl<S: ClientStream> ClientIo<S> {
             };
         }
         self.sync_idle_period();
-        let deadline = if self.served_any {
-            crate::clock::add_ms(self.shared.idle_since_ms(), self.idle_timeout)
-        } else {
-            crate::clock::add_ms(self.opened_ms, self.header_timeout.min(self.idle_timeout))
-        };
+        let deadline =
+            self.shared.quiet_deadline_ms(self.opened_ms, self.served_any, self.header_timeout, self.idle_timeout);
         (deadline > now).then_some(deadline)
     }
 

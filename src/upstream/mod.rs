@@ -1,25 +1,26 @@
 //! Connections to backends: a lock-free pool of idle HTTP/1.1 connections per backend (driven by
-//! [`super::h1`] on the requesting task), one shared multiplexed hyper connection per backend for
+//! [`crate::http1::client`] on the requesting task), one shared multiplexed hyper connection per backend for
 //! HTTP/2, and the connect (TCP, then TLS for pools with `tls = true`) that fills them. With
 //! `protocol = "auto"` over TLS, the first connection's ALPN answer decides the backend's protocol.
 //!
 //! Checking out an idle connection is a pop from a lock-free `ArrayQueue`; a connection goes back
 //! only once its response body has been read to the end, so it is clean for the next request.
 
-use super::body::{BoxError, RequestBody};
-use super::h1;
-use crate::backend::Backend;
+pub mod body;
+
+pub use body::{ClientBody, Kept, RequestBody, RequestBodyError, UpstreamBody, KEEP_LIMIT};
+
 use crate::config::{PoolConfig, Protocol};
 use crate::error::ProxyError;
+use crate::http1::client as h1;
+use crate::pool::{Attached, Backend};
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::cell::Cell;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -81,7 +82,7 @@ impl Conns {
 
     /// Returns a connection whose response was read to the end. Dropped (closed) when the
     /// pool is full.
-    pub fn put_back(&self, conn: h1::Conn) {
+    fn put_back(&self, conn: h1::Conn) {
         let _ = self.local().get_or_init(|| ArrayQueue::new(self.per_worker)).push(conn);
     }
 
@@ -95,11 +96,29 @@ impl Conns {
         }
         None
     }
+}
 
+impl Attached for Conns {
     /// Idle HTTP/1.1 connections over all workers.
-    pub fn idle(&self) -> usize {
+    fn idle(&self) -> usize {
         self.idle.iter().filter_map(std::sync::OnceLock::get).map(ArrayQueue::len).sum()
     }
+}
+
+/// A backend's connections, made on first use.
+fn conns(backend: &Backend) -> &Conns {
+    let attached = backend.attached.get_or_init(|| Box::new(Conns::new(backend.max_inflight())));
+    let any: &dyn std::any::Any = &**attached;
+    match any.downcast_ref::<Conns>() {
+        Some(conns) => conns,
+        // Only this module attaches anything to a backend.
+        None => unreachable!("a backend's attachment is always its upstream connections"),
+    }
+}
+
+/// Gives back a connection whose response was read to the end (closed when the pool is full).
+pub fn put_back(backend: &Backend, conn: h1::Conn) {
+    conns(backend).put_back(conn);
 }
 
 /// A failed send. `unsent` holds the request when it certainly never reached the backend (no
@@ -135,50 +154,6 @@ fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A backend's response body: read by this task from an HTTP/1.1 connection, or a stream of a
-/// shared h2 connection.
-pub enum UpstreamBody {
-    H1(h1::Body),
-    H2(Incoming),
-}
-
-impl UpstreamBody {
-    /// The HTTP/1.1 connection, once the body ended cleanly and the connection may be reused.
-    pub fn take_reusable(&mut self) -> Option<h1::Conn> {
-        match self {
-            UpstreamBody::H1(b) => b.take_reusable(),
-            UpstreamBody::H2(_) => None,
-        }
-    }
-}
-
-impl http_body::Body for UpstreamBody {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    #[inline]
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::H1(b) => b.is_end_stream(),
-            UpstreamBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::H1(b) => b.size_hint(),
-            UpstreamBody::H2(b) => b.size_hint(),
-        }
-    }
-}
-
 /// Sends `req` to `backend` and returns the response; an HTTP/1.1 connection travels inside the
 /// body and goes back to the pool from there.
 pub async fn send(
@@ -190,7 +165,7 @@ pub async fn send(
         Protocol::Http1 => false,
         Protocol::H2c => true,
         Protocol::Auto if pool.tls.is_none() => false,
-        Protocol::Auto => match backend.conns.alpn.load(Ordering::Relaxed) {
+        Protocol::Auto => match conns(backend).alpn.load(Ordering::Relaxed) {
             ALPN_H1 => false,
             ALPN_H2 => true,
             _ => match Box::pin(learn_protocol(backend, pool)).await {
@@ -214,11 +189,11 @@ async fn learn_protocol(backend: &Backend, pool: &PoolConfig) -> Result<bool, Pr
     let (io, negotiated_h2) = connect_io(backend, pool, false).await?;
     if negotiated_h2 {
         let sender = h2_handshake(backend, io).await?;
-        backend.conns.h2.store(Some(Arc::new(sender)));
+        conns(backend).h2.store(Some(Arc::new(sender)));
     } else {
-        backend.conns.put_back(h1::Conn::new(io));
+        conns(backend).put_back(h1::Conn::new(io));
     }
-    backend.conns.alpn.store(if negotiated_h2 { ALPN_H2 } else { ALPN_H1 }, Ordering::Relaxed);
+    conns(backend).alpn.store(if negotiated_h2 { ALPN_H2 } else { ALPN_H1 }, Ordering::Relaxed);
     Ok(negotiated_h2)
 }
 
@@ -231,7 +206,7 @@ async fn send_h1(
     // the request comes back when that is certain to be safe, and then a fresh connection is used.
     let mut fresh_tries = 0;
     loop {
-        let conn = match std::future::poll_fn(|cx| Poll::Ready(backend.conns.checkout(cx))).await {
+        let conn = match std::future::poll_fn(|cx| Poll::Ready(conns(backend).checkout(cx))).await {
             Some(c) => c,
             None => {
                 fresh_tries += 1;
@@ -298,12 +273,12 @@ async fn send_h2(
         Err(_) => return Err(SendError::sent(ProxyError::BadRequest("invalid request target"))),
     }
     *req.version_mut() = http::Version::HTTP_2;
-    let existing = backend.conns.h2.load_full().filter(|s| !s.is_closed());
+    let existing = conns(backend).h2.load_full().filter(|s| !s.is_closed());
     let mut sender = match existing {
         Some(s) => (*s).clone(),
         None => match connect_h2(backend, pool).await {
             Ok(s) => {
-                backend.conns.h2.store(Some(Arc::new(s.clone())));
+                conns(backend).h2.store(Some(Arc::new(s.clone())));
                 s
             }
             Err(e) => return Err(SendError::unsent(e, req)),
@@ -340,7 +315,7 @@ async fn h2_handshake(backend: &Backend, io: UpstreamIo) -> Result<H2Sender, Pro
 }
 
 /// An upstream socket: plain TCP or TLS over it (an enum, so the plain case pays no dispatch).
-pub(crate) type UpstreamIo = tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+pub(crate) type UpstreamIo = h1::Io;
 
 /// An error and its causes on one line.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

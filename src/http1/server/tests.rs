@@ -1,4 +1,8 @@
+use super::body::{Inner, Stream};
+use super::parse::{parse_head, BodyKind, Head, HeadError, MAX_TARGET};
+use super::respond::date;
 use super::*;
+use crate::http1::framing::{parse_length, BodyState as Framing};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
