@@ -1,4 +1,7 @@
-//! The shared runtime state: one [`Snapshot`] of config, routes and pools behind an `ArcSwap`.
+//! What the hot path reads: one [`Snapshot`] of config, routes and pools behind an `ArcSwap`
+//! (with a per-thread copy), the listeners' TLS, the counters of requests that reached no pool,
+//! and the loop-detection token. What changes the snapshot, and its handles, is
+//! `control::Control`, a separate value the data path never sees.
 //!
 //! Everything that must change together (routes, pool settings, backend lists) is published in a
 //! single snapshot, so a request sees one consistent view. Per-backend state lives in `Arc`s that
@@ -6,16 +9,12 @@
 
 use crate::config::{BackendConfig, Config};
 use crate::pool::Pool;
-use crate::reload::{BackendChange, ChangeError, ConfigStatus, ReloadRequest, ReloadResult, Trigger};
-use crate::scale::events::EventLog;
-use crate::scale::launch::Launched;
 use crate::telemetry::PoolMetrics;
 use crate::tls::server::ServerTls;
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use tokio::sync::mpsc;
 
 #[derive(Clone)]
 pub struct Snapshot {
@@ -81,21 +80,8 @@ pub struct Gateway {
     id: u64,
     /// Requests answered before any pool was chosen (bad requests, no route).
     pub unrouted: PoolMetrics,
-    /// The running config's origin and the last reload error (`GET /api/config`).
-    config_status: ArcSwap<ConfigStatus>,
-    /// Where reload requests go (`POST /api/reload`); set once the reloader runs.
-    reload: OnceLock<mpsc::Sender<ReloadRequest>>,
-    /// Backend processes headroom started (launch sections, the local provider).
-    pub launched: Arc<Launched>,
-    /// The last scale events per pool.
-    pub scale_events: EventLog,
-    /// The last 15 minutes of each pool (the status page's charts).
-    pub history: crate::admin::history::History,
     /// TLS for the proxy listeners, when `[server.tls]` was set at start.
     tls: OnceLock<Arc<ServerTls>>,
-    /// The addresses the listeners were really bound to (tests bind port 0); no backend may
-    /// point at them.
-    bound: OnceLock<Vec<std::net::SocketAddr>>,
     /// This gateway's `Via` token: a request that carries it has looped back.
     pub via: crate::proxy::headers::Via,
     /// A listener's drain ended at `shutdown_timeout` with connections still open (cut).
@@ -104,26 +90,14 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
-        Self::with_launched(snapshot, Arc::default())
-    }
-
-    /// A gateway that owns the processes in `launched`.
-    pub fn with_launched(snapshot: Snapshot, launched: Arc<Launched>) -> Arc<Self> {
-        let history = crate::admin::history::History::new(snapshot.config.admin.history_interval);
         Arc::new(Gateway {
-            history,
-            launched,
-            scale_events: EventLog::default(),
             tls: OnceLock::new(),
-            bound: OnceLock::new(),
             via: crate::proxy::headers::Via::new(),
             drain_cut: std::sync::atomic::AtomicBool::new(false),
             current: ArcSwap::from_pointee(snapshot),
             generation: AtomicU64::new(0),
             id: GATEWAY_IDS.fetch_add(1, Ordering::Relaxed),
             unrouted: PoolMetrics::new("none"),
-            config_status: ArcSwap::from_pointee(ConfigStatus::default()),
-            reload: OnceLock::new(),
         })
     }
 
@@ -132,51 +106,8 @@ impl Gateway {
         let _ = self.tls.set(tls);
     }
 
-    /// Records the addresses the listeners are bound to (once, at start).
-    pub fn set_bound(&self, addrs: Vec<std::net::SocketAddr>) {
-        let _ = self.bound.set(addrs);
-    }
-
-    /// The rules a backend address is held to now: the running config's, and no address a
-    /// listener of this gateway is bound to.
-    pub fn addr_policy(&self) -> crate::config::addr::AddrPolicy {
-        let mut policy = self.snapshot().config.addr_policy();
-        policy.own.extend(self.bound.get().into_iter().flatten().copied());
-        policy
-    }
-
     pub fn tls(&self) -> Option<Arc<ServerTls>> {
         self.tls.get().cloned()
-    }
-
-    pub fn config_status(&self) -> ConfigStatus {
-        (**self.config_status.load()).clone()
-    }
-
-    pub fn set_config_status(&self, status: ConfigStatus) {
-        self.config_status.store(Arc::new(status));
-    }
-
-    /// Connects the reloader (once).
-    pub fn set_reloader(&self, tx: mpsc::Sender<ReloadRequest>) {
-        let _ = self.reload.set(tx);
-    }
-
-    /// Asks for a reload and waits for its outcome.
-    pub async fn reload(&self, trigger: Trigger) -> ReloadResult {
-        let tx = self.reload.get().ok_or("reloading is not running")?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.send(ReloadRequest::Reload { trigger, reply: Some(reply) }).await.map_err(|_| "reloading has stopped")?;
-        answer.await.map_err(|_| "reloading has stopped".to_string())?
-    }
-
-    /// Adds or removes a runtime backend (kept across reloads) and waits for the outcome.
-    pub async fn change_backend(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
-        let stopped = || ChangeError::Conflict("reloading has stopped".into());
-        let tx = self.reload.get().ok_or_else(stopped)?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.send(ReloadRequest::Backend { pool: pool.to_string(), change, reply }).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
     }
 
     /// The current snapshot. Every request takes one, on every worker: cloning one shared `Arc`

@@ -7,6 +7,7 @@
 pub mod admin; //      metrics, JSON API (off the data path)
 pub mod clock; //      deadlines that saturate instead of overflowing
 pub mod config; //     TOML → validated runtime config
+pub mod control; //    the control plane's handle: reloads, runtime backends, launched processes, history
 pub mod downstream; // a client connection's shared state; the h2 socket's timeouts
 pub mod error; //      the one error → status mapping
 pub mod gateway; //    the shared snapshot
@@ -115,12 +116,13 @@ pub async fn run_with(
     let closers: Vec<(std::net::SocketAddr, watch::Sender<bool>)> =
         configured.iter().map(|a| (*a, watch::channel(false).0)).collect();
     let server_tls = config.server.tls.as_ref().map(tls::server::ServerTls::new).transpose()?;
-    let gateway = Gateway::with_launched(Snapshot::build(config, &extra, None), launched.clone());
+    let gateway = Gateway::new(Snapshot::build(config, &extra, None));
+    let control = control::Control::new(gateway.clone(), launched.clone());
     if let Some(t) = server_tls {
         gateway.set_tls(t);
     }
     let bound = listeners.proxy.iter().chain([&listeners.admin]).filter_map(|l| l.local_addr().ok()).collect();
-    gateway.set_bound(bound);
+    control.set_bound(bound);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -135,13 +137,13 @@ pub async fn run_with(
     }
     // The reloader owns the pools' background tasks (health checks, ejection clock, ramps).
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(8);
-    gateway.set_reloader(reload_tx);
+    control.set_reloader(reload_tx);
     let text = config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
     let proxy_listeners = reload::ProxyListeners::new(closers, |l, g, until| Box::pin(server::serve(l, g, until)));
     let reloader =
-        reload::Reloader::new(gateway.clone(), config_path, &text, extra_by_pool, persisted, proxy_listeners);
+        reload::Reloader::new(control.clone(), config_path, &text, extra_by_pool, persisted, proxy_listeners);
     if state_error.is_some() {
-        gateway.set_config_status(reload::ConfigStatus { state_error, ..gateway.config_status() });
+        control.set_config_status(control::status::ConfigStatus { state_error, ..control.config_status() });
     }
     tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
     if let Ok(addr) = listeners.admin.local_addr() {
@@ -149,7 +151,7 @@ pub async fn run_with(
     }
     // The admin API and the history sampler run on a thread of their own: rendering a large
     // pool's /metrics or /api/pools never delays requests on the data-path workers.
-    match spawn_admin(listeners.admin, gateway.clone(), prom, stop_rx.clone()) {
+    match spawn_admin(listeners.admin, control.clone(), prom, stop_rx.clone()) {
         Ok(done) => threads.push(done),
         Err(e) => tracing::error!(error = %e, "cannot start the admin thread; the admin API is off"),
     }
@@ -256,7 +258,7 @@ fn restore_state(
 /// `stop` is set; the receiver resolves when the thread has finished.
 fn spawn_admin(
     listener: TcpListener,
-    gateway: std::sync::Arc<Gateway>,
+    control: std::sync::Arc<control::Control>,
     prom: Option<metrics_exporter_prometheus::PrometheusHandle>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
@@ -269,9 +271,9 @@ fn spawn_admin(
                     Ok(l) => l,
                     Err(e) => return tracing::error!(error = %e, "the admin thread cannot use its listener"),
                 };
-                let interval = gateway.snapshot().config.admin.history_interval;
-                let history = admin::history::run(gateway.clone(), interval, reload::until_set(stop.clone()));
-                let serve = admin::serve(listener, gateway, prom, reload::until_set(stop));
+                let interval = control.snapshot().config.admin.history_interval;
+                let history = control::history::run(control.clone(), interval, reload::until_set(stop.clone()));
+                let serve = admin::serve(listener, control, prom, reload::until_set(stop));
                 futures_util::future::join(serve, history).await;
             }),
             Err(e) => tracing::error!(error = %e, "cannot start the admin runtime"),

@@ -10,18 +10,17 @@
 //! 7 admin, server, TLS accept · 8 the crate root · 9 the dev tools (load, mock), which nothing
 //! else may use.
 //!
-//! `KNOWN_UPWARD` lists the uses that still point up, as they were when this check was written:
-//! the architecture work removes them. A new upward use fails this test, and so does an entry
-//! that is no longer there (so the list only shrinks).
+//! A second check finds modules that use each other in a circle (directly or through others),
+//! counting a child's `super::` uses of its parent like any other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 22] = [
+const LAYERS: [(&str, u8); 23] = [
     ("clock", 0),
     ("error", 0),
     ("config", 0),
-    ("tls", 1),
+    ("tls", 0),
     ("telemetry", 1),
     ("pool", 2),
     ("http1", 3),
@@ -29,27 +28,18 @@ const LAYERS: [(&str, u8); 22] = [
     ("upstream", 4),
     ("proxy", 5),
     ("gateway", 5),
+    ("control", 6),
     ("health", 6),
     ("reload", 6),
     ("scale", 6),
     ("admin", 7),
     ("server", 7),
-    ("tls::server", 7),
+    ("tls::server", 1),
     ("tls::gen", 7),
     ("", 8),
     ("main", 8),
     ("load", 9),
     ("mock", 9),
-];
-
-/// Uses that point up today, `from -> to` by module path.
-const KNOWN_UPWARD: &[&str] = &[
-    "config::tls -> tls",
-    "gateway -> admin::history",
-    "gateway -> reload",
-    "gateway -> scale::events",
-    "gateway -> scale::launch",
-    "gateway -> tls::server",
 ];
 
 fn layer(module: &str) -> u8 {
@@ -169,24 +159,102 @@ fn expand(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[test]
-fn no_module_uses_a_module_of_a_higher_layer_beyond_the_known_ones() {
+/// Every module's uses of other modules.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let modules = modules();
     let known: BTreeSet<String> = modules.keys().cloned().collect();
-    let mut upward = BTreeSet::new();
-    for (from, text) in &modules {
-        for to in uses(from, text, &known) {
-            if to != *from && layer(&to) > layer(from) {
-                upward.insert(format!("{from} -> {to}"));
+    modules
+        .iter()
+        .map(|(from, text)| {
+            let mut to = uses(from, text, &known);
+            to.remove(from);
+            (from.clone(), to)
+        })
+        .collect()
+}
+
+#[test]
+fn no_module_uses_a_module_of_a_higher_layer() {
+    let upward: Vec<String> = graph()
+        .iter()
+        .flat_map(|(from, to)| to.iter().filter(|t| layer(t) > layer(from)).map(move |t| format!("{from} -> {t}")))
+        .collect();
+    assert!(upward.is_empty(), "uses that point up a layer (see LAYERS): {upward:#?}");
+}
+
+/// The modules on a cycle of uses, as strongly connected components of more than one module
+/// (Tarjan's algorithm, iteratively).
+fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    let names: Vec<&String> = graph.keys().collect();
+    let index_of: BTreeMap<&String, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let edges: Vec<Vec<usize>> =
+        names.iter().map(|n| graph[*n].iter().filter_map(|t| index_of.get(t).copied()).collect()).collect();
+    let n = names.len();
+    let (mut index, mut low, mut on_stack) = (vec![usize::MAX; n], vec![0; n], vec![false; n]);
+    let (mut stack, mut next, mut out) = (Vec::new(), 0, Vec::new());
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        let mut work = vec![(root, 0usize)];
+        while let Some(&mut (v, ref mut at)) = work.last_mut() {
+            if *at == 0 {
+                index[v] = next;
+                low[v] = next;
+                next += 1;
+                stack.push(v);
+                on_stack[v] = true;
+            }
+            if let Some(&w) = edges[v].get(*at) {
+                *at += 1;
+                if index[w] == usize::MAX {
+                    work.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    component.push(names[w].clone());
+                    if w == v {
+                        break;
+                    }
+                }
+                if component.len() > 1 {
+                    component.sort();
+                    out.push(component);
+                }
             }
         }
     }
-    let listed: BTreeSet<String> = KNOWN_UPWARD.iter().map(|s| s.to_string()).collect();
-    let new: Vec<&String> = upward.difference(&listed).collect();
-    let gone: Vec<&String> = listed.difference(&upward).collect();
-    assert!(new.is_empty(), "uses that point up a layer (see LAYERS): {new:#?}");
-    assert!(gone.is_empty(), "no longer there; remove from KNOWN_UPWARD: {gone:#?}");
-    eprintln!("{} upward uses left", upward.len());
+    out
+}
+
+#[test]
+fn no_modules_use_each_other_in_a_circle() {
+    let found = cycles(&graph());
+    assert!(found.is_empty(), "modules that use each other in a circle: {found:#?}");
+}
+
+#[test]
+fn the_cycle_finder_finds_circles_and_only_circles() {
+    let g = |pairs: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (a, b) in pairs {
+            g.entry(a.to_string()).or_default().insert(b.to_string());
+            g.entry(b.to_string()).or_default();
+        }
+        g
+    };
+    assert!(cycles(&g(&[("a", "b"), ("b", "c"), ("a", "c")])).is_empty());
+    assert_eq!(cycles(&g(&[("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")])), [vec!["a", "b", "c"]]);
 }
 
 #[test]

@@ -17,10 +17,9 @@
 //! - `GET /api/config/events`: the last loads of the config file and how each ended.
 
 mod guard;
-pub mod history;
 mod status;
 
-use crate::gateway::Gateway;
+use crate::control::Control;
 use crate::telemetry;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -53,8 +52,8 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 }
 
 /// The JSON document of `GET /api/pools`.
-pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
-    let snap = gateway.snapshot();
+pub fn pools_json(control: &Control) -> serde_json::Value {
+    let snap = control.snapshot();
     let pools: Vec<_> = snap
         .pools
         .iter()
@@ -111,8 +110,8 @@ pub fn pools_json(gateway: &Gateway) -> serde_json::Value {
 }
 
 /// Sets the per-pool gauges that mirror live atomics, just before a scrape.
-fn sample_gauges(gateway: &Gateway) {
-    let snap = gateway.snapshot();
+fn sample_gauges(control: &Control) {
+    let snap = control.snapshot();
     for p in &snap.pools {
         ::metrics::gauge!(telemetry::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
         let panic = p.config.panic_threshold > 0.0 && p.in_panic();
@@ -128,9 +127,9 @@ fn sample_gauges(gateway: &Gateway) {
 /// The per-backend gauges and counters (all but the per-status request counts), written straight
 /// from the current snapshot at each scrape rather than kept in the registry: a removed backend's
 /// series are gone at the next scrape, and a large pool costs no registry entries for them.
-fn backend_gauges(gateway: &Gateway, out: &mut String) {
+fn backend_gauges(control: &Control, out: &mut String) {
     use std::fmt::Write as _;
-    let snap = gateway.snapshot();
+    let snap = control.snapshot();
     let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &str, &crate::pool::Backend)| {
         let _ = writeln!(out, "# TYPE {name} gauge");
         for p in &snap.pools {
@@ -184,9 +183,9 @@ fn backend_gauges(gateway: &Gateway, out: &mut String) {
     }
 }
 
-async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<PrometheusHandle>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<PrometheusHandle>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    if let Err(refusal) = guard::check(&parts, &gateway.snapshot().config.admin) {
+    if let Err(refusal) = guard::check(&parts, &control.snapshot().config.admin) {
         telemetry::admin_refused(refusal.reason);
         tracing::warn!(method = %parts.method, path = parts.uri.path(), reason = refusal.reason, "admin request refused");
         let mut resp = json_error(refusal.status, refusal.message);
@@ -199,46 +198,46 @@ async fn handle(req: Request<Incoming>, gateway: Arc<Gateway>, prom: Option<Prom
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => match prom {
             Some(h) => {
-                sample_gauges(&gateway);
+                sample_gauges(&control);
                 let mut text = h.render();
-                backend_gauges(&gateway, &mut text);
+                backend_gauges(&control, &mut text);
                 respond(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
         },
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
-        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&gateway)),
-        (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&gateway).to_string()),
+        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&control)),
+        (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&control).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/undrain") => {
-            undrain(&gateway, path).await
+            undrain(&control, path).await
         }
-        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&gateway, path),
+        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&control, path),
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => pool_document(
-            &gateway,
+            &control,
             path,
             "/history",
-            |pool| json!({ "pool": pool, "capacity": gateway.history.capacity(), "samples": gateway.history.of(pool) }),
+            |pool| json!({ "pool": pool, "capacity": control.history.capacity(), "samples": control.history.of(pool) }),
         ),
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/events") => pool_document(
-            &gateway,
+            &control,
             path,
             "/events",
-            |pool| json!({ "pool": pool, "events": gateway.scale_events.of(pool) }),
+            |pool| json!({ "pool": pool, "events": control.scale_events.of(pool) }),
         ),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/backends") => {
             let pool = path.trim_start_matches("/api/pools/").trim_end_matches("/backends").to_string();
-            register(&gateway, &pool, req).await
+            register(&control, &pool, req).await
         }
         (&Method::DELETE, path) if path.starts_with("/api/pools/") && path.contains("/backends/") => {
-            deregister(&gateway, path).await
+            deregister(&control, path).await
         }
         (&Method::GET, "/api/config") => {
-            respond(StatusCode::OK, "application/json", json!(gateway.config_status()).to_string())
+            respond(StatusCode::OK, "application/json", json!(control.config_status()).to_string())
         }
         (&Method::GET, "/api/config/events") => {
-            respond(StatusCode::OK, "application/json", json!({ "events": gateway.config_status().events }).to_string())
+            respond(StatusCode::OK, "application/json", json!({ "events": control.config_status().events }).to_string())
         }
-        (&Method::POST, "/api/reload") => match gateway.reload(crate::reload::Trigger::Api).await {
+        (&Method::POST, "/api/reload") => match control.reload(crate::control::status::Trigger::Api).await {
             Ok(status) => {
                 respond(StatusCode::OK, "application/json", json!({ "reloaded": true, "config": status }).to_string())
             }
@@ -259,12 +258,12 @@ fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Response<B
     respond(status, "application/json", json!({ "error": message.to_string() }).to_string())
 }
 
-fn change_error(e: crate::reload::ChangeError) -> Response<Body> {
+fn change_error(e: crate::control::status::ChangeError) -> Response<Body> {
     match e {
-        crate::reload::ChangeError::NotFound(m) => json_error(StatusCode::NOT_FOUND, m),
-        crate::reload::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
-        crate::reload::ChangeError::Invalid(m) => json_error(StatusCode::BAD_REQUEST, m),
-        crate::reload::ChangeError::Internal(m) => json_error(StatusCode::INTERNAL_SERVER_ERROR, m),
+        crate::control::status::ChangeError::NotFound(m) => json_error(StatusCode::NOT_FOUND, m),
+        crate::control::status::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
+        crate::control::status::ChangeError::Invalid(m) => json_error(StatusCode::BAD_REQUEST, m),
+        crate::control::status::ChangeError::Internal(m) => json_error(StatusCode::INTERNAL_SERVER_ERROR, m),
     }
 }
 
@@ -279,13 +278,13 @@ struct Registration {
 
 /// `GET /api/pools/{pool}{suffix}`: `document(pool)` for a pool that exists, else 404.
 fn pool_document(
-    gateway: &Gateway,
+    control: &Control,
     path: &str,
     suffix: &str,
     document: impl FnOnce(&str) -> serde_json::Value,
 ) -> Response<Body> {
     let pool = path.trim_start_matches("/api/pools/").trim_end_matches(suffix);
-    match gateway.snapshot().pool(pool) {
+    match control.snapshot().pool(pool) {
         Some(_) => respond(StatusCode::OK, "application/json", document(pool).to_string()),
         None => json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
     }
@@ -293,7 +292,7 @@ fn pool_document(
 
 /// `POST /api/pools/{pool}/backends` `{"addr", "weight"?, "max_inflight"?, "backup"?}`: adds a
 /// backend at runtime (gated and slow-started as the pool says); 201 when added.
-async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Response<Body> {
+async fn register(control: &Control, pool: &str, req: Request<Incoming>) -> Response<Body> {
     use http_body_util::BodyExt;
     if !req.headers().get(header::CONTENT_TYPE).is_some_and(guard::is_json) {
         return json_error(
@@ -312,7 +311,7 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
     let Ok(addr) = reg.addr.parse::<std::net::SocketAddr>() else {
         return json_error(StatusCode::BAD_REQUEST, format!("addr {:?}: expected ip:port", reg.addr));
     };
-    if let Err(rule) = gateway.addr_policy().check(addr) {
+    if let Err(rule) = control.addr_policy().check(addr) {
         telemetry::backend_addr_refused(pool, "api", rule.as_str());
         return json_error(StatusCode::BAD_REQUEST, format!("addr {addr}: {rule}"));
     }
@@ -323,16 +322,17 @@ async fn register(gateway: &Gateway, pool: &str, req: Request<Incoming>) -> Resp
             format!("weight {weight}: allowed 1..={}", crate::config::MAX_WEIGHT),
         );
     }
-    let snap = gateway.snapshot();
+    let snap = control.snapshot();
     let Some(p) = snap.pool(pool) else { return json_error(StatusCode::NOT_FOUND, format!("no pool {pool:?}")) };
     let max_inflight = reg.max_inflight.unwrap_or(p.config.max_inflight_per_backend);
     if !(1..=1_000_000).contains(&max_inflight) {
         return json_error(StatusCode::BAD_REQUEST, format!("max_inflight {max_inflight}: allowed 1..=1000000"));
     }
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
-    match gateway.change_backend(pool, crate::reload::BackendChange::Add { backend: cfg, persist: true }).await {
+    match control.change_backend(pool, crate::control::status::BackendChange::Add { backend: cfg, persist: true }).await
+    {
         Ok(()) => {
-            let state = state_of(gateway, pool, addr).unwrap_or("healthy");
+            let state = state_of(control, pool, addr).unwrap_or("healthy");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "weight": weight, "state": state });
             respond(StatusCode::CREATED, "application/json", body.to_string())
         }
@@ -357,17 +357,17 @@ fn backend_path<'a>(
 }
 
 /// The state of backend `addr` of `pool` in the running snapshot, if it is there.
-fn state_of(gateway: &Gateway, pool: &str, addr: std::net::SocketAddr) -> Option<&'static str> {
-    gateway.snapshot().pool(pool)?.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str())
+fn state_of(control: &Control, pool: &str, addr: std::net::SocketAddr) -> Option<&'static str> {
+    control.snapshot().pool(pool)?.backends.iter().find(|b| b.addr == addr).map(|b| b.state().as_str())
 }
 
 /// `DELETE /api/pools/{pool}/backends/{addr}`: a backend added at runtime drains, then leaves.
-async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
+async fn deregister(control: &Control, path: &str) -> Response<Body> {
     let (pool, addr) = match backend_path(path, None) {
         Ok(p) => p,
         Err((status, message)) => return json_error(status, message),
     };
-    match gateway.change_backend(pool, crate::reload::BackendChange::Remove(addr)).await {
+    match control.change_backend(pool, crate::control::status::BackendChange::Remove(addr)).await {
         Ok(()) => respond(
             StatusCode::OK,
             "application/json",
@@ -379,14 +379,14 @@ async fn deregister(gateway: &Gateway, path: &str) -> Response<Body> {
 
 /// `POST /api/pools/{pool}/backends/{addr}/undrain`: a drained backend takes requests again
 /// (`starting` until its next passing check when the pool has health checks, else `healthy`).
-async fn undrain(gateway: &Gateway, path: &str) -> Response<Body> {
+async fn undrain(control: &Control, path: &str) -> Response<Body> {
     let (pool, addr) = match backend_path(path, Some("undrain")) {
         Ok(p) => p,
         Err((status, message)) => return json_error(status, message),
     };
-    match gateway.change_backend(pool, crate::reload::BackendChange::Undrain(addr)).await {
+    match control.change_backend(pool, crate::control::status::BackendChange::Undrain(addr)).await {
         Ok(()) => {
-            let state = state_of(gateway, pool, addr).unwrap_or("removed");
+            let state = state_of(control, pool, addr).unwrap_or("removed");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "state": state });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
@@ -396,12 +396,12 @@ async fn undrain(gateway: &Gateway, path: &str) -> Response<Body> {
 
 /// `POST /api/pools/{pool}/backends/{addr}/drain`: the backend takes no new requests; in-flight
 /// ones finish. Answers with its state and how many requests are left.
-fn drain(gateway: &Gateway, path: &str) -> Response<Body> {
+fn drain(control: &Control, path: &str) -> Response<Body> {
     let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
     let [pool_name, "backends", addr, "drain"] = parts.as_slice() else {
         return respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#);
     };
-    let snap = gateway.snapshot();
+    let snap = control.snapshot();
     let Some(pool) = snap.pool(pool_name) else {
         let body = json!({ "error": format!("no pool {pool_name:?}") });
         return respond(StatusCode::NOT_FOUND, "application/json", body.to_string());
@@ -424,7 +424,7 @@ fn drain(gateway: &Gateway, path: &str) -> Response<Body> {
 /// Serves the admin API until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    control: Arc<Control>,
     prom: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -434,13 +434,13 @@ pub async fn serve(
             _ = &mut shutdown => return,
             accepted = crate::server::accept(&listener) => accepted,
         };
-        let gateway = gateway.clone();
+        let control = control.clone();
         let prom = prom.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let gateway = gateway.clone();
+                let control = control.clone();
                 let prom = prom.clone();
-                async move { Ok::<_, Infallible>(handle(req, gateway, prom).await) }
+                async move { Ok::<_, Infallible>(handle(req, control, prom).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

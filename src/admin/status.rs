@@ -2,7 +2,7 @@
 //! backends, plus a small inline script that polls the JSON API to keep it live and draws the
 //! last 15 minutes as SVG charts. No external assets: it works offline.
 
-use crate::gateway::Gateway;
+use crate::control::Control;
 use std::fmt::Write;
 
 const TEMPLATE: &str = include_str!("status.html");
@@ -13,8 +13,8 @@ fn esc(s: &str) -> String {
 }
 
 /// The page with the pools as they are now.
-pub fn page(gateway: &Gateway) -> String {
-    let snap = gateway.snapshot();
+pub fn page(control: &Control) -> String {
+    let snap = control.snapshot();
     let mut pools = String::new();
     for p in &snap.pools {
         let name = esc(&p.config.name);

@@ -1,6 +1,6 @@
 //! The autoscaler of one pool: a task that looks at the pool a few times a second, lets
 //! [`Policy`] decide, and carries decisions out through the pool's provider and the
-//! registration path the admin API uses (`Gateway::change_backend`).
+//! registration path the admin API uses (`Control::change_backend`).
 //!
 //! It also watches the backends it is responsible for (every backend not written in the config
 //! file): one not healthy within `provision_timeout` is given up, one unhealthy for
@@ -14,9 +14,9 @@ use super::events::ScaleEvent;
 use super::policy::{Decision, Observation, Policy};
 use super::provider::{self, Action, Current, HookRequest};
 use crate::config::ProviderKind;
-use crate::gateway::Gateway;
+use crate::control::status::{BackendChange, ChangeError};
+use crate::control::Control;
 use crate::pool::{BackendState, Pool};
-use crate::reload::{BackendChange, ChangeError};
 use crate::telemetry;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -60,14 +60,14 @@ struct Done {
 
 /// Runs the autoscaler of pool `name` until `shutdown` resolves, or the pool or its
 /// `[autoscale]` section is gone.
-pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+pub async fn run_pool(control: Arc<Control>, name: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     telemetry::init_scale_counters(&name);
-    let mut scaler = Scaler::new(gateway, name);
+    let mut scaler = Scaler::new(control, name);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     loop {
         let tick = {
-            let snap = scaler.gateway.snapshot();
+            let snap = scaler.control.snapshot();
             let Some(cfg) = snap.pool(&scaler.name).and_then(|p| p.config.autoscale.clone()) else { break };
             (cfg.scale_up_window.min(cfg.replace_unhealthy_after) / 10).clamp(MIN_TICK, MAX_TICK)
         };
@@ -85,7 +85,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
 }
 
 struct Scaler {
-    gateway: Arc<Gateway>,
+    control: Arc<Control>,
     name: String,
     policy: Policy,
     tracked: HashMap<SocketAddr, Tracked>,
@@ -100,9 +100,9 @@ struct Scaler {
 }
 
 impl Scaler {
-    fn new(gateway: Arc<Gateway>, name: String) -> Self {
+    fn new(control: Arc<Control>, name: String) -> Self {
         Scaler {
-            gateway,
+            control,
             name,
             policy: Policy::default(),
             tracked: HashMap::new(),
@@ -117,7 +117,7 @@ impl Scaler {
     #[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
     fn step(&mut self, done: &mpsc::UnboundedSender<Done>) -> bool {
         while self.calls.try_join_next().is_some() {}
-        let snap = self.gateway.snapshot();
+        let snap = self.control.snapshot();
         let Some(pool) = snap.pool(&self.name).cloned() else { return false };
         let Some(cfg) = pool.config.autoscale.clone() else { return false };
         let now = Instant::now();
@@ -210,7 +210,7 @@ impl Scaler {
                 tracing::info!(pool = %pool.config.name, count, %reason, "scaling up");
                 self.asking += count;
                 let req = self.request(Action::ScaleUp, count, vec![], obs, reason);
-                self.calls.spawn(scale_up(self.gateway.clone(), req, done.clone()));
+                self.calls.spawn(scale_up(self.control.clone(), req, done.clone()));
             }
             Decision::Down { count, reason } => {
                 let victims = self.victims(&pool, &file, count);
@@ -282,13 +282,13 @@ impl Scaler {
         }
         tracing::info!(pool = %pool.config.name, backend = %addr, action = action.as_str(), %reason, "releasing backend");
         let req = self.request(action, 1, vec![addr.to_string()], obs, reason);
-        self.calls.spawn(release(self.gateway.clone(), addr, req, done.clone()));
+        self.calls.spawn(release(self.control.clone(), addr, req, done.clone()));
     }
 
     /// Books a finished call: policy, counters, metrics and the event log.
     fn finished(&mut self, done: Done) {
         let now = Instant::now();
-        let snap = self.gateway.snapshot();
+        let snap = self.control.snapshot();
         let backoff = snap
             .pool(&self.name)
             .and_then(|p| p.config.autoscale.as_ref())
@@ -338,7 +338,7 @@ impl Scaler {
         let outcome = if done.result.is_ok() { "ok" } else { "error" };
         telemetry::scale_event(&self.name, done.action.as_str(), outcome);
         let backends = done.added.iter().chain(&done.released).map(ToString::to_string).collect();
-        self.gateway.scale_events.record(
+        self.control.scale_events.record(
             &self.name,
             ScaleEvent {
                 time: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
@@ -355,11 +355,11 @@ impl Scaler {
 }
 
 /// Calls the provider for `req` with the pool's config as it is now.
-async fn call(gateway: &Gateway, req: &HookRequest) -> Result<Vec<crate::config::BackendConfig>, String> {
-    let snap = gateway.snapshot();
+async fn call(control: &Control, req: &HookRequest) -> Result<Vec<crate::config::BackendConfig>, String> {
+    let snap = control.snapshot();
     let pool = snap.pool(&req.pool).ok_or_else(|| format!("pool {:?} is gone", req.pool))?;
     let reply =
-        provider::call(&pool.config, &snap.config.base_dir, &gateway.launched, req).await.map_err(|e| e.to_string())?;
+        provider::call(&pool.config, &snap.config.base_dir, &control.launched, req).await.map_err(|e| e.to_string())?;
     provider::reply_backends(&pool.config, &reply).map_err(|e| e.to_string())
 }
 
@@ -368,13 +368,13 @@ async fn call(gateway: &Gateway, req: &HookRequest) -> Result<Vec<crate::config:
 /// Backends the local provider started are not kept in the state file (they end with this
 /// process).
 async fn register(
-    gateway: &Arc<Gateway>,
+    control: &Arc<Control>,
     req: &HookRequest,
     backends: Vec<crate::config::BackendConfig>,
 ) -> Vec<SocketAddr> {
     let pool = req.pool.as_str();
     let (persist, room, before) = {
-        let snap = gateway.snapshot();
+        let snap = control.snapshot();
         let p = snap.pool(pool);
         let auto = p.and_then(|p| p.config.autoscale.as_ref());
         let persist = !matches!(auto.map(|a| &a.provider.kind), Some(ProviderKind::Local));
@@ -383,7 +383,7 @@ async fn register(
         let max = auto.map_or(0, |a| a.max_backends as usize);
         (persist, max.saturating_sub(serving), present)
     };
-    let policy = gateway.addr_policy();
+    let policy = control.addr_policy();
     let mut wanted = Vec::new();
     let mut surplus = Vec::new();
     for b in backends {
@@ -414,9 +414,9 @@ async fn register(
             reason: "surplus: the provider returned more backends than asked for".into(),
             ..req.clone()
         };
-        let gateway = gateway.clone();
+        let control = control.clone();
         tokio::spawn(async move {
-            if let Err(e) = call(&gateway, &back).await {
+            if let Err(e) = call(&control, &back).await {
                 tracing::warn!(pool = %back.pool, error = %e, "handing back surplus backends failed");
             }
         });
@@ -425,20 +425,20 @@ async fn register(
         return Vec::new();
     }
     let addrs: Vec<SocketAddr> = wanted.iter().map(|b| b.addr).collect();
-    if let Err(e) = gateway.change_backend(pool, BackendChange::AddMany { backends: wanted, persist }).await {
+    if let Err(e) = control.change_backend(pool, BackendChange::AddMany { backends: wanted, persist }).await {
         tracing::warn!(pool, error = %e, "cannot register the new backends");
         return Vec::new();
     }
-    let snap = gateway.snapshot();
+    let snap = control.snapshot();
     let now: HashSet<SocketAddr> =
         snap.pool(pool).map(|p| p.backends.iter().map(|b| b.addr).collect()).unwrap_or_default();
     addrs.into_iter().filter(|a| now.contains(a)).collect()
 }
 
-async fn scale_up(gateway: Arc<Gateway>, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
+async fn scale_up(control: Arc<Control>, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
     let started = Instant::now();
-    let (added, result) = match call(&gateway, &req).await {
-        Ok(backends) => (register(&gateway, &req, backends).await, Ok(())),
+    let (added, result) = match call(&control, &req).await {
+        Ok(backends) => (register(&control, &req, backends).await, Ok(())),
         Err(e) => (Vec::new(), Err(e)),
     };
     let _ = done.send(Done {
@@ -453,9 +453,9 @@ async fn scale_up(gateway: Arc<Gateway>, req: HookRequest, done: mpsc::Unbounded
 }
 
 /// Deregisters the backend (it drains), waits for its last request, then calls the provider.
-async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
+async fn release(control: Arc<Control>, addr: SocketAddr, req: HookRequest, done: mpsc::UnboundedSender<Done>) {
     let started = Instant::now();
-    match gateway.change_backend(&req.pool, BackendChange::Remove(addr)).await {
+    match control.change_backend(&req.pool, BackendChange::Remove(addr)).await {
         Ok(()) | Err(ChangeError::NotFound(_) | ChangeError::Invalid(_)) => {}
         Err(ChangeError::Conflict(e) | ChangeError::Internal(e)) => {
             let _ = done.send(Done {
@@ -470,10 +470,10 @@ async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done
             return;
         }
     }
-    while gateway.snapshot().pool(&req.pool).is_some_and(|p| p.backends.iter().any(|b| b.addr == addr)) {
+    while control.snapshot().pool(&req.pool).is_some_and(|p| p.backends.iter().any(|b| b.addr == addr)) {
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    let backoff = gateway
+    let backoff = control
         .snapshot()
         .pool(&req.pool)
         .and_then(|p| p.config.autoscale.as_ref())
@@ -484,9 +484,9 @@ async fn release(gateway: Arc<Gateway>, addr: SocketAddr, req: HookRequest, done
         if attempt > 0 {
             tokio::time::sleep(backoff.saturating_mul(1 << (attempt - 1))).await;
         }
-        match call(&gateway, &req).await {
+        match call(&control, &req).await {
             Ok(backends) => {
-                added = register(&gateway, &req, backends).await;
+                added = register(&control, &req, backends).await;
                 result = Ok(());
                 break;
             }

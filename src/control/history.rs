@@ -9,7 +9,7 @@
 // The ring's lock is off the data path (see above).
 #![allow(clippy::disallowed_types)]
 
-use crate::gateway::Gateway;
+use super::Control;
 use crate::pool::traffic::{p99, Totals, BUCKETS};
 use crate::pool::BackendState;
 use serde::Serialize;
@@ -81,7 +81,7 @@ impl History {
 }
 
 /// Samples every pool each `interval` until `shutdown`.
-pub async fn run(gateway: Arc<Gateway>, interval: Duration, shutdown: impl Future<Output = ()>) {
+pub async fn run(control: Arc<Control>, interval: Duration, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut last: HashMap<String, (Totals, std::time::Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
@@ -91,7 +91,7 @@ pub async fn run(gateway: Arc<Gateway>, interval: Duration, shutdown: impl Futur
             _ = &mut shutdown => return,
             _ = tick.tick() => {}
         }
-        let snap = gateway.snapshot();
+        let snap = control.snapshot();
         let now = std::time::Instant::now();
         let time = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         for pool in &snap.pools {
@@ -103,7 +103,7 @@ pub async fn run(gateway: Arc<Gateway>, interval: Duration, shutdown: impl Futur
             let share =
                 |n: u64, of: u64| if requests == 0 { 0.0 } else { n.saturating_sub(of) as f64 / requests as f64 };
             let latency: [u64; BUCKETS] = std::array::from_fn(|i| totals.latency[i].saturating_sub(before.latency[i]));
-            gateway.history.push(
+            control.history.push(
                 &pool.config.name,
                 Sample {
                     time,
@@ -120,7 +120,7 @@ pub async fn run(gateway: Arc<Gateway>, interval: Duration, shutdown: impl Futur
             );
         }
         last.retain(|name, _| snap.pool(name).is_some());
-        gateway.history.retain(|name| snap.pool(name).is_some());
+        control.history.retain(|name| snap.pool(name).is_some());
     }
 }
 
