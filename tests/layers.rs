@@ -2,13 +2,12 @@
 //! never above. `LAYERS` gives every module of `src/` a layer (by path prefix, the longest
 //! wins), from the bottom up:
 //!
-//! 0 clock, error, config · 1 certificate loading (tls), metric names and recording (telemetry) ·
-//! 2 the pool model the hot path reads (pool: backends, pickers, the admission queue, the traffic
-//! counters) · 3 the HTTP/1 codec (http1) and a client connection's state (downstream) ·
-//! 4 upstream connections ·
-//! 5 the proxy and its snapshot (gateway) · 6 what changes the snapshot (health, reload, scale) ·
-//! 7 admin, server, TLS accept · 8 the crate root · 9 the dev tools (load, mock), which nothing
-//! else may use.
+//! 0 clock, error, config, certificate loading (tls) · 1 metric names and recording (telemetry),
+//! the listeners' SNI resolver (tls::server) · 2 the pool model the hot path reads (pool) · 3 the
+//! HTTP/1.1 codec (http1) and a client connection's state (downstream) · 4 upstream connections
+//! (upstream) · 5 the data path and its snapshot (proxy, gateway) · 6 what changes the snapshot
+//! (control, reload, health, scale) · 7 admin, server, tls::gen · 8 the crate root · 9 the dev
+//! tools (load, mock), which nothing else may use.
 //!
 //! A second check finds modules that use each other in a circle (directly or through others),
 //! counting a child's `super::` uses of its parent like any other.

@@ -87,12 +87,8 @@ fn finish(done: &mut Option<Upstream>, body: &mut UpstreamBody, end: End) {
         End::Complete | End::BackendFailed => Outcome::Failed,
         End::ClientGone { .. } => Outcome::Aborted,
     };
-    if outcome == Outcome::Aborted {
-        backend.count_aborted(up.status);
-    } else {
-        backend.count_response(up.status, outcome == Outcome::Failed);
-    }
-    backend.observe(up.status, outcome, up.started.elapsed().as_secs_f64());
+    let seconds = up.started.elapsed().as_secs_f64();
+    super::outcome::record(super::outcome::Scope::Backend(backend), up.status, outcome, seconds);
     if let Some(log) = &up.log {
         let outcome = match end {
             End::Complete => "complete",
