@@ -11,6 +11,7 @@ mod file;
 mod forms;
 #[cfg(test)]
 mod fuzz;
+mod pool;
 mod sections;
 mod source;
 mod tls;
@@ -23,9 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, ProviderConfig, ProviderKind};
+pub use pool::MAX_WEIGHT;
 pub use source::{Source, DEFAULT_PATH, EMBEDDED_DEFAULT};
 pub use tls::{CertPair, SniCert, TlsConfig, UpstreamTls};
-pub use validate::{validate, MAX_WEIGHT};
+pub use validate::validate;
 
 /// The validated, runtime form of the config file.
 #[derive(Debug, Clone)]

@@ -65,11 +65,11 @@ pub(super) fn launch(
         count,
         weight: match &lr.weight {
             None => 1,
-            Some(w) => super::validate::check_weight(w, &ctx.field("launch.weight"), ctx.text)?,
+            Some(w) => super::pool::check_weight(w, &ctx.field("launch.weight"), ctx.text)?,
         },
         max_inflight: match &lr.max_inflight {
             None => default_capacity,
-            Some(v) => super::validate::check_capacity(v, &ctx.field("launch.max_inflight"), ctx.text)?,
+            Some(v) => super::pool::check_capacity(v, &ctx.field("launch.max_inflight"), ctx.text)?,
         },
         ready_timeout: ctx.duration(&lr.ready_timeout, &ctx.field("launch.ready_timeout"), Duration::from_secs(10))?,
     })

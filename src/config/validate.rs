@@ -2,7 +2,7 @@
 //! anything that would misbehave at run time. Each error names the field, the allowed values, and
 //! the line:column of the offending value.
 
-use super::file::{FileBackend, FileConfig, FilePool};
+use super::file::FileConfig;
 use super::forms::{Listen, SizeText};
 use super::units::{parse_duration, parse_size};
 use super::*;
@@ -12,7 +12,6 @@ use toml::Spanned;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
-pub const MAX_WEIGHT: u32 = 1000;
 
 /// Validates a parsed file; `text` is the source (for line:column), `base_dir` resolves paths.
 pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
@@ -192,7 +191,7 @@ fn pools(
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(err(pool.span(), format!("pools.{name:?}: pool names use letters, digits, '-' and '_'")));
         }
-        pools.push(validate_pool(name, pool, text, &mut seen_addrs, policy, base_dir, duration)?);
+        pools.push(super::pool::validate_pool(name, pool, text, &mut seen_addrs, policy, base_dir, duration)?);
     }
     if pools.is_empty() {
         // Nothing to point at but the start of the file.
@@ -247,194 +246,6 @@ fn routes(raw: &FileConfig, pools: &[PoolConfig], text: &str) -> Result<Vec<Rout
     Ok(routes)
 }
 
-#[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
-fn validate_pool(
-    name: &str,
-    pool: &Spanned<FilePool>,
-    text: &str,
-    seen_addrs: &mut HashSet<SocketAddr>,
-    policy: &super::addr::AddrPolicy,
-    base_dir: &Path,
-    duration: impl Fn(&Option<Spanned<String>>, &str, Duration) -> Result<Duration, ConfigError>,
-) -> Result<PoolConfig, ConfigError> {
-    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
-    let p = pool.get_ref();
-    let field = |f: &str| format!("pools.{name}.{f}");
-    let ctx = sections::Ctx { text, name, duration: &duration };
-
-    let balance = match &p.balance {
-        None => BalanceKind::LeastConn,
-        Some(b) => BalanceKind::parse(b.get_ref()).ok_or_else(|| {
-            err(
-                b.span(),
-                format!("{}: unknown value {:?}; allowed: {}", field("balance"), b.get_ref(), BalanceKind::ALLOWED),
-            )
-        })?,
-    };
-    let protocol = match p.protocol.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
-        None | Some(("http1", _)) => Protocol::Http1,
-        Some(("h2c", _)) => Protocol::H2c,
-        Some(("auto", _)) => Protocol::Auto,
-        Some((other, span)) => {
-            return Err(err(
-                span,
-                format!("{}: unknown value {other:?}; allowed: {}", field("protocol"), Protocol::ALLOWED),
-            ))
-        }
-    };
-    let max_inflight_per_backend = match &p.max_inflight_per_backend {
-        None => 64,
-        Some(v) => check_capacity(v, &field("max_inflight_per_backend"), text)?,
-    };
-    let queue = match &p.queue {
-        None => QueueConfig { max_depth: 1024, timeout: Duration::from_secs(30) },
-        Some(q) => QueueConfig {
-            max_depth: match &q.max_depth {
-                None => 1024,
-                Some(d) if *d.get_ref() > 1_000_000 => {
-                    return Err(err(d.span(), format!("{}: allowed range is 0..=1000000", field("queue.max_depth"))))
-                }
-                Some(d) => *d.get_ref(),
-            },
-            timeout: duration(&q.timeout, &field("queue.timeout"), Duration::from_secs(30))?,
-        },
-    };
-
-    let mut backends = Vec::new();
-    for b in &p.backends {
-        backends.push(validate_backend(name, b, max_inflight_per_backend, text, seen_addrs, policy)?);
-    }
-
-    let launch = match &p.launch {
-        None => None,
-        Some(l) => Some(sections::launch(&ctx, l, p.autoscale.is_some(), max_inflight_per_backend)?),
-    };
-    if backends.is_empty() && launch.is_none() && p.autoscale.is_none() {
-        return Err(err(
-            pool.span(),
-            format!("pools.{name}: no backends; add [[pools.{name}.backends]] with an addr, a [pools.{name}.launch] section, or [pools.{name}.autoscale]"),
-        ));
-    }
-
-    let health = match &p.health {
-        None => None,
-        Some(h) => Some(sections::health(&ctx, h)?),
-    };
-
-    let outlier = match &p.outlier {
-        None => None,
-        Some(o) => Some(sections::outlier(&ctx, o)?),
-    };
-
-    // An autoscaled pool must notice a dead backend even without [health]: passive signals then.
-    let outlier = match outlier {
-        None if p.autoscale.is_some() && health.is_none() => Some(OutlierConfig {
-            consecutive_failures: 5,
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-            max_ejected_percent: 50,
-        }),
-        other => other,
-    };
-
-    let panic_threshold = match &p.panic_threshold {
-        None => 0.0,
-        Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
-        Some(v) => return Err(err(v.span(), format!("{}: allowed range is 0.0..=1.0", field("panic_threshold")))),
-    };
-
-    let slow_start = match &p.slow_start {
-        None => None,
-        Some(_) => Some(duration(&p.slow_start, &field("slow_start"), Duration::from_secs(30))?),
-    };
-
-    let retry = match &p.retry {
-        None => None,
-        Some(r) => Some(sections::retry(&ctx, r)?),
-    };
-
-    let autoscale = match &p.autoscale {
-        None => None,
-        Some(a) => {
-            Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?)
-        }
-    };
-
-    let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
-
-    Ok(PoolConfig {
-        tls,
-        autoscale,
-        retry,
-        slow_start,
-        honor_retry_after: p.honor_retry_after.unwrap_or(true),
-        panic_threshold,
-        health,
-        outlier,
-        name: name.to_string(),
-        balance,
-        protocol,
-        max_inflight_per_backend,
-        connect_timeout: duration(&p.connect_timeout, &field("connect_timeout"), Duration::from_secs(2))?,
-        response_header_timeout: duration(
-            &p.response_header_timeout,
-            &field("response_header_timeout"),
-            Duration::from_secs(600),
-        )?,
-        stream_idle_timeout: duration(&p.stream_idle_timeout, &field("stream_idle_timeout"), Duration::from_secs(300))?,
-        queue,
-        backends,
-        launch,
-    })
-}
-
-fn validate_backend(
-    pool: &str,
-    b: &FileBackend,
-    default_capacity: u32,
-    text: &str,
-    seen_addrs: &mut HashSet<SocketAddr>,
-    policy: &super::addr::AddrPolicy,
-) -> Result<BackendConfig, ConfigError> {
-    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
-    let addr =
-        parse_addr(b.addr.get_ref()).map_err(|e| err(b.addr.span(), format!("pools.{pool}.backends.addr: {e}")))?;
-    policy.check(addr).map_err(|rule| err(b.addr.span(), format!("pools.{pool}.backends.addr: {addr}: {rule}")))?;
-    if !seen_addrs.insert(addr) {
-        return Err(err(
-            b.addr.span(),
-            format!("pools.{pool}.backends.addr: duplicate backend address {addr}; each backend may appear once"),
-        ));
-    }
-    let weight = match &b.weight {
-        None => 1,
-        Some(w) => check_weight(w, &format!("pools.{pool}.backends.weight"), text)?,
-    };
-    let max_inflight = match &b.max_inflight {
-        None => default_capacity,
-        Some(v) => check_capacity(v, &format!("pools.{pool}.backends.max_inflight"), text)?,
-    };
-    Ok(BackendConfig { addr, weight, max_inflight, backup: b.backup.unwrap_or(false) })
-}
-
-pub(super) fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
-    let v = *w.get_ref();
-    if (1..=MAX_WEIGHT).contains(&v) {
-        Ok(v)
-    } else {
-        Err(ConfigError::at(text, w.span(), format!("{field}: {v} is out of range; allowed 1..={MAX_WEIGHT}")))
-    }
-}
-
-pub(super) fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
-    let n = *v.get_ref();
-    if (1..=1_000_000).contains(&n) {
-        Ok(n)
-    } else {
-        Err(ConfigError::at(text, v.span(), format!("{field}: {n} is out of range; allowed 1..=1000000")))
-    }
-}
-
 /// `[admin] token_env` or `token_file`: the token, read now (so `check` sees what start-up sees).
 fn admin_token(a: &super::file::FileAdmin, text: &str, base_dir: &Path) -> Result<Option<AdminToken>, ConfigError> {
     let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
@@ -477,7 +288,7 @@ pub(super) fn parse_status_range(text: &str) -> Option<(u16, u16)> {
 }
 
 /// Parses `ip:port`, or resolves `host:port` once.
-fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+pub(super) fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
         return Ok(a);
     }
