@@ -3,6 +3,7 @@
 //! the launcher that starts local backend processes.
 
 pub mod autoscale;
+mod calls;
 pub mod events;
 pub mod launch;
 pub mod policy;
