@@ -86,6 +86,20 @@ fn is_same_listener(own: SocketAddr, ip: IpAddr, port: u16) -> bool {
     own_ip == ip || (own_ip.is_unspecified() && ip.is_loopback())
 }
 
+/// Parses `ip:port`, or resolves `host:port` once.
+pub(super) fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !text.contains(':') {
+        return Err(format!("{text:?} needs a port, e.g. \"127.0.0.1:9001\""));
+    }
+    match std::net::ToSocketAddrs::to_socket_addrs(text) {
+        Ok(mut it) => it.next().ok_or_else(|| format!("{text:?} resolves to no address")),
+        Err(e) => Err(format!("invalid address {text:?}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,8 @@
 //! sections (through `sections`, `autoscale` and `tls`). Same rules and messages as the rest of
 //! `validate`.
 
+use super::addr::parse_addr;
 use super::file::{FileBackend, FilePool};
-use super::validate::parse_addr;
 use super::*;
 use std::collections::HashSet;
 use toml::Spanned;

@@ -2,12 +2,12 @@
 //! anything that would misbehave at run time. Each error names the field, the allowed values, and
 //! the line:column of the offending value.
 
+use super::addr::parse_addr;
 use super::file::FileConfig;
 use super::forms::{Listen, SizeText};
 use super::units::{parse_duration, parse_size};
 use super::*;
 use std::collections::HashSet;
-use std::net::ToSocketAddrs;
 use toml::Spanned;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -285,20 +285,6 @@ pub(super) fn parse_status_range(text: &str) -> Option<(u16, u16)> {
         }
     };
     ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
-}
-
-/// Parses `ip:port`, or resolves `host:port` once.
-pub(super) fn parse_addr(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = text.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    if !text.contains(':') {
-        return Err(format!("{text:?} needs a port, e.g. \"127.0.0.1:9001\""));
-    }
-    match text.to_socket_addrs() {
-        Ok(mut it) => it.next().ok_or_else(|| format!("{text:?} resolves to no address")),
-        Err(e) => Err(format!("invalid address {text:?}: {e}")),
-    }
 }
 
 #[cfg(test)]
