@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone)]
 pub struct MockOptions {
@@ -122,7 +122,8 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_lines)] // longer than 80 lines: to be split
+    /// A completion: parses the request, waits for a slot like an engine's FIFO, then answers
+    /// whole or as a token stream.
     async fn infer(self: Arc<Self>, req: Request<Incoming>, chat: bool) -> Response<MockBody> {
         let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
             Ok(b) => b.to_bytes(),
@@ -134,11 +135,8 @@ impl Engine {
             match serde_json::from_slice(&body) {
                 Ok(v) => v,
                 Err(e) => {
-                    return full(
-                        StatusCode::BAD_REQUEST,
-                        "application/json",
-                        json!({"error": format!("invalid JSON: {e}")}).to_string(),
-                    )
+                    let error = json!({"error": format!("invalid JSON: {e}")}).to_string();
+                    return full(StatusCode::BAD_REQUEST, "application/json", error);
                 }
             }
         };
@@ -148,7 +146,6 @@ impl Engine {
             .get("max_tokens")
             .and_then(Value::as_u64)
             .map_or(self.opts.tokens, |m| (m as u32).min(self.opts.tokens).max(1));
-
         // Queue like an engine: FIFO for a slot.
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = {
@@ -164,49 +161,59 @@ impl Engine {
             return full(StatusCode::INTERNAL_SERVER_ERROR, "application/json", r#"{"error":"injected failure"}"#);
         }
         self.running.fetch_add(1, Ordering::Relaxed);
-        let id = format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed));
-        let created = unix_now();
-        let chunk = move |i: u32, last: bool| -> Value {
-            let word = format!("{} ", WORDS[i as usize % WORDS.len()]);
-            let finish = if last { json!("length") } else { Value::Null };
-            if chat {
-                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": finish}]})
-            } else {
-                json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"index": 0, "text": word, "finish_reason": finish}]})
-            }
+        let chunks = Chunks {
+            id: format!("cmpl-{}", self.ids.fetch_add(1, Ordering::Relaxed)),
+            created: unix_now(),
+            model,
+            chat,
         };
-
-        if !stream {
-            let _r = Count(&self.running);
-            tokio::time::sleep(self.opts.ttft + self.opts.token_interval * tokens.saturating_sub(1)).await;
-            drop(permit);
-            let text: String = (0..tokens).map(|i| format!("{} ", WORDS[i as usize % WORDS.len()])).collect();
-            let mut v = chunk(0, true);
-            v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
-            if chat {
-                v["choices"][0] =
-                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"});
-            } else {
-                v["choices"][0]["text"] = json!(text);
-            }
-            v["usage"] = json!({"prompt_tokens": body.len() / 4, "completion_tokens": tokens, "total_tokens": body.len() / 4 + tokens as usize});
-            return full(StatusCode::OK, "application/json", v.to_string());
+        if stream {
+            self.stream(permit, chunks, tokens)
+        } else {
+            self.whole(permit, &chunks, tokens, body.len()).await
         }
+    }
 
+    /// The whole completion, after the time its tokens take.
+    async fn whole(
+        &self,
+        permit: OwnedSemaphorePermit,
+        chunks: &Chunks,
+        tokens: u32,
+        prompt_bytes: usize,
+    ) -> Response<MockBody> {
+        let _r = Count(&self.running);
+        tokio::time::sleep(self.opts.ttft + self.opts.token_interval * tokens.saturating_sub(1)).await;
+        drop(permit);
+        let text: String = (0..tokens).map(|i| format!("{} ", WORDS[i as usize % WORDS.len()])).collect();
+        let chat = chunks.chat;
+        let mut v = chunks.chunk(0, true);
+        v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
+        if chat {
+            v["choices"][0] =
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"});
+        } else {
+            v["choices"][0]["text"] = json!(text);
+        }
+        let prompt = prompt_bytes / 4;
+        v["usage"] =
+            json!({"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens as usize});
+        full(StatusCode::OK, "application/json", v.to_string())
+    }
+
+    /// The completion as server-sent events, one token at a time; a client that leaves stops it.
+    fn stream(self: Arc<Self>, permit: OwnedSemaphorePermit, chunks: Chunks, tokens: u32) -> Response<MockBody> {
         let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let engine = self.clone();
         let opts = self.opts.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _r = Count(&engine.running);
+            let _r = Count(&self.running);
             tokio::time::sleep(opts.ttft).await;
             for i in 0..tokens {
                 if i > 0 {
                     tokio::time::sleep(opts.token_interval).await;
                 }
-                let event = format!("data: {}\n\n", chunk(i, i + 1 == tokens));
+                let event = format!("data: {}\n\n", chunks.chunk(i, i + 1 == tokens));
                 if tx.send(Bytes::from(event)).await.is_err() {
                     return; // client went away: stop generating, free the slot
                 }
@@ -217,6 +224,30 @@ impl Engine {
         r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
         r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
         r
+    }
+}
+
+/// What every chunk of one completion shares.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+}
+
+impl Chunks {
+    /// Chunk `i` (one word); `last` carries the finish reason.
+    fn chunk(&self, i: u32, last: bool) -> Value {
+        let (id, created, model) = (&self.id, self.created, &self.model);
+        let word = format!("{} ", WORDS[i as usize % WORDS.len()]);
+        let finish = if last { json!("length") } else { Value::Null };
+        if self.chat {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": finish}]})
+        } else {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": word, "finish_reason": finish}]})
+        }
     }
 }
 
