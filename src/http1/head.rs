@@ -4,7 +4,7 @@
 use http::header::{HeaderName, HeaderValue};
 
 /// The `Keep-Alive` field (hop-by-hop: read with `Connection`, never forwarded).
-pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Appends one `name: value` line.
 pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {

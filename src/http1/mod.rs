@@ -14,6 +14,8 @@ pub mod framing;
 mod head;
 pub mod server;
 
+pub use head::KEEP_ALIVE;
+
 use bytes::BytesMut;
 use std::io;
 use std::pin::Pin;

@@ -12,7 +12,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// A fresh request id: 32 hex digits.
 pub fn new_request_id() -> HeaderValue {
@@ -156,7 +155,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
         (TRAILER, header::TRAILER),
         (TRANSFER_ENCODING, header::TRANSFER_ENCODING),
         (UPGRADE, header::UPGRADE),
-        (KEEPALIVE, KEEP_ALIVE),
+        (KEEPALIVE, crate::http1::KEEP_ALIVE.clone()),
     ] {
         if scan.found & bit != 0 {
             headers.remove(name);

@@ -7,10 +7,10 @@
 use crate::config::{BackendConfig, Config, LaunchConfig};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 
 /// The processes started for launched backends, by address. Shared by start-up and the local
@@ -18,6 +18,8 @@ use tokio::time::Instant;
 #[derive(Default)]
 pub struct Launched {
     children: tokio::sync::Mutex<HashMap<SocketAddr, Child>>,
+    /// The config file's directory: relative programs are taken from there.
+    base_dir: PathBuf,
 }
 
 impl Launched {
@@ -30,7 +32,7 @@ impl Launched {
     /// connections.
     pub async fn start_one(&self, pool: &str, l: &LaunchConfig) -> Result<BackendConfig, LaunchError> {
         let addr = free_port().map_err(|source| LaunchError::Port { pool: pool.to_string(), source })?;
-        let mut child = spawn(pool, l, addr)?;
+        let mut child = spawn(pool, l, addr, &self.base_dir)?;
         if let Err(e) = wait_ready(pool, addr, &mut child, l.ready_timeout).await {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -90,7 +92,7 @@ pub enum LaunchError {
 
 /// Starts every pool's launched backends; returns, per pool index, the backends to add.
 pub async fn launch_all(config: &Config) -> Result<(Vec<Vec<BackendConfig>>, Launched), LaunchError> {
-    let launched = Launched::default();
+    let launched = Launched { base_dir: config.base_dir.clone(), ..Launched::default() };
     let mut per_pool = Vec::with_capacity(config.pools.len());
     for pool in &config.pools {
         let mut added = Vec::new();
@@ -113,27 +115,15 @@ pub async fn launch_all(config: &Config) -> Result<(Vec<Vec<BackendConfig>>, Lau
     Ok((per_pool, launched))
 }
 
-fn spawn(pool: &str, l: &LaunchConfig, addr: SocketAddr) -> Result<Child, LaunchError> {
+/// Starts one launched backend: its output is not kept (stderr goes to headroom's own).
+fn spawn(pool: &str, l: &LaunchConfig, addr: SocketAddr, base_dir: &Path) -> Result<Child, LaunchError> {
     let args: Vec<String> = l.command.iter().map(|a| a.replace("{addr}", &addr.to_string())).collect();
-    let program = resolve_program(&args[0]);
-    Command::new(&program)
-        .args(&args[1..])
-        .stdin(Stdio::null())
+    let program = super::child::program(&args[0], base_dir);
+    super::child::command(&program, &args[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|source| LaunchError::Spawn { pool: pool.to_string(), program: program.display().to_string(), source })
-}
-
-/// `headroom` as the program means this very binary.
-fn resolve_program(arg0: &str) -> PathBuf {
-    if arg0 == "headroom" {
-        if let Ok(exe) = std::env::current_exe() {
-            return exe;
-        }
-    }
-    PathBuf::from(arg0)
 }
 
 fn free_port() -> std::io::Result<SocketAddr> {

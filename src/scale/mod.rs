@@ -4,6 +4,7 @@
 
 pub mod autoscale;
 mod calls;
+pub mod child;
 pub mod events;
 pub mod launch;
 pub mod policy;

@@ -18,7 +18,7 @@ use crate::config::{BackendConfig, PoolConfig, ProviderKind};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -175,16 +175,6 @@ fn parse_reply(action: Action, out: &[u8]) -> Result<HookReply, ProviderError> {
     serde_json::from_slice(out).map_err(|e| ProviderError::BadReply(format!("{e} in \"{}\"", printable(out, 200))))
 }
 
-/// A relative path with a directory part is taken from the config file's directory.
-fn resolve(program: &str, base_dir: &Path) -> PathBuf {
-    let p = Path::new(program);
-    if p.is_relative() && program.contains('/') {
-        base_dir.join(p)
-    } else {
-        p.to_path_buf()
-    }
-}
-
 /// The most a hook may print on stdout, and on stderr: past it the call fails and the hook is
 /// killed.
 pub const MAX_OUTPUT: usize = 1 << 20;
@@ -224,15 +214,13 @@ async fn read_capped(from: Option<impl tokio::io::AsyncRead + Unpin>, what: &'st
 }
 
 async fn run_command(command: &[String], base_dir: &Path, input: &[u8]) -> Result<Vec<u8>, ProviderError> {
-    let program = resolve(&command[0], base_dir);
+    let program = super::child::program(&command[0], base_dir);
     let shown = program.display().to_string();
-    let mut child = tokio::process::Command::new(&program)
-        .args(&command[1..])
+    let mut child = super::child::command(&program, &command[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
         .spawn()
         .map_err(|source| ProviderError::Spawn { program: shown.clone(), source })?;
     let group = Group(child.id());
