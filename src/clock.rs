@@ -8,9 +8,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Milliseconds since the first use: monotonic, shared by every thread, one `Instant` read.
+/// It is tokio's clock, so a test on a paused runtime moves it with `tokio::time::advance` (a
+/// clock read before another runtime's reading saturates at zero rather than going back).
 pub fn now_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    u64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    static START: OnceLock<Instant> = OnceLock::new();
+    // Anchored in real time, so that no runtime's clock (paused or not) reads before it.
+    let start = *START.get_or_init(|| Instant::from_std(std::time::Instant::now()));
+    u64::try_from(Instant::now().saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// About 30 years: what "never" means for a deadline.

@@ -356,4 +356,50 @@ mod tests {
         apply(&b, &c, true);
         assert!(changing(&b), "a passing streak has begun");
     }
+
+    /// A gateway with one pool of two backends (nothing listens: no test here connects).
+    fn gateway(pool: &str) -> Arc<Gateway> {
+        let text = format!(
+            "[pools.p]\n{pool}\n[[pools.p.backends]]\naddr = \"127.0.0.1:9001\"\n[[pools.p.backends]]\naddr = \"127.0.0.1:9002\"\n"
+        );
+        let config = crate::config::Config::parse(&text, std::path::Path::new(".")).expect("valid config");
+        Gateway::new(crate::gateway::Snapshot::build(config, &[], None))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_backend_is_back_when_its_ejection_ends_then_ramps_up_over_slow_start() {
+        let outlier = "slow_start = \"10s\"\n[pools.p.outlier]\nconsecutive_failures = 2\nbase_ejection = \"30s\"";
+        let gateway = gateway(outlier);
+        let pool = gateway.snapshot().pool("p").cloned().unwrap();
+        let b = pool.backends[0].clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until = |rx: tokio::sync::watch::Receiver<bool>| async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let readmit = tokio::spawn(readmit_pool(gateway.clone(), "p".into(), until(stopped.clone())));
+        let ramp = tokio::spawn(ramp_pool(gateway.clone(), "p".into(), until(stopped)));
+
+        b.count_response(502, true);
+        b.count_response(502, true);
+        assert_eq!(b.state(), BackendState::Ejected, "two failures in a row eject it");
+        assert_eq!(b.ejected_for_ms(), 30_000);
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(b.state(), BackendState::Ejected, "still out before base_ejection");
+        // (The readmission runs once a second: one more tick.)
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(b.state(), BackendState::Healthy, "back without [health] once the ejection ended");
+
+        // Slow start: a tenth of its capacity at first, all of it after `slow_start`.
+        let first = b.ramp();
+        assert!(first < 300, "ramp right after readmission: {first}");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let half = b.ramp();
+        assert!((450..=650).contains(&half), "ramp halfway through slow_start: {half}");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(b.ramp(), 1000, "full capacity after slow_start");
+        let _ = stop.send(true);
+        readmit.await.unwrap();
+        ramp.await.unwrap();
+    }
 }

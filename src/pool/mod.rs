@@ -259,3 +259,6 @@ pub async fn admit(
 fn worth_waiting(pool: &Pool) -> bool {
     pool.config.autoscale.is_some() || pool.any_serving()
 }
+
+#[cfg(test)]
+mod tests;
