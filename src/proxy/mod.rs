@@ -23,10 +23,10 @@ use crate::upstream::{self, ClientBody, RequestBody, SendError, UpstreamBody};
 use body::{ResponseBody, Upstream};
 use headers::{new_request_id, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use outcome::Scope;
-use retry::{Attempt, Decision, Ended, Replay};
+use retry::{Attempts, Decision, Replay};
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
@@ -122,31 +122,42 @@ impl ConnCtx {
         let mut track = Tracking { active: Some(self.conn.start()), pool: None, log };
         match self.forward(req, &snapshot, &request_id, &mut track, started).await {
             Ok(resp) => resp,
-            Err(Failed { error: e, backend }) => {
-                let status = e.status().as_u16();
-                // A failure of the client's own (a malformed or stalled request body) is not the
-                // backend's: it is counted for the pool only.
-                let scope = match (&backend, &track.pool) {
-                    (Some(b), _) if e.source() != crate::error::Source::Client => Scope::Backend(b),
-                    (_, Some(p)) => Scope::Pool(p),
-                    (_, None) => Scope::Unrouted(&self.gateway.unrouted),
-                };
-                outcome::record(scope, status, Outcome::of(status >= 500), started.elapsed().as_secs_f64());
-                tracing::debug!(error = %e, status, request_id = ?request_id, "request failed");
-                let resp = error_response(&e, &request_id, track.active.take());
-                if let Some(mut log) = track.log.take() {
-                    log.pool = track.pool.as_ref().map(|p| p.metrics.name().clone());
-                    log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
-                    log.bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-                    log.write(status, "-", "complete");
-                }
-                resp
-            }
+            Err(failed) => self.fail(failed, &request_id, &mut track, started),
         }
     }
 
-    /// The request's way through: check → route → admit → rewrite → send (with failover and
-    /// retries) → the response, streaming back with the backend's slot.
+    /// Counts a failed request against whom it belongs to, and answers it.
+    fn fail(
+        &self,
+        failed: Failed,
+        request_id: &HeaderValue,
+        track: &mut Tracking,
+        started: Instant,
+    ) -> Response<ResponseBody> {
+        let Failed { error: e, backend } = failed;
+        let status = e.status().as_u16();
+        // A failure of the client's own (a malformed or stalled request body) is not the
+        // backend's: it is counted for the pool only.
+        let scope = match (&backend, &track.pool) {
+            (Some(b), _) if e.source() != crate::error::Source::Client => Scope::Backend(b),
+            (_, Some(p)) => Scope::Pool(p),
+            (_, None) => Scope::Unrouted(&self.gateway.unrouted),
+        };
+        outcome::record(scope, status, Outcome::of(status >= 500), started.elapsed().as_secs_f64());
+        tracing::debug!(error = %e, status, request_id = ?request_id, "request failed");
+        let resp = error_response(&e, request_id, track.active.take());
+        if let Some(mut log) = track.log.take() {
+            log.pool = track.pool.as_ref().map(|p| p.metrics.name().clone());
+            log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+            log.bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            log.write(status, "-", "complete");
+        }
+        resp
+    }
+
+    /// The request's way through: check → route → admit → rewrite → send, failing over or
+    /// retrying as `retry::decide` says → the response, streaming back with the backend's slot.
+    /// (One async function on purpose: the request and response are moved as little as can be.)
     async fn forward<'s>(
         &self,
         req: Request<ClientBody>,
@@ -163,7 +174,7 @@ impl ConnCtx {
         let host = authority.to_str().ok().map(request::host_without_port);
         let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
         track.pool = Some(Cow::Borrowed(pool));
-        let (guard, newer) = self.admit(pool).await?;
+        let (mut guard, newer) = self.admit(pool).await?;
         let pool = match &newer {
             Some(p) => {
                 track.pool = Some(Cow::Owned(p.clone()));
@@ -176,41 +187,56 @@ impl ConnCtx {
         let cfg = &pool.config;
         // A declared length was checked above and the codecs hold the client to it; bodies of
         // unknown length are counted as they stream.
-        let (body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
-        let mut body = if is_h1 || declared.is_some() {
-            body
-        } else {
-            let bodiless = matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS);
+        let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
+        if !is_h1 && declared.is_none() {
             // Boxed: only h2 requests pay for this future, not every request's.
-            Box::pin(body.settle_h2(bodiless)).await
-        };
-        // With [retry], a request may be sent again after it reached a backend: keep what it
-        // takes to rebuild it, its body too when that is small enough to keep.
-        let replay = cfg.retry.as_ref().and_then(|rc| {
+            body = Box::pin(body.settle_h2(request::bodiless(&parts.method))).await;
+        }
+        let mut replay = cfg.retry.as_ref().and_then(|rc| {
             pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Replay::of(&parts, &mut body, declared, rc)
         });
-        let req = Request::from_parts(parts, body);
-        let (guard, resp) = match self.send(pool, guard, req, replay).await {
-            Ok(sent) => sent,
-            Err(mut failed) => {
-                failed.error = body_failure(failed.error, body_outcome.as_deref(), server);
-                return Err(failed);
-            }
+        let mut req = Request::from_parts(parts, body);
+        let mut attempts = Attempts::new(replay.as_ref());
+        // What a send that goes no further ends with: its response, or its failure.
+        macro_rules! settle {
+            ($sent:expr) => {
+                match $sent {
+                    Ok(Ok(r)) => break r,
+                    Ok(Err(SendError { error, .. })) => {
+                        let error = body_failure(error, body_outcome.as_deref(), server);
+                        return Err(Failed { error, backend: Some(guard.backend().clone()) });
+                    }
+                    Err(_) => {
+                        let error = ProxyError::ResponseTimeout(cfg.response_header_timeout);
+                        return Err(Failed { error, backend: Some(guard.backend().clone()) });
+                    }
+                }
+            };
+        }
+        let resp = loop {
+            let sent =
+                tokio::time::timeout(cfg.response_header_timeout, upstream::send(guard.backend(), cfg, req)).await;
+            let (again, next, reason, status) = match attempts.decide(&sent, guard.backend(), cfg) {
+                Decision::Stop => settle!(sent),
+                Decision::Failover => match sent {
+                    Ok(Err(SendError { error, unsent: Some(back), .. })) => match attempts.untried(pool, &guard) {
+                        Some(next) => (back, next, "connect-failure", error.status().as_u16()),
+                        None => return Err(Failed { error, backend: Some(guard.backend().clone()) }),
+                    },
+                    other => settle!(other),
+                },
+                Decision::Retry(reason) => match attempts.retry(pool, &guard, replay.as_mut()) {
+                    Some((again, next)) => (again, next, reason, Attempts::status(&sent)),
+                    None => settle!(sent),
+                },
+            };
+            outcome::attempt_failed(pool, guard.backend(), status, reason);
+            tracing::debug!(failed = %guard.backend().addr, next = %next.backend().addr, reason, "sending the request to another backend");
+            guard = next;
+            req = again;
         };
-        // The response streams back; the slot and connection travel with the body.
-        let (mut rparts, rbody) = resp.into_parts();
-        let rscan = headers::scan(&rparts.headers);
-        headers::strip_hop_by_hop(&mut rparts.headers, &rscan);
-        rparts.headers.insert(X_REQUEST_ID, request_id.clone());
-        let status = rparts.status.as_u16();
-        let log = track.log.take().map(|mut log| {
-            log.pool = Some(pool.metrics.name().clone());
-            log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
-            log
-        });
-        let done = Upstream { guard, started, status, stream_idle_timeout: cfg.stream_idle_timeout, log };
-        Ok(Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take())))
+        Ok(respond(resp, guard, pool, request_id, track, started))
     }
 
     /// A slot on a backend of `pool`, now or after queueing, and the newer version of the pool
@@ -226,88 +252,30 @@ impl ConnCtx {
         }
         Ok((guard, newer))
     }
-
-    /// Sends `req` on `guard`'s backend, bounded by the response header timeout. A request that
-    /// never reached its backend goes to another one (up to `MAX_FAILOVER` times); with
-    /// `[retry]`, one that failed there as the pool allows goes again, within the budget. The
-    /// backend is always the guard's (borrowed, not cloned: no reference count written).
-    async fn send(
-        &self,
-        pool: &Pool,
-        mut guard: InflightGuard,
-        mut req: Request<RequestBody>,
-        mut replay: Option<Replay>,
-    ) -> Result<(InflightGuard, Response<UpstreamBody>), Failed> {
-        let cfg = &pool.config;
-        let mut tried: Vec<usize> = Vec::new();
-        let method_ok = replay.as_ref().is_some_and(|r| r.method_ok);
-        let mut at = Attempt { replayable: replay.is_some(), method_ok, ..Attempt::default() };
-        loop {
-            let sent =
-                tokio::time::timeout(cfg.response_header_timeout, upstream::send(guard.backend(), cfg, req)).await;
-            if let (Ok(Ok(r)), true) = (&sent, cfg.honor_retry_after) {
-                honor_retry_after(r, guard.backend());
-            }
-            at.tried = tried.len();
-            let decision = retry::decide(Ended::of(&sent), at, cfg.retry.as_ref());
-            let (again, next, reason, status) = match (decision, sent) {
-                (Decision::Failover, Ok(Err(SendError { error, unsent: Some(back), .. }))) => {
-                    match retry::untried_backend(pool, &mut tried, guard.backend()) {
-                        Some(next) => {
-                            tracing::debug!(error = %error, "request never reached its backend");
-                            (back, next, "connect-failure", error.status().as_u16())
-                        }
-                        None => return Err(Failed { error, backend: Some(guard.backend().clone()) }),
-                    }
-                }
-                (Decision::Retry(reason), sent) => {
-                    let rc = cfg.retry.as_ref();
-                    let again = replay.as_mut().and_then(Replay::request);
-                    // The budget is spent only when another backend actually takes the retry.
-                    let next = again.as_ref().and_then(|_| retry::untried_backend(pool, &mut tried, guard.backend()));
-                    let next = next.filter(|_| rc.is_some_and(|rc| pool.state.take_retry(rc.budget_percent)));
-                    match (again, next) {
-                        (Some(again), Some(next)) => {
-                            at.retries += 1;
-                            // A 503/429 answer is discarded with its connection.
-                            let status =
-                                sent.as_ref().ok().and_then(|r| r.as_ref().ok()).map_or(502, |r| r.status().as_u16());
-                            (again, next, reason, status)
-                        }
-                        _ => return settle(sent, guard, cfg),
-                    }
-                }
-                (_, sent) => return settle(sent, guard, cfg),
-            };
-            outcome::attempt_failed(pool, guard.backend(), status, reason);
-            tracing::debug!(failed = %guard.backend().addr, next = %next.backend().addr, reason, "sending the request to another backend");
-            guard = next;
-            req = again;
-        }
-    }
 }
 
-/// What a send that goes no further ends with: the response, or the failure with its backend.
-fn settle(
-    sent: Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed>,
+/// The response as the client gets it: hop-by-hop fields out, the request id in; the slot and
+/// the connection travel with the body, which counts the request when it ends.
+fn respond(
+    resp: Response<UpstreamBody>,
     guard: InflightGuard,
-    cfg: &crate::config::PoolConfig,
-) -> Result<(InflightGuard, Response<UpstreamBody>), Failed> {
-    let error = match sent {
-        Ok(Ok(r)) => return Ok((guard, r)),
-        Ok(Err(SendError { error, .. })) => error,
-        Err(_) => ProxyError::ResponseTimeout(cfg.response_header_timeout),
-    };
-    Err(Failed { error, backend: Some(guard.backend().clone()) })
-}
-
-/// A 429 or 503 with `Retry-After` pauses its backend for that long.
-fn honor_retry_after<B>(resp: &Response<B>, backend: &Backend) {
-    if matches!(resp.status().as_u16(), 429 | 503) {
-        if let Some(pause) = resp.headers().get(header::RETRY_AFTER).and_then(headers::retry_after) {
-            backend.saturate(pause);
-        }
-    }
+    pool: &Pool,
+    request_id: &HeaderValue,
+    track: &mut Tracking,
+    started: Instant,
+) -> Response<ResponseBody> {
+    let (mut rparts, rbody) = resp.into_parts();
+    let rscan = headers::scan(&rparts.headers);
+    headers::strip_hop_by_hop(&mut rparts.headers, &rscan);
+    rparts.headers.insert(X_REQUEST_ID, request_id.clone());
+    let status = rparts.status.as_u16();
+    let log = track.log.take().map(|mut log| {
+        log.pool = Some(pool.metrics.name().clone());
+        log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+        log
+    });
+    let done = Upstream { guard, started, status, stream_idle_timeout: pool.config.stream_idle_timeout, log };
+    Response::from_parts(rparts, ResponseBody::upstream(rbody, done, track.active.take()))
 }
 
 /// A failed send whose request body failed first is that body's failure: too large (413), idle

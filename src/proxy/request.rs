@@ -66,6 +66,12 @@ pub(super) fn host_without_port(raw: &str) -> Cow<'_, str> {
     }
 }
 
+/// Whether requests of `method` have no body by custom (an h2 request of these methods is
+/// waited on briefly for an empty last DATA frame rather than sent upstream chunked).
+pub(super) fn bodiless(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS)
+}
+
 /// Rewrites the request as its backend gets it.
 pub(super) fn to_upstream(
     parts: &mut http::request::Parts,

@@ -6,11 +6,11 @@
 //! budget and an untried backend are then checked by the caller. [`Replay`] keeps what a retry
 //! needs: the method, target, headers and (when small) the body.
 
-use crate::config::RetryConfig;
+use crate::config::{PoolConfig, RetryConfig};
 use crate::error::ProxyError;
 use crate::pool::{Backend, InflightGuard, Pool};
 use crate::upstream::{self, RequestBody, SendError};
-use http::{Request, Response, Uri, Version};
+use http::{header, Request, Response, Uri, Version};
 use std::sync::Arc;
 
 /// How many other backends a request that never reached its backend may be sent to.
@@ -85,8 +85,82 @@ pub(super) fn decide(ended: Ended, at: Attempt, retry: Option<&RetryConfig>) -> 
     }
 }
 
+/// A request's attempts so far: the backends tried, the retries made, what it may do again.
+pub(super) struct Attempts {
+    tried: Vec<usize>,
+    at: Attempt,
+}
+
+impl Attempts {
+    pub(super) fn new(replay: Option<&Replay>) -> Self {
+        let at = Attempt {
+            replayable: replay.is_some(),
+            method_ok: replay.is_some_and(|r| r.method_ok),
+            ..Attempt::default()
+        };
+        Attempts { tried: Vec::new(), at }
+    }
+
+    /// What follows the send that ended with `sent` on `backend` (whose `Retry-After`, if any,
+    /// is honoured first).
+    pub(super) fn decide<B, T>(
+        &mut self,
+        sent: &Result<Result<Response<B>, SendError>, T>,
+        backend: &Backend,
+        cfg: &PoolConfig,
+    ) -> Decision {
+        if let (Ok(Ok(r)), true) = (sent, cfg.honor_retry_after) {
+            honor_retry_after(r, backend);
+        }
+        self.at.tried = self.tried.len();
+        decide(Ended::of(sent), self.at, cfg.retry.as_ref())
+    }
+
+    /// A slot on a backend not tried yet, for a request that never reached `failed`'s.
+    pub(super) fn untried(&mut self, pool: &Pool, failed: &InflightGuard) -> Option<InflightGuard> {
+        untried_backend(pool, &mut self.tried, failed.backend())
+    }
+
+    /// The request again and a slot on a backend not tried yet, within the pool's retry budget
+    /// (spent only when another backend actually takes the retry); `None` when the body cannot
+    /// be rebuilt, no backend is left, or the budget is spent.
+    pub(super) fn retry(
+        &mut self,
+        pool: &Pool,
+        failed: &InflightGuard,
+        replay: Option<&mut Replay>,
+    ) -> Option<(Request<RequestBody>, InflightGuard)> {
+        let again = replay.and_then(Replay::request)?;
+        let next = untried_backend(pool, &mut self.tried, failed.backend())?;
+        let rc = pool.config.retry.as_ref()?;
+        if !pool.state.take_retry(rc.budget_percent) {
+            return None;
+        }
+        self.at.retries += 1;
+        Some((again, next))
+    }
+
+    /// The status a failed attempt is counted with: its answer's (a 503 or 429 that is retried
+    /// is discarded with its connection), else 502.
+    pub(super) fn status<B, T>(sent: &Result<Result<Response<B>, SendError>, T>) -> u16 {
+        match sent {
+            Ok(Ok(r)) => r.status().as_u16(),
+            _ => 502,
+        }
+    }
+}
+
+/// A 429 or 503 with `Retry-After` pauses its backend for that long.
+fn honor_retry_after<B>(resp: &Response<B>, backend: &Backend) {
+    if matches!(resp.status().as_u16(), 429 | 503) {
+        if let Some(pause) = resp.headers().get(header::RETRY_AFTER).and_then(super::headers::retry_after) {
+            backend.saturate(pause);
+        }
+    }
+}
+
 /// Marks `failed` as tried and claims a slot on a backend of `pool` not tried yet.
-pub(super) fn untried_backend(pool: &Pool, tried: &mut Vec<usize>, failed: &Arc<Backend>) -> Option<InflightGuard> {
+fn untried_backend(pool: &Pool, tried: &mut Vec<usize>, failed: &Arc<Backend>) -> Option<InflightGuard> {
     if let Some(i) = pool.index_of(failed).filter(|i| !tried.contains(i)) {
         tried.push(i);
     }

@@ -38,13 +38,13 @@ struct Sending {
 
 impl Sending {
     /// Takes what the body has ready into `out`, up to a batch.
-    fn gather<B>(&mut self, cx: &mut Context<'_>, body: &mut Option<B>, out: &mut Vec<u8>)
+    fn gather<B>(&mut self, cx: &mut Context<'_>, mut body: Option<&mut B>, out: &mut Vec<u8>)
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         while !self.done && out.len() - self.written < COALESCE {
-            let Some(b) = body.as_mut() else { return self.end(out) };
+            let Some(b) = body.as_deref_mut() else { return self.end(out) };
             match Pin::new(&mut *b).poll_frame(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => self.end(out),
@@ -114,12 +114,18 @@ impl<H: Handler> Conn<H> {
         let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
         close |= !no_body && length.is_none() && !chunked;
         let close = encode_head(&mut self.out, &parts, no_body, (length, chunked), close, keep_alive_10);
-        // A response without a body is not polled: it goes (releasing what it holds) at once.
-        let mut body = (!no_body).then_some(body);
         let mut st =
             Sending { length, chunked, written: 0, sent: 0, done: no_body, clean: true, flushed: true, stalled: None };
-        let result = poll_fn(|cx| self.poll_send(cx, &mut st, &mut body)).await;
-        drop(body);
+        let result = if no_body {
+            // Not polled: it goes (releasing what it holds) before the head is written.
+            drop(body);
+            poll_fn(|cx| self.poll_send(cx, &mut st, None)).await
+        } else {
+            let mut body = body;
+            let result = poll_fn(|cx| self.poll_send(cx, &mut st, Some(&mut body))).await;
+            drop(body);
+            result
+        };
         Ok(result? && !close)
     }
 
@@ -130,10 +136,10 @@ impl<H: Handler> Conn<H> {
         &mut self,
         cx: &mut Context<'_>,
         st: &mut Sending,
-        body: &mut Option<H::Body>,
+        mut body: Option<&mut H::Body>,
     ) -> Poll<io::Result<bool>> {
         loop {
-            st.gather(cx, body, &mut self.out);
+            st.gather(cx, body.as_deref_mut(), &mut self.out);
             let mut blocked = false;
             if st.written < self.out.len() {
                 match Pin::new(&mut self.wr).poll_write(cx, &self.out[st.written..]) {
