@@ -31,7 +31,6 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -204,7 +203,7 @@ impl ConnCtx {
                 match $sent {
                     Ok(Ok(r)) => break r,
                     Ok(Err(SendError { error, .. })) => {
-                        let error = body_failure(error, body_outcome.as_deref(), server);
+                        let error = body_failure(error, body_outcome.as_ref());
                         return Err(Failed { error, backend: Some(guard.backend().clone()) });
                     }
                     Err(_) => {
@@ -280,14 +279,9 @@ fn respond(
 
 /// A failed send whose request body failed first is that body's failure: too large (413), idle
 /// (408), or the client's own (400), rather than the backend's (502).
-fn body_failure(error: ProxyError, outcome: Option<&AtomicU8>, server: &crate::config::ServerConfig) -> ProxyError {
-    if !matches!(error, ProxyError::Upstream(_)) {
-        return error;
-    }
-    match outcome.map(|o| o.load(std::sync::atomic::Ordering::Relaxed)) {
-        Some(upstream::body::outcome::TOO_LARGE) => ProxyError::BodyTooLarge(server.max_request_body),
-        Some(upstream::body::outcome::IDLE) => ProxyError::BodyTimeout(server.idle_timeout),
-        Some(upstream::body::outcome::CLIENT) => ProxyError::ClientBody(error.to_string()),
+fn body_failure(error: ProxyError, outcome: Option<&upstream::body::BodyEnd>) -> ProxyError {
+    match outcome.and_then(|o| o.get()) {
+        Some(failure) if matches!(error, ProxyError::Upstream(_)) => failure.clone().into(),
         _ => error,
     }
 }

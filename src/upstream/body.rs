@@ -6,14 +6,13 @@
 //! [`UpstreamBody`] (a backend's response body: read by this task from an HTTP/1.1 connection,
 //! or a stream of a shared h2 connection). All stream frame by frame; none waits to buffer.
 
-use crate::error::BoxError;
+use crate::error::{BoxError, ProxyError};
 use crate::http1;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,13 +31,32 @@ struct Keeper {
     done: tokio::sync::oneshot::Sender<Vec<Bytes>>,
 }
 
-/// How a request body ended early, as seen by the proxy after the upstream send failed.
-pub mod outcome {
-    pub const TOO_LARGE: u8 = 1;
-    pub const IDLE: u8 = 2;
+/// How a request body ended early. The body records it, and the proxy reads it after a failed
+/// send: an h2 backend's connection reports a failing request body only as a reset stream
+/// (hyper pipes the body apart from the response future), so the cause cannot travel in the
+/// send's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// More than `max_request_body` arrived.
+    TooLarge(u64),
+    /// The client sent nothing for the idle timeout.
+    Idle(Duration),
     /// The client's body itself failed (malformed chunks, connection closed mid-body).
-    pub const CLIENT: u8 = 3;
+    Client(String),
 }
+
+impl From<BodyFailure> for ProxyError {
+    fn from(f: BodyFailure) -> Self {
+        match f {
+            BodyFailure::TooLarge(limit) => ProxyError::BodyTooLarge(limit),
+            BodyFailure::Idle(d) => ProxyError::BodyTimeout(d),
+            BodyFailure::Client(message) => ProxyError::ClientBody(message),
+        }
+    }
+}
+
+/// Where a request body records its [`BodyFailure`] (set once).
+pub type BodyEnd = Arc<std::sync::OnceLock<BodyFailure>>;
 
 /// A client's request body as it arrives: from our own HTTP/1.1 codec, or from hyper (h2, TLS).
 pub enum ClientBody {
@@ -89,7 +107,7 @@ pub struct RequestBody {
     seen: u64,
     idle_timeout: Duration,
     idle: Option<Pin<Box<Sleep>>>,
-    outcome: Option<Arc<AtomicU8>>,
+    outcome: Option<BodyEnd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +121,8 @@ pub enum RequestBodyError {
 impl RequestBody {
     /// Wraps `inner`. `limit` is enforced on what streams through (a declared length was checked
     /// before). `outcome` is only needed, and only allocated, for requests that have a body.
-    pub fn new(inner: ClientBody, limit: u64, idle_timeout: Duration) -> (Self, Option<Arc<AtomicU8>>) {
-        let outcome = (!inner.is_end_stream()).then(|| Arc::new(AtomicU8::new(0)));
+    pub fn new(inner: ClientBody, limit: u64, idle_timeout: Duration) -> (Self, Option<BodyEnd>) {
+        let outcome = (!inner.is_end_stream()).then(BodyEnd::default);
         let body = RequestBody {
             inner: Some(inner),
             first: None,
@@ -177,9 +195,13 @@ impl RequestBody {
         }
     }
 
-    fn fail(&self, code: u8, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&self, e: RequestBodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let failure = match e {
+            RequestBodyError::TooLarge(limit) => BodyFailure::TooLarge(limit),
+            RequestBodyError::Idle(d) => BodyFailure::Idle(d),
+        };
         if let Some(o) = &self.outcome {
-            o.store(code, Ordering::Relaxed);
+            let _ = o.set(failure);
         }
         Poll::Ready(Some(Err(Box::new(e))))
     }
@@ -204,7 +226,7 @@ impl Body for RequestBody {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
                         this.keep = None;
-                        return this.fail(outcome::TOO_LARGE, RequestBodyError::TooLarge(this.limit));
+                        return this.fail(RequestBodyError::TooLarge(this.limit));
                     }
                 }
                 if let Some(k) = &mut this.keep {
@@ -229,7 +251,7 @@ impl Body for RequestBody {
             Poll::Ready(Some(Err(e))) => {
                 this.keep = None;
                 if let Some(o) = &this.outcome {
-                    o.store(outcome::CLIENT, Ordering::Relaxed);
+                    let _ = o.set(BodyFailure::Client(crate::upstream::error_chain(&*e)));
                 }
                 Poll::Ready(Some(Err(e)))
             }
@@ -242,7 +264,7 @@ impl Body for RequestBody {
                 let timeout = this.idle_timeout;
                 let sleep = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if sleep.as_mut().poll(cx).is_ready() {
-                    return this.fail(outcome::IDLE, RequestBodyError::Idle(timeout));
+                    return this.fail(RequestBodyError::Idle(timeout));
                 }
                 Poll::Pending
             }
