@@ -9,6 +9,7 @@ pub mod clock; //      deadlines that saturate instead of overflowing
 pub mod config; //     TOML → validated runtime config
 pub mod control; //    the control plane's handle: reloads, runtime backends, launched processes, history
 pub mod downstream; // a client connection's shared state; the h2 socket's timeouts
+pub mod engine; //     inference engines' own load, read from their /metrics
 pub mod error; //      the one error → status mapping
 pub mod gateway; //    the shared snapshot
 pub mod health; //     active health checks (off the data path)

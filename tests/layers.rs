@@ -15,12 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 23] = [
+const LAYERS: [(&str, u8); 24] = [
     ("clock", 0),
     ("error", 0),
     ("config", 0),
     ("tls", 0),
     ("telemetry", 1),
+    ("engine", 1),
     ("pool", 2),
     ("http1", 3),
     ("downstream", 3),
