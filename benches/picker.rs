@@ -42,6 +42,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         health: None,
         outlier: None,
         retry: None,
+        engine: None,
         autoscale: None,
         tls: None,
     };

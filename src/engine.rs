@@ -6,42 +6,17 @@
 //! summed (the usage ratios are averaged). A line that does not parse is skipped; the parser
 //! never fails and never panics, whatever the text.
 
-/// Which engine's names to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    Vllm,
-    Sglang,
-    Tgi,
-    LlamaCpp,
-    /// Every kind's names: the first kind that reports anything wins.
-    Auto,
-}
+pub use crate::config::EngineKind;
 
-impl EngineKind {
-    pub const ALLOWED: &'static str = "vllm, sglang, tgi, llamacpp, auto";
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "vllm" => Some(Self::Vllm),
-            "sglang" => Some(Self::Sglang),
-            "tgi" => Some(Self::Tgi),
-            "llamacpp" => Some(Self::LlamaCpp),
-            "auto" => Some(Self::Auto),
-            _ => None,
-        }
-    }
-
-    /// The names this kind reports its load under.
-    fn names(self) -> &'static Names {
-        match self {
-            Self::Vllm | Self::Auto => &VLLM,
-            Self::Sglang => &SGLANG,
-            Self::Tgi => &TGI,
-            Self::LlamaCpp => &LLAMACPP,
-        }
+/// The names each kind reports its load under.
+fn names(kind: EngineKind) -> &'static Names {
+    match kind {
+        EngineKind::Vllm | EngineKind::Auto => &VLLM,
+        EngineKind::Sglang => &SGLANG,
+        EngineKind::Tgi => &TGI,
+        EngineKind::LlamaCpp => &LLAMACPP,
     }
 }
-
 /// An engine kind's metric names (each may have several spellings across versions).
 struct Names {
     running: &'static [&'static str],
@@ -111,7 +86,7 @@ impl EngineLoad {
 /// Reads `text` as `kind` reports it (`Auto`: vLLM's names, then SGLang's, llama.cpp's, TGI's).
 pub fn read(text: &str, kind: EngineKind) -> EngineLoad {
     if kind != EngineKind::Auto {
-        return read_names(text, kind.names());
+        return read_names(text, names(kind));
     }
     for names in [&VLLM, &SGLANG, &LLAMACPP, &TGI] {
         let load = read_names(text, names);

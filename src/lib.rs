@@ -20,6 +20,7 @@ pub mod pool; //       backends, pools, pickers, the admission queue, traffic co
 pub mod proxy; //      the data path
 pub mod reload; //     hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //      autoscaler, providers, local launcher
+pub mod scrape; //     reading the engines' metrics into the backends' gauges
 pub mod server; //     client listeners, graceful drain
 pub mod telemetry; //  metric names and recording (the Prometheus recorder); rendered by admin
 pub mod tls; //        rustls: listener certificates by SNI, upstream TLS, dev certificates

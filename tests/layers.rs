@@ -6,7 +6,7 @@
 //! the listeners' SNI resolver (tls::server) · 2 the pool model the hot path reads (pool) · 3 the
 //! HTTP/1.1 codec (http1) and a client connection's state (downstream) · 4 upstream connections
 //! (upstream) · 5 the data path and its snapshot (proxy, gateway) · 6 what changes the snapshot
-//! (control, reload, health, scale) · 7 admin, server, tls::gen · 8 the crate root · 9 the dev
+//! (control, reload, health, scale, scrape) · 7 admin, server, tls::gen · 8 the crate root · 9 the dev
 //! tools (load, mock), which nothing else may use.
 //!
 //! A second check finds modules that use each other in a circle (directly or through others),
@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 24] = [
+const LAYERS: [(&str, u8); 25] = [
     ("clock", 0),
     ("error", 0),
     ("config", 0),
@@ -32,6 +32,7 @@ const LAYERS: [(&str, u8); 24] = [
     ("health", 6),
     ("reload", 6),
     ("scale", 6),
+    ("scrape", 6),
     ("admin", 7),
     ("server", 7),
     ("tls::server", 1),

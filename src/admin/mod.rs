@@ -51,6 +51,22 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     r
 }
 
+/// A backend's engine reading for `/api/pools`: null without `[pools.X.engine]`, or when no
+/// reading is younger than three intervals.
+fn engine_json(b: &crate::pool::Backend, cfg: Option<&crate::config::EngineConfig>) -> serde_json::Value {
+    let stale_after = cfg.map(|c| 3 * c.interval.as_millis() as u64);
+    match stale_after.and_then(|s| b.engine.get(crate::clock::now_ms(), s)) {
+        None => serde_json::Value::Null,
+        Some(r) => json!({
+            "requests_running": r.running,
+            "requests_waiting": r.waiting,
+            "kv_cache_usage": r.kv_usage,
+            "prefix_cache_hit_rate": r.hit_rate,
+            "age_ms": r.age_ms,
+        }),
+    }
+}
+
 /// The JSON document of `GET /api/pools`.
 pub fn pools_json(control: &Control) -> serde_json::Value {
     let snap = control.snapshot();
@@ -83,6 +99,7 @@ pub fn pools_json(control: &Control) -> serde_json::Value {
                         "ejected_for_ms": b.ejected_for_ms(),
                         "saturated_for_ms": b.saturated_for_ms(),
                         "dynamic": !in_file.contains(&b.addr),
+                        "engine": engine_json(b, p.config.engine.as_ref()),
                     })
                 })
                 .collect();

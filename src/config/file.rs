@@ -92,6 +92,7 @@ pub struct FilePool {
     pub health: Option<FileHealth>,
     pub outlier: Option<FileOutlier>,
     pub retry: Option<FileRetry>,
+    pub engine: Option<Spanned<FileEngine>>,
     pub autoscale: Option<Spanned<FileAutoscale>>,
     pub tls: Option<bool>,
     pub tls_ca: Option<Spanned<String>>,
@@ -131,6 +132,14 @@ pub struct FileRetry {
     pub on: Option<Spanned<Vec<String>>>,
     pub budget_percent: Option<Spanned<u32>>,
     pub idempotent_only: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEngine {
+    pub metrics_path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub kind: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

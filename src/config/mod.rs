@@ -212,10 +212,48 @@ pub struct PoolConfig {
     /// Retries of requests that reached a backend; `None` (no `[pools.X.retry]`) means none.
     /// (Requests that never reached their backend always fail over.)
     pub retry: Option<RetryConfig>,
+    /// Reading the engines' own load; `None` without `[pools.X.engine]`.
+    pub engine: Option<EngineConfig>,
     /// Elastic scaling; `None` (no `[pools.X.autoscale]`) means the pool keeps the backends it has.
     pub autoscale: Option<AutoscaleConfig>,
     /// TLS toward the backends (`tls = true`); `None`: plaintext.
     pub tls: Option<UpstreamTls>,
+}
+
+/// Which inference engine a pool's backends run (`[pools.X.engine] kind`): whose metric names to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Vllm,
+    Sglang,
+    Tgi,
+    LlamaCpp,
+    /// Every kind's names: the first kind that reports anything wins.
+    Auto,
+}
+
+impl EngineKind {
+    pub const ALLOWED: &'static str = "vllm, sglang, tgi, llamacpp, auto";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "vllm" => Some(Self::Vllm),
+            "sglang" => Some(Self::Sglang),
+            "tgi" => Some(Self::Tgi),
+            "llamacpp" => Some(Self::LlamaCpp),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// `[pools.X.engine]`: the backends' own load, read from their Prometheus text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Default "/metrics".
+    pub metrics_path: String,
+    /// How often each backend is read. Default 1s.
+    pub interval: Duration,
+    pub kind: EngineKind,
 }
 
 /// `[pools.X.retry]`.

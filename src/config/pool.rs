@@ -66,6 +66,7 @@ pub(super) fn validate_pool(
         Some(_) => Some(duration(&p.slow_start, &field("slow_start"), Duration::from_secs(30))?),
     };
     let retry = p.retry.as_ref().map(|r| sections::retry(&ctx, r)).transpose()?;
+    let engine = p.engine.as_ref().map(|e| sections::engine(&ctx, e)).transpose()?;
     let autoscale = match &p.autoscale {
         None => None,
         Some(a) => {
@@ -79,6 +80,7 @@ pub(super) fn validate_pool(
         tls,
         autoscale,
         retry,
+        engine,
         slow_start,
         honor_retry_after: p.honor_retry_after.unwrap_or(true),
         panic_threshold,

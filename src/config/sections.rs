@@ -1,9 +1,9 @@
 //! The sections of a pool's config, validated one function each: `launch`, `health`, `outlier`,
-//! `retry`. Same rules and messages as the rest of `validate`; each error names its field as
+//! `retry`, `engine`. Same rules and messages as the rest of `validate`; each error names its field as
 //! `pools.<name>.<section>.<key>` at the value's line and column.
 
-use super::file::{FileHealth, FileLaunch, FileOutlier, FileRetry};
-use super::{ConfigError, HealthConfig, LaunchConfig, OutlierConfig, RetryConfig};
+use super::file::{FileEngine, FileHealth, FileLaunch, FileOutlier, FileRetry};
+use super::{ConfigError, EngineConfig, EngineKind, HealthConfig, LaunchConfig, OutlierConfig, RetryConfig};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -187,4 +187,39 @@ pub(super) fn retry(ctx: &Ctx, r: &FileRetry) -> Result<RetryConfig, ConfigError
         },
         idempotent_only: r.idempotent_only.unwrap_or(true),
     })
+}
+
+/// `[pools.X.engine]`: a path (default `/metrics`), an interval (default 1s, at least 100ms) and
+/// the engine's kind (default auto).
+pub(super) fn engine(ctx: &Ctx, e: &Spanned<FileEngine>) -> Result<EngineConfig, ConfigError> {
+    let e = e.get_ref();
+    let metrics_path = match &e.metrics_path {
+        None => "/metrics".to_string(),
+        Some(p) if p.get_ref().starts_with('/') && p.get_ref().parse::<http::Uri>().is_ok() => p.get_ref().clone(),
+        Some(p) => {
+            return Err(
+                ctx.err(p.span(), format!("{}: must be a path starting with '/'", ctx.field("engine.metrics_path")))
+            )
+        }
+    };
+    let interval = ctx.duration(&e.interval, &ctx.field("engine.interval"), Duration::from_secs(1))?;
+    if interval < Duration::from_millis(100) {
+        let span = e.interval.as_ref().map_or(0..0, |i| i.span());
+        return Err(ctx.err(span, format!("{}: at least 100ms", ctx.field("engine.interval"))));
+    }
+    let kind = match &e.kind {
+        None => EngineKind::Auto,
+        Some(k) => EngineKind::parse(k.get_ref()).ok_or_else(|| {
+            ctx.err(
+                k.span(),
+                format!(
+                    "{}: unknown value {:?}; allowed: {}",
+                    ctx.field("engine.kind"),
+                    k.get_ref(),
+                    EngineKind::ALLOWED
+                ),
+            )
+        })?,
+    };
+    Ok(EngineConfig { metrics_path, interval, kind })
 }

@@ -361,4 +361,25 @@ mod tests {
         let e = parse("[pools.empty]\n").unwrap_err();
         assert!(e.message.contains("no backends"), "{e}");
     }
+
+    #[test]
+    fn the_engine_section_has_defaults_and_names_a_bad_kind_or_interval_where_it_is() {
+        let c = parse(&format!("{MINIMAL}[pools.default.engine]\n")).unwrap();
+        let e = c.pools[0].engine.as_ref().expect("an engine section");
+        assert_eq!(
+            (e.metrics_path.as_str(), e.interval, e.kind),
+            ("/metrics", Duration::from_secs(1), EngineKind::Auto)
+        );
+        let c = parse(&format!("{MINIMAL}[pools.default.engine]\nkind = \"sglang\"\nmetrics_path = \"/m\"\n")).unwrap();
+        let e = c.pools[0].engine.as_ref().unwrap();
+        assert_eq!((e.metrics_path.as_str(), e.kind), ("/m", EngineKind::Sglang));
+        assert!(parse(MINIMAL).unwrap().pools[0].engine.is_none());
+        let bad = parse(&format!("{MINIMAL}[pools.default.engine]\nkind = \"triton\"\n")).unwrap_err();
+        assert!(bad.message.contains("pools.default.engine.kind") && bad.message.contains("vllm, sglang"), "{bad}");
+        assert_eq!(bad.line, Some(5), "with its line: {bad}");
+        let fast = parse(&format!("{MINIMAL}[pools.default.engine]\ninterval = \"10ms\"\n")).unwrap_err();
+        assert!(fast.message.contains("at least 100ms"), "{fast}");
+        let path = parse(&format!("{MINIMAL}[pools.default.engine]\nmetrics_path = \"metrics\"\n")).unwrap_err();
+        assert!(path.message.contains("starting with '/'"), "{path}");
+    }
 }

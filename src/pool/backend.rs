@@ -121,6 +121,8 @@ pub struct Backend {
     /// What the upstream layer keeps for this backend (its connections), made on first use.
     pub attached: OnceLock<Box<dyn Attached>>,
     pub(crate) metrics: BackendMetrics,
+    /// The engine's own load, as last read from its metrics (`[pools.X.engine]`).
+    pub engine: super::engine::EngineGauges,
 }
 
 /// Per-backend state kept by a layer above this one (the upstream connections), stored in the
@@ -161,6 +163,7 @@ impl Backend {
             pool_state,
             queue,
             attached: OnceLock::new(),
+            engine: Default::default(),
         }
     }
 

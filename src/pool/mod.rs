@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod balance;
+pub mod engine;
 pub mod queue;
 mod state;
 pub mod traffic;

@@ -27,10 +27,13 @@ enum PoolTask {
     Ramp,
     /// The autoscaler (`[pools.x.autoscale]`).
     Autoscale,
+    /// Reading the engines' metrics (`[pools.x.engine]`).
+    Engine,
 }
 
 impl PoolTask {
-    const ALL: [PoolTask; 4] = [PoolTask::Health, PoolTask::Readmit, PoolTask::Ramp, PoolTask::Autoscale];
+    const ALL: [PoolTask; 5] =
+        [PoolTask::Health, PoolTask::Readmit, PoolTask::Ramp, PoolTask::Autoscale, PoolTask::Engine];
 
     /// Whether a pool with this config needs the task.
     fn wanted(self, pool: &crate::config::PoolConfig) -> bool {
@@ -39,6 +42,7 @@ impl PoolTask {
             PoolTask::Readmit => pool.outlier.is_some(),
             PoolTask::Ramp => pool.slow_start.is_some(),
             PoolTask::Autoscale => pool.autoscale.is_some(),
+            PoolTask::Engine => pool.engine.is_some(),
         }
     }
 }
@@ -60,6 +64,7 @@ impl PoolTasks {
                     PoolTask::Readmit => tokio::spawn(health::readmit_pool(g, n, s)),
                     PoolTask::Ramp => tokio::spawn(health::ramp_pool(g, n, s)),
                     PoolTask::Autoscale => tokio::spawn(crate::scale::autoscale::run_pool(control.clone(), n, s)),
+                    PoolTask::Engine => tokio::spawn(crate::scrape::run_pool(g, n, s)),
                 };
                 self.running.insert((name.clone(), kind), task);
             }

@@ -1,0 +1,95 @@
+//! A backend's engine load as last read from its metrics (`[pools.X.engine]`): plain atomics,
+//! written by the scraper off the data path, read by the API; a reading older than three
+//! intervals counts as none, so a backend whose metrics stop answering falls back to headroom's
+//! own counts and is never ejected for it.
+
+use crate::engine::EngineLoad;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Stands for "not reported" in a gauge.
+const UNKNOWN: u32 = u32::MAX;
+
+#[derive(Debug)]
+pub struct EngineGauges {
+    running: AtomicU32,
+    waiting: AtomicU32,
+    /// KV-cache usage and prefix-cache hit rate, in thousandths.
+    kv_permille: AtomicU32,
+    hit_permille: AtomicU32,
+    /// When the last reading arrived (`now_ms`); 0: never.
+    read_at_ms: AtomicU64,
+}
+
+impl Default for EngineGauges {
+    fn default() -> Self {
+        EngineGauges {
+            running: AtomicU32::new(UNKNOWN),
+            waiting: AtomicU32::new(UNKNOWN),
+            kv_permille: AtomicU32::new(UNKNOWN),
+            hit_permille: AtomicU32::new(UNKNOWN),
+            read_at_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A reading, as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineReading {
+    pub running: Option<u32>,
+    pub waiting: Option<u32>,
+    pub kv_usage: Option<f64>,
+    pub hit_rate: Option<f64>,
+    /// How old it is.
+    pub age_ms: u64,
+}
+
+impl EngineGauges {
+    /// Records what a scrape read at `now_ms`.
+    pub fn set(&self, load: &EngineLoad, now_ms: u64) {
+        let count = |v: Option<f64>| v.map_or(UNKNOWN, |v| v.min(f64::from(UNKNOWN - 1)) as u32);
+        let ratio = |v: Option<f64>| v.map_or(UNKNOWN, |v| (v.clamp(0.0, 1.0) * 1000.0).round() as u32);
+        self.running.store(count(load.running), Ordering::Relaxed);
+        self.waiting.store(count(load.waiting), Ordering::Relaxed);
+        self.kv_permille.store(ratio(load.kv_usage), Ordering::Relaxed);
+        self.hit_permille.store(ratio(load.hit_rate), Ordering::Relaxed);
+        self.read_at_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The last reading, unless there is none or it is older than `stale_after_ms`.
+    pub fn get(&self, now_ms: u64, stale_after_ms: u64) -> Option<EngineReading> {
+        let at = self.read_at_ms.load(Ordering::Relaxed);
+        let age_ms = now_ms.saturating_sub(at);
+        if at == 0 || age_ms > stale_after_ms {
+            return None;
+        }
+        let known = |v: u32| (v != UNKNOWN).then_some(v);
+        let ratio = |v: u32| known(v).map(|p| f64::from(p) / 1000.0);
+        Some(EngineReading {
+            running: known(self.running.load(Ordering::Relaxed)),
+            waiting: known(self.waiting.load(Ordering::Relaxed)),
+            kv_usage: ratio(self.kv_permille.load(Ordering::Relaxed)),
+            hit_rate: ratio(self.hit_permille.load(Ordering::Relaxed)),
+            age_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_is_kept_until_it_is_stale_and_unreported_values_stay_unknown() {
+        let g = EngineGauges::default();
+        assert_eq!(g.get(1_000, 3_000), None, "never read");
+        let load =
+            EngineLoad { running: Some(3.0), waiting: Some(7.0), kv_usage: Some(0.4567), ..EngineLoad::default() };
+        g.set(&load, 1_000);
+        let r = g.get(2_000, 3_000).expect("fresh");
+        assert_eq!((r.running, r.waiting, r.hit_rate, r.age_ms), (Some(3), Some(7), None, 1_000));
+        assert_eq!(r.kv_usage, Some(0.457));
+        assert_eq!(g.get(4_001, 3_000), None, "stale after three intervals");
+        g.set(&EngineLoad { waiting: Some(1e30), ..EngineLoad::default() }, 5_000);
+        assert_eq!(g.get(5_000, 3_000).unwrap().waiting, Some(UNKNOWN - 1), "huge values saturate");
+    }
+}

@@ -1,0 +1,69 @@
+//! Reads every backend's engine metrics (`[pools.X.engine]`) once per `interval`, all of a
+//! pool's backends at once, each within the interval (at most 2 s) and 1 MiB, and keeps what
+//! `engine::read` finds in the backend's gauges. A read that fails leaves the last reading to go
+//! stale; it never changes a backend's state. Runs off the data path, one task per pool.
+
+use crate::config::{EngineConfig, PoolConfig};
+use crate::gateway::Gateway;
+use crate::pool::Backend;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The most of a metrics page read.
+const MAX_PAGE: usize = 1 << 20;
+
+/// Reads pool `name`'s engines until `shutdown` resolves, or the pool or its section is gone.
+pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let Some(pool) = gateway.snapshot().pool(&name).cloned() else { return };
+        let Some(cfg) = pool.config.engine.clone() else { return };
+        let reads = pool.backends.iter().map(|b| read_one(b, &pool.config, &cfg));
+        let all = futures_util::future::join_all(reads);
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = all => {}
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+}
+
+/// One backend's page, read into its gauges when it reports the engine's queue.
+async fn read_one(backend: &Backend, pool: &PoolConfig, cfg: &EngineConfig) {
+    let limit = cfg.interval.min(Duration::from_secs(2));
+    let Ok(Some(text)) = tokio::time::timeout(limit, fetch(backend, pool, &cfg.metrics_path)).await else {
+        tracing::debug!(backend = %backend.addr, "engine metrics not read");
+        return;
+    };
+    let load = crate::engine::read(&text, cfg.kind);
+    if !load.is_empty() {
+        backend.engine.set(&load, crate::clock::now_ms());
+    }
+}
+
+/// `GET path` on a fresh connection (over TLS when the pool's backends speak it); the page when
+/// the answer is 200.
+async fn fetch(backend: &Backend, pool: &PoolConfig, path: &str) -> Option<String> {
+    let (stream, _) = crate::upstream::connect_io(backend, pool, true).await.ok()?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, backend.label.as_ref())
+        .header(http::header::USER_AGENT, "headroom-engine-metrics")
+        .body(Empty::new())
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    if resp.status() != http::StatusCode::OK {
+        return None;
+    }
+    let body = Limited::new(resp.into_body(), MAX_PAGE).collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&body).into_owned())
+}

@@ -1,0 +1,61 @@
+//! Reading the engines' own load (`[pools.X.engine]`): a mock engine loaded by a client that
+//! bypasses headroom shows its queue in `/api/pools`; a backend whose metrics do not answer
+//! shows none, and stays healthy.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A mock engine serving 2 requests at once, each taking 30 s before its first token.
+async fn slow_engine() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let opts = headroom::mock::MockOptions { capacity: 2, ttft: Duration::from_secs(30), ..Default::default() };
+    tokio::spawn(headroom::mock::serve(l, opts, std::future::pending()));
+    addr
+}
+
+fn engine_of(pools: &serde_json::Value, addr: &str) -> serde_json::Value {
+    let backends = pools["pools"][0]["backends"].as_array().unwrap();
+    backends.iter().find(|b| b["addr"] == addr).map(|b| b["engine"].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engines_own_queue_shows_in_the_api_and_a_silent_one_shows_none() {
+    let engine = slow_engine().await;
+    let silent =
+        TestBackend::start(|_req| async { http::Response::builder().status(404).body(full("")).unwrap() }).await;
+    let section = "[pools.default.engine]\ninterval = \"100ms\"\nkind = \"vllm\"\n";
+    let hr = Headroom::start(&format!("{}{section}", config(&[(engine, 1), (silent.addr, 1)], "", ""))).await;
+
+    // Five completions straight to the engine, not through headroom: two run, three wait.
+    let url = format!("http://{engine}/v1/completions");
+    let _load: Vec<_> = (0..5)
+        .map(|_| {
+            let req = Request::post(url.clone()).body(full(Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap();
+            tokio::spawn(client().request(req))
+        })
+        .collect();
+    let addr = engine.to_string();
+    poll_until(T, "the engine's queue in /api/pools", || async {
+        let e = engine_of(&hr.pools().await, &addr);
+        e["requests_running"] == 2 && e["requests_waiting"] == 3
+    })
+    .await;
+    let pools = hr.pools().await;
+    let e = engine_of(&pools, &addr);
+    assert!(e["age_ms"].as_u64().unwrap() <= 300, "{e}");
+    assert_eq!(pools["pools"][0]["in_flight"], 0, "none of that load went through headroom");
+
+    // The backend whose metrics answer 404 has no reading, and is not held against it.
+    let silent_addr = silent.addr.to_string();
+    assert_eq!(engine_of(&pools, &silent_addr), serde_json::Value::Null);
+    let backends = pools["pools"][0]["backends"].as_array().unwrap();
+    assert!(backends.iter().all(|b| b["state"] == "healthy"), "{pools}");
+}
