@@ -1,6 +1,7 @@
 //! Reading the engines' own load (`[pools.X.engine]`): a mock engine loaded by a client that
 //! bypasses headroom shows its queue in `/api/pools`; a backend whose metrics do not answer
-//! shows none, and stays healthy.
+//! shows none, and stays healthy; with `balance = "least_load"` new requests go around an engine
+//! whose own queue is long, where `least_conn` does not see it.
 
 mod common;
 
@@ -58,4 +59,42 @@ async fn an_engines_own_queue_shows_in_the_api_and_a_silent_one_shows_none() {
     assert_eq!(engine_of(&pools, &silent_addr), serde_json::Value::Null);
     let backends = pools["pools"][0]["backends"].as_array().unwrap();
     assert!(backends.iter().all(|b| b["state"] == "healthy"), "{pools}");
+}
+
+/// Requests each backend of the first pool has served, by address.
+fn served(pools: &serde_json::Value, addr: &str) -> u64 {
+    let backends = pools["pools"][0]["backends"].as_array().unwrap();
+    backends.iter().find(|b| b["addr"] == addr).and_then(|b| b["requests"].as_u64()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_load_sends_new_requests_around_an_engine_with_a_long_queue_and_least_conn_does_not() {
+    let (idle, busy) = (slow_engine().await, slow_engine().await);
+    // Ten completions straight to `busy`: two run, eight wait in its own scheduler.
+    let url = format!("http://{busy}/v1/completions");
+    let _load: Vec<_> = (0..10)
+        .map(|_| {
+            let req = Request::post(url.clone()).body(full(Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap();
+            tokio::spawn(client().request(req))
+        })
+        .collect();
+    let engine = "[pools.default.engine]\ninterval = \"100ms\"\nkind = \"vllm\"\n";
+    let mut busy_share = Vec::new();
+    for balance in ["least_load", "least_conn"] {
+        let pool = format!("balance = \"{balance}\"");
+        let hr = Headroom::start(&format!("{}{engine}", config(&[(idle, 1), (busy, 1)], &pool, ""))).await;
+        let busy_addr = busy.to_string();
+        poll_until(T, "busy's queue read", || async {
+            engine_of(&hr.pools().await, &busy_addr)["requests_waiting"] == 8
+        })
+        .await;
+        // Twenty quick requests (the engine's health page), one at a time: headroom's own
+        // in-flight count is 0 for both backends at every pick.
+        for _ in 0..20 {
+            assert_eq!(get(&hr.url("/health")).await.0, 200);
+        }
+        busy_share.push(served(&hr.pools().await, &busy_addr));
+    }
+    assert_eq!(busy_share[0], 0, "least_load: none to the engine with eight waiting");
+    assert!(busy_share[1] >= 5, "least_conn takes turns regardless: {} of 20", busy_share[1]);
 }

@@ -140,10 +140,13 @@ pub enum BalanceKind {
     WeightedRoundRobin,
     /// Weighted power of two random choices.
     P2c,
+    /// Weighted least load: headroom's own in-flight count plus each engine's waiting queue (and
+    /// KV-cache pressure), from `[pools.X.engine]`.
+    LeastLoad,
 }
 
 impl BalanceKind {
-    pub const ALLOWED: &'static str = "least_conn, round_robin, weighted_round_robin, p2c";
+    pub const ALLOWED: &'static str = "least_conn, round_robin, weighted_round_robin, p2c, least_load";
 
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
@@ -151,6 +154,7 @@ impl BalanceKind {
             "round_robin" => Self::RoundRobin,
             "weighted_round_robin" => Self::WeightedRoundRobin,
             "p2c" => Self::P2c,
+            "least_load" => Self::LeastLoad,
             _ => return None,
         })
     }
@@ -161,6 +165,7 @@ impl BalanceKind {
             Self::RoundRobin => "round_robin",
             Self::WeightedRoundRobin => "weighted_round_robin",
             Self::P2c => "p2c",
+            Self::LeastLoad => "least_load",
         }
     }
 }

@@ -67,6 +67,10 @@ pub(super) fn validate_pool(
     };
     let retry = p.retry.as_ref().map(|r| sections::retry(&ctx, r)).transpose()?;
     let engine = p.engine.as_ref().map(|e| sections::engine(&ctx, e)).transpose()?;
+    if let (BalanceKind::LeastLoad, None, Some(b)) = (balance, &engine, &p.balance) {
+        let message = format!("{}: least_load reads the engines' queues; add [pools.{name}.engine]", field("balance"));
+        return Err(err(b.span(), message));
+    }
     let autoscale = match &p.autoscale {
         None => None,
         Some(a) => {

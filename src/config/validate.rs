@@ -381,5 +381,10 @@ mod tests {
         assert!(fast.message.contains("at least 100ms"), "{fast}");
         let path = parse(&format!("{MINIMAL}[pools.default.engine]\nmetrics_path = \"metrics\"\n")).unwrap_err();
         assert!(path.message.contains("starting with '/'"), "{path}");
+        let alone =
+            "[pools.default]\nbalance = \"least_load\"\n[[pools.default.backends]]\naddr = \"127.0.0.1:9001\"\n";
+        let e = parse(alone).unwrap_err();
+        assert!(e.message.contains("add [pools.default.engine]") && e.line == Some(2), "{e}");
+        assert!(parse(&format!("{alone}[pools.default.engine]\n")).is_ok());
     }
 }

@@ -39,6 +39,11 @@ pub enum Balancer {
         schedule: Box<[u32]>,
         next: AtomicUsize,
     },
+    /// Weighted least load: the lowest (in_flight + engine's extra load + 1) / weight, where an
+    /// engine reading older than `stale_after_ms` adds nothing (headroom's own count only).
+    LeastLoad {
+        stale_after_ms: u64,
+    },
 }
 
 impl Balancer {
@@ -55,7 +60,16 @@ impl Balancer {
                 schedule: smooth_schedule(weights).into_boxed_slice(),
                 next: AtomicUsize::new(0),
             },
+            BalanceKind::LeastLoad => Balancer::LeastLoad { stale_after_ms: 3_000 },
         }
+    }
+
+    /// For `LeastLoad`: engine readings older than this count as none (three scrape intervals).
+    pub fn with_stale_after(mut self, ms: u64) -> Self {
+        if let Balancer::LeastLoad { stale_after_ms } = &mut self {
+            *stale_after_ms = ms;
+        }
+        self
     }
 
     /// Picks an eligible backend not excluded by `exclude`, or `None` if there is none.
@@ -76,6 +90,7 @@ impl Balancer {
                 least_loaded(backends, &exclude, Some((schedule, next)))
             }
             Balancer::P2c => two_choices(backends, &exclude).or_else(|| least_loaded(backends, &exclude, None)),
+            Balancer::LeastLoad { stale_after_ms } => least_load(backends, &exclude, *stale_after_ms),
             Balancer::RoundRobin { next } => {
                 let start = next.fetch_add(1, Ordering::Relaxed) % n;
                 first_from(start, n, &ok)
@@ -163,6 +178,29 @@ fn least_loaded(
         }
         _ => Some(found),
     }
+}
+
+/// The lowest (in_flight + the engine's extra load + 1) / weight: an exact scan from a random
+/// start in small pools, the better of two random candidates in large ones.
+fn least_load(backends: &[Arc<Backend>], exclude: &impl Fn(usize) -> bool, stale_after_ms: u64) -> Option<usize> {
+    let now = crate::clock::now_ms();
+    let scored = |i: usize| {
+        let (load, w) = candidate(backends, exclude, i)?;
+        Some((i, (load.saturating_add(backends[i].engine.extra_load(now, stale_after_ms)), w)))
+    };
+    let n = backends.len();
+    if n > EXACT_SCAN_MAX {
+        let sample = || (0..4).find_map(|_| scored(fastrand::usize(..n)));
+        if let Some((a, sa)) = sample() {
+            return Some(match sample() {
+                Some((b, sb)) if better(sb, sa) => b,
+                _ => a,
+            });
+        }
+    }
+    let start = fastrand::usize(..n);
+    let best = (0..n).filter_map(|k| scored((start + k) % n)).reduce(|a, b| if better(b.1, a.1) { b } else { a });
+    best.map(|(i, _)| i)
 }
 
 /// Two random eligible candidates, the better one wins. `None` when sampling finds none (the
@@ -346,5 +384,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn least_load_counts_the_engines_waiting_queue_and_kv_pressure() {
+        use crate::engine::EngineLoad;
+        let b: Vec<Arc<Backend>> = (0..2)
+            .map(|i| Arc::new(Backend::standalone(format!("127.0.0.1:{}", 9000 + i).parse().unwrap(), 1, 100)))
+            .collect();
+        let lb = Balancer::new(BalanceKind::LeastLoad, &[1, 1]).with_stale_after(60_000);
+        let now = crate::clock::now_ms();
+        b[1].engine.set(&EngineLoad { running: Some(4.0), waiting: Some(8.0), ..EngineLoad::default() }, now);
+        // Backend 0 is chosen while its own in-flight count stays under backend 1's engine queue.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let i = lb.pick(&b, |_| false).unwrap();
+            assert_eq!(i, 0);
+            held.push(b[i].try_acquire().unwrap());
+        }
+        let picks: Vec<usize> = (0..20).map(|_| lb.pick(&b, |_| false).unwrap()).collect();
+        assert!(picks.contains(&1) && picks.contains(&0), "tied at 8 each: both take turns");
+        // A nearly full KV cache counts as more load.
+        b[0].engine.set(&EngineLoad { waiting: Some(0.0), kv_usage: Some(1.0), ..EngineLoad::default() }, now);
+        assert_eq!(lb.pick(&b, |_| false), Some(1), "8 + 10 of KV pressure against 8");
+        drop(held);
+        // least_conn does not look at the engines.
+        let lc = Balancer::new(BalanceKind::LeastConn, &[1, 1]);
+        let picks: Vec<usize> = (0..10).map(|_| lc.pick(&b, |_| false).unwrap()).collect();
+        assert!(picks.contains(&1), "least_conn sends to the backend with the long engine queue: {picks:?}");
     }
 }

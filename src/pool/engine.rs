@@ -55,6 +55,24 @@ impl EngineGauges {
         self.read_at_ms.store(now_ms.max(1), Ordering::Relaxed);
     }
 
+    /// What the engine's reading adds to a backend's load for `balance = "least_load"`: its
+    /// waiting requests, plus up to 10 more as its KV cache fills past 90% (one per point);
+    /// nothing without a fresh reading. A handful of relaxed loads.
+    #[inline]
+    pub fn extra_load(&self, now_ms: u64, stale_after_ms: u64) -> u64 {
+        let at = self.read_at_ms.load(Ordering::Relaxed);
+        if at == 0 || now_ms.saturating_sub(at) > stale_after_ms {
+            return 0;
+        }
+        let waiting = match self.waiting.load(Ordering::Relaxed) {
+            UNKNOWN => 0,
+            w => u64::from(w),
+        };
+        let kv = self.kv_permille.load(Ordering::Relaxed);
+        let pressure = if kv != UNKNOWN && kv > 900 { u64::from((kv - 900) / 10) } else { 0 };
+        waiting + pressure
+    }
+
     /// The last reading, unless there is none or it is older than `stale_after_ms`.
     pub fn get(&self, now_ms: u64, stale_after_ms: u64) -> Option<EngineReading> {
         let at = self.read_at_ms.load(Ordering::Relaxed);
@@ -91,5 +109,16 @@ mod tests {
         assert_eq!(g.get(4_001, 3_000), None, "stale after three intervals");
         g.set(&EngineLoad { waiting: Some(1e30), ..EngineLoad::default() }, 5_000);
         assert_eq!(g.get(5_000, 3_000).unwrap().waiting, Some(UNKNOWN - 1), "huge values saturate");
+    }
+
+    #[test]
+    fn the_extra_load_is_the_engines_queue_and_kv_pressure_while_fresh() {
+        let g = EngineGauges::default();
+        assert_eq!(g.extra_load(1_000, 3_000), 0, "no reading: nothing added");
+        g.set(&EngineLoad { waiting: Some(5.0), kv_usage: Some(0.95), ..EngineLoad::default() }, 1_000);
+        assert_eq!(g.extra_load(2_000, 3_000), 5 + 5);
+        assert_eq!(g.extra_load(4_001, 3_000), 0, "stale: headroom's own count only");
+        g.set(&EngineLoad { running: Some(1.0), ..EngineLoad::default() }, 5_000);
+        assert_eq!(g.extra_load(5_000, 3_000), 0, "no queue reported");
     }
 }

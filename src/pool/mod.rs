@@ -80,7 +80,8 @@ impl Pool {
         state.size.store(backends.len() as u32, Ordering::Relaxed);
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         Pool {
-            balancer: Balancer::new(config.balance, &weights),
+            balancer: Balancer::new(config.balance, &weights)
+                .with_stale_after(config.engine.as_ref().map_or(3_000, |e| 3 * e.interval.as_millis() as u64)),
             metrics: crate::telemetry::PoolMetrics::new(&config.name),
             has_backups: backends.iter().any(|b| b.is_backup()),
             config,
