@@ -13,6 +13,11 @@ use std::sync::{Arc, OnceLock};
 pub const REQUESTS_TOTAL: &str = "headroom_requests_total";
 pub const REQUEST_DURATION: &str = "headroom_request_duration_seconds";
 pub const BACKEND_INFLIGHT: &str = "headroom_backend_inflight";
+/// What each backend's engine reports (`[pools.X.engine]`), while the reading is fresh.
+pub const ENGINE_RUNNING: &str = "headroom_engine_requests_running";
+pub const ENGINE_WAITING: &str = "headroom_engine_requests_waiting";
+pub const ENGINE_KV_USAGE: &str = "headroom_engine_kv_cache_usage";
+pub const ENGINE_HIT_RATE: &str = "headroom_engine_prefix_cache_hit_rate";
 pub const QUEUE_DEPTH: &str = "headroom_queue_depth";
 pub const QUEUE_WAIT: &str = "headroom_queue_wait_seconds";
 pub const UPSTREAM_CONNECTS: &str = "headroom_upstream_connects_total";

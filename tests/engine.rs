@@ -53,6 +53,12 @@ async fn an_engines_own_queue_shows_in_the_api_and_a_silent_one_shows_none() {
     let e = engine_of(&pools, &addr);
     assert!(e["age_ms"].as_u64().unwrap() <= 300, "{e}");
     assert_eq!(pools["pools"][0]["in_flight"], 0, "none of that load went through headroom");
+    let (_, metrics) = get(&format!("http://{}/metrics", hr.admin)).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let line = format!("headroom_engine_requests_waiting{{pool=\"default\",backend=\"{addr}\"}} 3");
+    assert!(metrics.contains(&line), "{line} in {metrics}");
+    let silent_line = format!("headroom_engine_requests_waiting{{pool=\"default\",backend=\"{}\"}}", silent.addr);
+    assert!(!metrics.contains(&silent_line), "a backend without a reading has no engine series");
 
     // The backend whose metrics answer 404 has no reading, and is not held against it.
     let silent_addr = silent.addr.to_string();

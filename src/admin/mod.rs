@@ -141,6 +141,35 @@ fn sample_gauges(control: &Control) {
     }
 }
 
+/// The engines' readings (`[pools.X.engine]`), a series per backend with a fresh reading and a
+/// value its engine reports.
+fn engine_gauges(snap: &crate::gateway::Snapshot, out: &mut String) {
+    use std::fmt::Write as _;
+    let now = crate::clock::now_ms();
+    let readings: Vec<_> = snap
+        .pools
+        .iter()
+        .filter_map(|p| p.config.engine.as_ref().map(|e| (p, 3 * e.interval.as_millis() as u64)))
+        .flat_map(|(p, stale)| p.backends.iter().filter_map(move |b| Some((p, b, b.engine.get(now, stale)?))))
+        .collect();
+    type Value = fn(&crate::pool::engine::EngineReading) -> Option<f64>;
+    let series: [(&str, Value); 4] = [
+        (telemetry::ENGINE_RUNNING, |r| r.running.map(f64::from)),
+        (telemetry::ENGINE_WAITING, |r| r.waiting.map(f64::from)),
+        (telemetry::ENGINE_KV_USAGE, |r| r.kv_usage),
+        (telemetry::ENGINE_HIT_RATE, |r| r.hit_rate),
+    ];
+    for (name, value) in series {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (p, b, r) in &readings {
+            if let Some(v) = value(r) {
+                let _ = writeln!(out, "{name}{{pool=\"{}\",backend=\"{}\"}} {v}", p.config.name, b.label);
+            }
+        }
+        out.push('\n');
+    }
+}
+
 /// The per-backend gauges and counters (all but the per-status request counts), written straight
 /// from the current snapshot at each scrape rather than kept in the registry: a removed backend's
 /// series are gone at the next scrape, and a large pool costs no registry entries for them.
@@ -176,6 +205,7 @@ fn backend_gauges(control: &Control, out: &mut String) {
             let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
         }
     });
+    engine_gauges(&snap, out);
     // Per-backend counters, from the backend's own atomics (they survive reloads with it).
     let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::pool::Backend) -> u64| {
         let _ = writeln!(out, "# TYPE {name} counter");
