@@ -14,9 +14,6 @@
 use crate::config::{HealthConfig, PoolConfig};
 use crate::gateway::Gateway;
 use crate::pool::{Backend, BackendState};
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -210,17 +207,7 @@ fn jittered(interval: Duration) -> Duration {
 /// One check: `GET path` on a fresh connection; passes on an expected status within the timeout.
 async fn probe(backend: &Backend, pool: &PoolConfig, cfg: &HealthConfig) -> bool {
     let check = async {
-        // Over TLS too when the pool's backends speak it (HTTP/1.1 offered by ALPN).
-        let (stream, _) = crate::upstream::connect_io(backend, pool, true).await.ok()?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
-        tokio::spawn(conn);
-        let req = http::Request::get(cfg.path.as_str())
-            .header(http::header::HOST, backend.label.as_ref())
-            .header(http::header::USER_AGENT, "headroom-health-check")
-            .body(Empty::new())
-            .ok()?;
-        let resp = sender.send_request(req).await.ok()?;
+        let resp = crate::upstream::get(backend, pool, &cfg.path, "headroom-health-check").await?;
         Some(resp.status().as_u16())
     };
     match tokio::time::timeout(cfg.timeout, check).await {

@@ -6,9 +6,7 @@
 use crate::config::{EngineConfig, PoolConfig};
 use crate::gateway::Gateway;
 use crate::pool::Backend;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Limited};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,19 +46,9 @@ async fn read_one(backend: &Backend, pool: &PoolConfig, cfg: &EngineConfig) {
     }
 }
 
-/// `GET path` on a fresh connection (over TLS when the pool's backends speak it); the page when
-/// the answer is 200.
+/// `GET path` (see `upstream::get`); the page when the answer is 200.
 async fn fetch(backend: &Backend, pool: &PoolConfig, path: &str) -> Option<String> {
-    let (stream, _) = crate::upstream::connect_io(backend, pool, true).await.ok()?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, backend.label.as_ref())
-        .header(http::header::USER_AGENT, "headroom-engine-metrics")
-        .body(Empty::new())
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
+    let resp = crate::upstream::get(backend, pool, path, "headroom-engine-metrics").await?;
     if resp.status() != http::StatusCode::OK {
         return None;
     }

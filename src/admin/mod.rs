@@ -54,7 +54,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 /// A backend's engine reading for `/api/pools`: null without `[pools.X.engine]`, or when no
 /// reading is younger than three intervals.
 fn engine_json(b: &crate::pool::Backend, cfg: Option<&crate::config::EngineConfig>) -> serde_json::Value {
-    let stale_after = cfg.map(|c| 3 * c.interval.as_millis() as u64);
+    let stale_after = cfg.map(crate::config::EngineConfig::stale_after_ms);
     match stale_after.and_then(|s| b.engine.get(crate::clock::now_ms(), s)) {
         None => serde_json::Value::Null,
         Some(r) => json!({
@@ -149,7 +149,7 @@ fn engine_gauges(snap: &crate::gateway::Snapshot, out: &mut String) {
     let readings: Vec<_> = snap
         .pools
         .iter()
-        .filter_map(|p| p.config.engine.as_ref().map(|e| (p, 3 * e.interval.as_millis() as u64)))
+        .filter_map(|p| p.config.engine.as_ref().map(|e| (p, e.stale_after_ms())))
         .flat_map(|(p, stale)| p.backends.iter().filter_map(move |b| Some((p, b, b.engine.get(now, stale)?))))
         .collect();
     type Value = fn(&crate::pool::engine::EngineReading) -> Option<f64>;

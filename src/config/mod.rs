@@ -7,6 +7,7 @@
 
 pub mod addr;
 mod autoscale;
+mod engine;
 mod file;
 mod forms;
 #[cfg(test)]
@@ -16,6 +17,8 @@ mod sections;
 mod source;
 mod tls;
 pub mod units;
+
+pub use engine::{EngineConfig, EngineKind};
 mod validate;
 
 use std::fmt;
@@ -223,42 +226,6 @@ pub struct PoolConfig {
     pub autoscale: Option<AutoscaleConfig>,
     /// TLS toward the backends (`tls = true`); `None`: plaintext.
     pub tls: Option<UpstreamTls>,
-}
-
-/// Which inference engine a pool's backends run (`[pools.X.engine] kind`): whose metric names to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    Vllm,
-    Sglang,
-    Tgi,
-    LlamaCpp,
-    /// Every kind's names: the first kind that reports anything wins.
-    Auto,
-}
-
-impl EngineKind {
-    pub const ALLOWED: &'static str = "vllm, sglang, tgi, llamacpp, auto";
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "vllm" => Some(Self::Vllm),
-            "sglang" => Some(Self::Sglang),
-            "tgi" => Some(Self::Tgi),
-            "llamacpp" => Some(Self::LlamaCpp),
-            "auto" => Some(Self::Auto),
-            _ => None,
-        }
-    }
-}
-
-/// `[pools.X.engine]`: the backends' own load, read from their Prometheus text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// Default "/metrics".
-    pub metrics_path: String,
-    /// How often each backend is read. Default 1s.
-    pub interval: Duration,
-    pub kind: EngineKind,
 }
 
 /// `[pools.X.retry]`.

@@ -44,6 +44,14 @@ pub struct EngineReading {
 }
 
 impl EngineGauges {
+    /// How old the last reading is, unless there is none or it is older than `stale_after_ms`.
+    #[inline]
+    fn age(&self, now_ms: u64, stale_after_ms: u64) -> Option<u64> {
+        let at = self.read_at_ms.load(Ordering::Relaxed);
+        let age_ms = now_ms.saturating_sub(at);
+        (at != 0 && age_ms <= stale_after_ms).then_some(age_ms)
+    }
+
     /// Records what a scrape read at `now_ms`.
     pub fn set(&self, load: &EngineLoad, now_ms: u64) {
         let count = |v: Option<f64>| v.map_or(UNKNOWN, |v| v.min(f64::from(UNKNOWN - 1)) as u32);
@@ -60,8 +68,7 @@ impl EngineGauges {
     /// nothing without a fresh reading. A handful of relaxed loads.
     #[inline]
     pub fn extra_load(&self, now_ms: u64, stale_after_ms: u64) -> u64 {
-        let at = self.read_at_ms.load(Ordering::Relaxed);
-        if at == 0 || now_ms.saturating_sub(at) > stale_after_ms {
+        if self.age(now_ms, stale_after_ms).is_none() {
             return 0;
         }
         let waiting = match self.waiting.load(Ordering::Relaxed) {
@@ -75,11 +82,7 @@ impl EngineGauges {
 
     /// The last reading, unless there is none or it is older than `stale_after_ms`.
     pub fn get(&self, now_ms: u64, stale_after_ms: u64) -> Option<EngineReading> {
-        let at = self.read_at_ms.load(Ordering::Relaxed);
-        let age_ms = now_ms.saturating_sub(at);
-        if at == 0 || age_ms > stale_after_ms {
-            return None;
-        }
+        let age_ms = self.age(now_ms, stale_after_ms)?;
         let known = |v: u32| (v != UNKNOWN).then_some(v);
         let ratio = |v: u32| known(v).map(|p| f64::from(p) / 1000.0);
         Some(EngineReading {

@@ -81,7 +81,7 @@ impl Pool {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
         Pool {
             balancer: Balancer::new(config.balance, &weights)
-                .with_stale_after(config.engine.as_ref().map_or(3_000, |e| 3 * e.interval.as_millis() as u64)),
+                .with_stale_after(config.engine.as_ref().map_or(3_000, crate::config::EngineConfig::stale_after_ms)),
             metrics: crate::telemetry::PoolMetrics::new(&config.name),
             has_backups: backends.iter().any(|b| b.is_backup()),
             config,
