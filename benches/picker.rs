@@ -36,6 +36,8 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         panic_threshold: 0.0,
         slow_start: None,
         honor_retry_after: true,
+        models: Vec::new(),
+        discover_models: false,
         queue: QueueConfig { max_depth: 0, timeout: Duration::from_secs(1) },
         backends,
         launch: None,

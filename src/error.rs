@@ -48,6 +48,9 @@ pub enum ProxyError {
     /// No route matches the request.
     #[error("no route for this request")]
     NoRoute,
+    /// The request body names a model no route serves (answered in OpenAI's error shape).
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
     /// The request already passed through this headroom (its `Via` carries our token): a
     /// backend points back at the proxy.
     #[error("loop detected: this request already passed through this gateway")]
@@ -95,7 +98,7 @@ impl ProxyError {
             ProxyError::HeaderTimeout | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoRoute | ProxyError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::LoopDetected => StatusCode::LOOP_DETECTED,
             ProxyError::Unavailable(Rejection::NoBackend)
             | ProxyError::Unavailable(Rejection::QueueFull)
@@ -116,6 +119,7 @@ impl ProxyError {
             | ProxyError::BodyTimeout(_)
             | ProxyError::BodyTooLarge(_)
             | ProxyError::HeadersTooLarge(_) => Source::Client,
+            ProxyError::ModelNotFound(_) => Source::Client,
             ProxyError::NoRoute | ProxyError::Unavailable(_) | ProxyError::LoopDetected => Source::Gateway,
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::ResponseTimeout(_) => Source::Upstream,
         }
@@ -154,6 +158,17 @@ impl ProxyError {
 pub fn error_body(message: &str, request_id: &str) -> bytes::Bytes {
     let v = serde_json::json!({ "error": message, "request_id": request_id });
     bytes::Bytes::from(v.to_string())
+}
+
+impl ProxyError {
+    /// The body of the error answer: [`error_body`], but for an unknown model, which OpenAI's
+    /// clients expect in their own shape.
+    pub fn body(&self, request_id: &str) -> bytes::Bytes {
+        match self {
+            ProxyError::ModelNotFound(model) => crate::openai::model_not_found(model, request_id),
+            _ => error_body(&self.to_string(), request_id),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -44,15 +44,41 @@ impl Snapshot {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
-    /// The pool for a request: first route whose host (if any) and path prefix match.
+    /// Where a request goes, as far as its host and path tell: the first route whose host (if
+    /// any) and path prefix match, unless that route names a model, which only the body tells.
     #[inline]
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Pool>> {
+    pub fn route(&self, host: Option<&str>, path: &str) -> Routed<'_> {
+        match self.config.routes.iter().find(|r| r.matches_target(host, path)) {
+            None => Routed::Nowhere,
+            Some(r) if r.model.is_some() => Routed::ByModel,
+            Some(r) => self.pools.get(r.pool).map_or(Routed::Nowhere, Routed::Pool),
+        }
+    }
+
+    /// The pool for a request whose body names `model` (`None`: it names none, or it could not
+    /// be read): the first route whose host, path prefix and model (if any) match.
+    pub fn route_model(&self, host: Option<&str>, path: &str, model: Option<&str>) -> Option<&Arc<Pool>> {
         self.config
             .routes
             .iter()
-            .find(|r| r.host.as_deref().is_none_or(|h| host == Some(h)) && path.starts_with(r.path_prefix.as_str()))
+            .find(|r| {
+                r.matches_target(host, path)
+                    && match (&r.model, model) {
+                        (None, _) => true,
+                        (Some(want), Some(m)) => want.matches(m),
+                        (Some(_), None) => false,
+                    }
+            })
             .and_then(|r| self.pools.get(r.pool))
     }
+}
+
+/// Where the routes send a request, before its body is read.
+pub enum Routed<'a> {
+    Pool(&'a Arc<Pool>),
+    /// The first matching route names a model: read the body to know.
+    ByModel,
+    Nowhere,
 }
 
 static GATEWAY_IDS: AtomicU64 = AtomicU64::new(1);

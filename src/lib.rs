@@ -16,6 +16,7 @@ pub mod health; //     active health checks (off the data path)
 pub mod http1; //      the HTTP/1.1 codec: framing, client half, server half
 pub mod load; //       `headroom load`: an open-loop, SSE-aware load generator
 pub mod mock; //       the mock inference server
+pub mod openai; //     the OpenAI API's shapes: a body's model, the model list, the not-found error
 pub mod pool; //       backends, pools, pickers, the admission queue, traffic counters
 pub mod proxy; //      the data path
 pub mod reload; //     hot reload: file watch, SIGHUP, validated swap

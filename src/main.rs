@@ -74,29 +74,50 @@ enum Command {
         plot: Option<PathBuf>,
     },
     /// Run the built-in mock inference server.
-    MockBackend {
-        /// Address to listen on, e.g. 127.0.0.1:9001.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// Requests served at once; the rest queue FIFO.
-        #[arg(long, default_value_t = 8)]
-        capacity: usize,
-        /// Time to first token.
-        #[arg(long, default_value = "50ms", value_parser = duration)]
-        ttft: Duration,
-        /// Time between tokens.
-        #[arg(long, default_value = "20ms", value_parser = duration)]
-        token_interval: Duration,
-        /// Tokens per completion.
-        #[arg(long, default_value_t = 16)]
-        tokens: u32,
-        /// Share of requests answered with 500, 0..=1.
-        #[arg(long, default_value_t = 0.0)]
-        fail_rate: f64,
-        /// Log line format: text or json.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
+    MockBackend(MockArgs),
+}
+
+/// The `mock-backend` command's arguments.
+#[derive(clap::Args)]
+struct MockArgs {
+    /// Address to listen on, e.g. 127.0.0.1:9001.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Requests served at once; the rest queue FIFO.
+    #[arg(long, default_value_t = 8)]
+    capacity: usize,
+    /// Time to first token.
+    #[arg(long, default_value = "50ms", value_parser = duration)]
+    ttft: Duration,
+    /// Time between tokens.
+    #[arg(long, default_value = "20ms", value_parser = duration)]
+    token_interval: Duration,
+    /// Tokens per completion.
+    #[arg(long, default_value_t = 16)]
+    tokens: u32,
+    /// Share of requests answered with 500, 0..=1.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// The models served, comma-separated: listed by /v1/models; a request naming another gets
+    /// 404, as vLLM answers. Default: one model, "mock-model", and any name accepted.
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Log line format: text or json.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+impl MockArgs {
+    fn options(&self) -> MockOptions {
+        MockOptions {
+            capacity: self.capacity,
+            ttft: self.ttft,
+            token_interval: self.token_interval,
+            tokens: self.tokens,
+            fail_rate: self.fail_rate,
+            models: self.models.clone(),
+        }
+    }
 }
 
 /// The `load` command's arguments, checked into a plan by [`load_plan`].
@@ -246,9 +267,9 @@ fn main() -> ExitCode {
         Some(Command::Check { config }) => check(&Source::resolve(config.or(cli.config).as_deref())),
         Some(Command::GenCert { out, names, force }) => gen_cert(&out, &names, force),
         Some(Command::Load { args, json, plot }) => load(args, json, plot),
-        Some(Command::MockBackend { listen, capacity, ttft, token_interval, tokens, fail_rate, log_format }) => {
-            let _logs = init_logs(log_format);
-            mock_backend(listen, MockOptions { capacity, ttft, token_interval, tokens, fail_rate })
+        Some(Command::MockBackend(args)) => {
+            let _logs = init_logs(args.log_format);
+            mock_backend(args.listen, args.options())
         }
         None => {
             let _logs = init_logs(cli.log_format);

@@ -37,6 +37,9 @@ pub struct MockOptions {
     pub tokens: u32,
     /// Share of inference requests failed with 500. Default 0.
     pub fail_rate: f64,
+    /// The models served: listed by `/v1/models`, and a request naming another gets 404 (as
+    /// vLLM answers). Default none: `mock-model` is listed and any name accepted.
+    pub models: Vec<String>,
 }
 
 impl Default for MockOptions {
@@ -47,6 +50,7 @@ impl Default for MockOptions {
             token_interval: Duration::from_millis(20),
             tokens: 16,
             fail_rate: 0.0,
+            models: Vec::new(),
         }
     }
 }
@@ -101,12 +105,7 @@ impl Engine {
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/") => full(StatusCode::OK, "text/plain", "ok\n"),
             (Method::GET, "/health") => full(StatusCode::OK, "application/json", r#"{"status":"ok"}"#),
-            (Method::GET, "/v1/models") => full(
-                StatusCode::OK,
-                "application/json",
-                json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "owned_by": "headroom"}]})
-                    .to_string(),
-            ),
+            (Method::GET, "/v1/models") => self.models(),
             (Method::GET, "/metrics") => full(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -120,6 +119,19 @@ impl Engine {
             (Method::POST, "/v1/completions") => self.infer(req, false).await,
             _ => full(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
         }
+    }
+
+    /// The models served, as vLLM lists them.
+    fn models(&self) -> Response<MockBody> {
+        let names: Vec<&str> = match self.opts.models.as_slice() {
+            [] => vec!["mock-model"],
+            m => m.iter().map(String::as_str).collect(),
+        };
+        let data: Vec<Value> = names
+            .iter()
+            .map(|id| json!({"id": id, "object": "model", "created": unix_now(), "owned_by": "headroom-mock"}))
+            .collect();
+        full(StatusCode::OK, "application/json", json!({"object": "list", "data": data}).to_string())
     }
 
     /// A completion: parses the request, waits for a slot like an engine's FIFO, then answers
@@ -142,6 +154,11 @@ impl Engine {
         };
         let stream = params.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let model = params.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string();
+        if !self.opts.models.is_empty() && !self.opts.models.contains(&model) {
+            let message = format!("The model `{model}` does not exist.");
+            let error = json!({"error": {"message": message, "type": "NotFoundError", "code": 404}});
+            return full(StatusCode::NOT_FOUND, "application/json", error.to_string());
+        }
         let tokens = params
             .get("max_tokens")
             .and_then(Value::as_u64)

@@ -1,7 +1,10 @@
-//! Reads every backend's engine metrics (`[pools.X.engine]`) once per `interval`, all of a
-//! pool's backends at once, each within the interval (at most 2 s) and 1 MiB, and keeps what
-//! `engine::read` finds in the backend's gauges. A read that fails leaves the last reading to go
-//! stale; it never changes a backend's state. Runs off the data path, one task per pool.
+//! Reads what the backends' engines say about themselves, off the data path, one task per pool
+//! and kind of read, all of a pool's backends at once, each read bounded in time and to 1 MiB:
+//! - their metrics (`[pools.X.engine]`), once per `interval` (each within it, at most 2 s), into
+//!   the backend's gauges (what `engine::read` finds). A read that fails leaves the last reading
+//!   to go stale; it never changes a backend's state.
+//! - their own `GET /v1/models` (`discover_models`), at the health checks' interval (10 s
+//!   without them), for headroom's model list. A backend that does not answer lists none.
 
 use crate::config::{EngineConfig, PoolConfig};
 use crate::gateway::Gateway;
@@ -29,6 +32,37 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+}
+
+/// The longest a backend's model list is waited for, and the most models kept from it.
+const MODELS_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_MODELS: usize = 1024;
+
+/// Asks pool `name`'s backends for their models until `shutdown` resolves, or the pool stops
+/// discovering them.
+pub async fn discover_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let Some(pool) = gateway.snapshot().pool(&name).cloned() else { return };
+        if !pool.config.discover_models {
+            return;
+        }
+        let every = pool.config.health.as_ref().map_or(Duration::from_secs(10), |h| h.interval);
+        let reads = pool.backends.iter().map(|b| async {
+            let limit = MODELS_TIMEOUT.min(every);
+            let page = tokio::time::timeout(limit, fetch(b, &pool.config, "/v1/models")).await.ok().flatten();
+            b.engine.set_models(page.and_then(|p| crate::openai::model_ids(p.as_bytes(), MAX_MODELS)));
+        });
+        let all = futures_util::future::join_all(reads);
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = all => {}
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

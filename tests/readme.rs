@@ -30,11 +30,16 @@ struct Block {
 
 /// Every ```sh block of the README with the tag on the line before it ("" when there is none).
 fn blocks() -> Vec<Block> {
+    fenced("```sh")
+}
+
+/// Every block fenced by `fence` (e.g. "```toml"), with its tag.
+fn fenced(fence: &str) -> Vec<Block> {
     let lines: Vec<&str> = README.lines().collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        if lines[i].trim_end() == "```sh" {
+        if lines[i].trim_end() == fence {
             let tag = i
                 .checked_sub(1)
                 .and_then(|p| lines[p].strip_prefix("<!-- readme-test: "))
@@ -172,6 +177,17 @@ fn every_shell_block_in_the_readme_has_a_check_named_before_it() {
     }
     for tag in KNOWN {
         block(tag);
+    }
+}
+
+#[test]
+fn every_whole_config_in_the_readme_is_accepted_as_written() {
+    let configs: Vec<Block> = fenced("```toml").into_iter().filter(|b| b.tag == "config").collect();
+    assert!(!configs.is_empty(), "README.md tags its complete example configs <!-- readme-test: config -->");
+    for b in configs {
+        if let Err(e) = headroom::config::Config::parse(&b.text, Path::new(".")) {
+            panic!("README.md:{}: the example config is refused: {e}", b.line);
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub struct FileServer {
     pub max_inflight_per_connection: Option<Spanned<u32>>,
     pub max_header_bytes: Option<Spanned<SizeText>>,
     pub max_request_body: Option<Spanned<SizeText>>,
+    pub route_body_limit: Option<Spanned<SizeText>>,
     pub shutdown_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<usize>>,
     pub state_dir: Option<Spanned<String>>,
@@ -70,6 +71,8 @@ pub struct FileAdmin {
 pub struct FileRoute {
     pub path_prefix: Option<Spanned<String>>,
     pub host: Option<Spanned<String>>,
+    pub model: Option<Spanned<String>>,
+    pub model_prefix: Option<Spanned<String>>,
     pub pool: Spanned<String>,
 }
 
@@ -85,6 +88,8 @@ pub struct FilePool {
     pub panic_threshold: Option<Spanned<f64>>,
     pub slow_start: Option<Spanned<String>>,
     pub honor_retry_after: Option<bool>,
+    pub models: Option<Spanned<Vec<String>>>,
+    pub discover_models: Option<bool>,
     pub queue: Option<FileQueue>,
     #[serde(default)]
     pub backends: Vec<FileBackend>,

@@ -27,7 +27,7 @@ pub(crate) fn allowed_form(key: &str) -> Option<&'static str> {
         "attempts" => "an integer 0..=10",
         "max_depth" => "an integer 0..=1000000",
         "panic_threshold" => "a number 0.0..=1.0",
-        "max_header_bytes" | "max_request_body" => "a size such as \"64KiB\" or a number of bytes",
+        "max_header_bytes" | "max_request_body" | "route_body_limit" => "a size such as \"64KiB\" or a number of bytes",
         "listen" => "an address \"ip:port\" (server.listen: or a list of them)",
         "access_log"
         | "honor_retry_after"
@@ -35,8 +35,9 @@ pub(crate) fn allowed_form(key: &str) -> Option<&'static str> {
         | "tls"
         | "gate_new_backends"
         | "idempotent_only"
-        | "allow_link_local_backends" => "true or false",
-        "command" | "server_names" | "on" => "a list of strings",
+        | "allow_link_local_backends"
+        | "discover_models" => "true or false",
+        "command" | "server_names" | "on" | "models" => "a list of strings",
         k if is_duration(k) => "a duration string such as \"5s\" or \"150ms\"",
         _ => return None,
     })

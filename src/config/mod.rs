@@ -13,6 +13,7 @@ mod forms;
 #[cfg(test)]
 mod fuzz;
 mod pool;
+mod routes;
 mod sections;
 mod source;
 mod tls;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, ProviderConfig, ProviderKind};
 pub use pool::MAX_WEIGHT;
+pub use routes::{ModelMatch, Route};
 pub use source::{Source, DEFAULT_PATH, EMBEDDED_DEFAULT};
 pub use tls::{CertPair, SniCert, TlsConfig, UpstreamTls};
 pub use validate::validate;
@@ -63,6 +65,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Default 32MiB; a larger request body gets 413.
     pub max_request_body: u64,
+    /// Default 1MiB; how much of a request body is read before routing, when a route names a
+    /// `model` (a longer body is routed by the other conditions).
+    pub route_body_limit: usize,
     /// Default 30s; how long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// Worker threads; default: `TOKIO_WORKER_THREADS`, else one per core.
@@ -115,22 +120,22 @@ impl fmt::Debug for AdminToken {
 }
 
 impl Config {
+    /// Whether headroom answers `GET /v1/models` itself: some pool lists or discovers its models.
+    pub fn lists_models(&self) -> bool {
+        self.pools.iter().any(|p| !p.models.is_empty() || p.discover_models)
+    }
+
+    /// Whether some route names a model, so request bodies may be read before routing.
+    pub fn routes_by_model(&self) -> bool {
+        self.routes.iter().any(|r| r.model.is_some())
+    }
+
     /// The rules backend addresses are held to, for the addresses this config listens on.
     pub fn addr_policy(&self) -> addr::AddrPolicy {
         let mut own = self.server.listen.clone();
         own.push(self.admin.listen);
         addr::AddrPolicy { own, allow_link_local: self.admin.allow_link_local_backends }
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// Default `/`.
-    pub path_prefix: String,
-    /// Lower-case host without port; `None` matches any host.
-    pub host: Option<String>,
-    /// Index into `Config::pools`.
-    pub pool: usize,
 }
 
 /// How a pool picks a backend.
@@ -210,6 +215,11 @@ pub struct PoolConfig {
     /// A 429 or 503 with `Retry-After` pauses new requests to that backend for that long
     /// (at most 300s). Default true.
     pub honor_retry_after: bool,
+    /// The models the pool serves, listed by headroom's `GET /v1/models`. Default none.
+    pub models: Vec<String>,
+    /// List the models the backends' own `GET /v1/models` report, read with the health checks
+    /// (every 10s without `[pools.X.health]`). Default false.
+    pub discover_models: bool,
     pub queue: QueueConfig,
     pub backends: Vec<BackendConfig>,
     pub launch: Option<LaunchConfig>,

@@ -79,8 +79,11 @@ pub(super) fn validate_pool(
     };
 
     let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
+    let models = models(name, p, text)?;
 
     Ok(PoolConfig {
+        models,
+        discover_models: p.discover_models.unwrap_or(false),
         tls,
         autoscale,
         retry,
@@ -105,6 +108,19 @@ pub(super) fn validate_pool(
         backends,
         launch,
     })
+}
+
+/// `models`: names for `GET /v1/models`, none empty, none twice.
+fn models(name: &str, p: &FilePool, text: &str) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = &p.models else { return Ok(Vec::new()) };
+    let mut seen = HashSet::new();
+    for m in list.get_ref() {
+        if m.trim().is_empty() || !seen.insert(m.as_str()) {
+            let what = if m.trim().is_empty() { "an empty name".to_string() } else { format!("{m:?} twice") };
+            return Err(ConfigError::at(text, list.span(), format!("pools.{name}.models: lists {what}")));
+        }
+    }
+    Ok(list.get_ref().clone())
 }
 
 fn validate_backend(

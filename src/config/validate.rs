@@ -46,11 +46,10 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         }
     }
     let workers = match &s.workers {
-        Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1024 => {
+        Some(w) if !(1..=1024).contains(w.get_ref()) => {
             return Err(err(w.span(), "server.workers: allowed range is 1..=1024".into()))
         }
-        Some(w) => Some(*w.get_ref()),
-        None => None,
+        w => w.as_ref().map(|w| *w.get_ref()),
     };
     let server = ServerConfig {
         listen,
@@ -70,6 +69,12 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         },
         max_header_bytes: max_header_bytes as usize,
         max_request_body: size(&s.max_request_body, "server.max_request_body", 32 << 20)?,
+        route_body_limit: match (size(&s.route_body_limit, "server.route_body_limit", 1 << 20)?, &s.route_body_limit) {
+            (n, Some(v)) if n > 64 << 20 => {
+                return Err(err(v.span(), "server.route_body_limit: allowed range is 1..=64MiB".into()))
+            }
+            (n, _) => n as usize,
+        },
         shutdown_timeout: duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30))?,
         workers,
         state_dir: match &s.state_dir {
@@ -92,7 +97,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
     let policy = super::addr::AddrPolicy { own, allow_link_local: admin.allow_link_local_backends };
 
     let pools = pools(&raw, text, &policy, base_dir, duration)?;
-    let routes = routes(&raw, &pools, text)?;
+    let routes = super::routes::routes(&raw, &pools, text)?;
 
     Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
 }
@@ -199,51 +204,6 @@ fn pools(
     }
 
     Ok(pools)
-}
-
-/// `[[routes]]`, by pool index; none with a single pool means everything goes to it.
-fn routes(raw: &FileConfig, pools: &[PoolConfig], text: &str) -> Result<Vec<Route>, ConfigError> {
-    let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(text, span, msg);
-    let mut routes = Vec::new();
-    for r in &raw.routes {
-        let pool_name = r.pool.get_ref();
-        let Some(pool) = pools.iter().position(|p| &p.name == pool_name) else {
-            let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-            return Err(err(
-                r.pool.span(),
-                format!("routes.pool: unknown pool {pool_name:?}; defined pools: {}", known.join(", ")),
-            ));
-        };
-        let path_prefix = match &r.path_prefix {
-            None => "/".to_string(),
-            Some(p) if !p.get_ref().starts_with('/') => {
-                return Err(err(p.span(), "routes.path_prefix: must start with '/'".into()))
-            }
-            Some(p) => p.get_ref().clone(),
-        };
-        let host = match &r.host {
-            None => None,
-            Some(h) if h.get_ref().trim().is_empty() => {
-                return Err(err(h.span(), "routes.host: must not be empty (omit it to match any host)".into()))
-            }
-            Some(h) => Some(h.get_ref().trim().to_ascii_lowercase()),
-        };
-        routes.push(Route { path_prefix, host, pool });
-    }
-    if routes.is_empty() {
-        if pools.len() == 1 {
-            routes.push(Route { path_prefix: "/".into(), host: None, pool: 0 });
-        } else {
-            // Point at the second pool: from there on, which pool a request goes to is unsaid.
-            let span = raw.pools.values().nth(1).map(|p| p.span()).unwrap_or_default();
-            return Err(err(
-                span,
-                "routes: with more than one pool, [[routes]] must say which requests go to which pool".into(),
-            ));
-        }
-    }
-
-    Ok(routes)
 }
 
 /// `[admin] token_env` or `token_file`: the token, read now (so `check` sees what start-up sees).

@@ -1,7 +1,8 @@
-//! A backend's engine load as last read from its metrics (`[pools.X.engine]`): plain atomics,
-//! written by the scraper off the data path, read by the API; a reading older than three
-//! intervals counts as none, so a backend whose metrics stop answering falls back to headroom's
-//! own counts and is never ejected for it.
+//! A backend's engine as last read: its load from its metrics (`[pools.X.engine]`), plain
+//! atomics written by the scraper off the data path and read by the picker and the API (a
+//! reading older than three intervals counts as none, so a backend whose metrics stop answering
+//! falls back to headroom's own counts and is never ejected for it); and the models its own
+//! `GET /v1/models` lists (`discover_models`), for headroom's model list.
 
 use crate::engine::EngineLoad;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,6 +19,8 @@ pub struct EngineGauges {
     hit_permille: AtomicU32,
     /// When the last reading arrived (`now_ms`); 0: never.
     read_at_ms: AtomicU64,
+    /// The models the backend listed when last asked (`discover_models`).
+    models: arc_swap::ArcSwapOption<Vec<String>>,
 }
 
 impl Default for EngineGauges {
@@ -28,6 +31,7 @@ impl Default for EngineGauges {
             kv_permille: AtomicU32::new(UNKNOWN),
             hit_permille: AtomicU32::new(UNKNOWN),
             read_at_ms: AtomicU64::new(0),
+            models: arc_swap::ArcSwapOption::empty(),
         }
     }
 }
@@ -78,6 +82,16 @@ impl EngineGauges {
         let kv = self.kv_permille.load(Ordering::Relaxed);
         let pressure = if kv != UNKNOWN && kv > 900 { u64::from((kv - 900) / 10) } else { 0 };
         waiting + pressure
+    }
+
+    /// Records the models the backend lists (`None`: it could not be asked).
+    pub fn set_models(&self, models: Option<Vec<String>>) {
+        self.models.store(models.map(std::sync::Arc::new));
+    }
+
+    /// The models the backend listed when last asked.
+    pub fn models(&self) -> Option<std::sync::Arc<Vec<String>>> {
+        self.models.load_full()
     }
 
     /// The last reading, unless there is none or it is older than `stale_after_ms`.

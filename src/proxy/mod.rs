@@ -10,13 +10,14 @@
 mod access;
 pub mod body;
 pub mod headers;
+mod models;
 mod outcome;
 mod request;
 mod retry;
 
 use crate::downstream::{ActiveRequest, ConnShared};
-use crate::error::{error_body, ProxyError};
-use crate::gateway::{Gateway, Snapshot};
+use crate::error::ProxyError;
+use crate::gateway::{Gateway, Routed, Snapshot};
 use crate::pool::traffic::Outcome;
 use crate::pool::{Backend, InflightGuard, Pool};
 use crate::upstream::{self, ClientBody, RequestBody, SendError, UpstreamBody};
@@ -171,7 +172,17 @@ impl ConnCtx {
         let declared = request::check(&parts, &scan, server, &self.gateway.via)?;
         let authority = request::authority(&parts)?;
         let host = authority.to_str().ok().map(request::host_without_port);
-        let pool = snap.route(host.as_deref(), parts.uri.path()).ok_or(ProxyError::NoRoute)?;
+        if let Some(list) = models::answer(snap, &parts) {
+            return Ok(self.answer_locally(list?, request_id, track, started));
+        }
+        // A declared length was checked above and the codecs hold the client to it; bodies of
+        // unknown length are counted as they stream.
+        let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
+        let (pool, whole) = match snap.route(host.as_deref(), parts.uri.path()) {
+            Routed::Pool(pool) => (pool, None),
+            Routed::Nowhere => return Err(ProxyError::NoRoute.into()),
+            Routed::ByModel => Box::pin(route_by_model(snap, host.as_deref(), parts.uri.path(), &mut body)).await?,
+        };
         track.pool = Some(Cow::Borrowed(pool));
         let (mut guard, newer) = self.admit(pool).await?;
         let pool = match &newer {
@@ -184,16 +195,13 @@ impl ConnCtx {
         let is_h1 = parts.version != Version::HTTP_2;
         request::to_upstream(&mut parts, &scan, &self.client, authority, &self.gateway.via, request_id)?;
         let cfg = &pool.config;
-        // A declared length was checked above and the codecs hold the client to it; bodies of
-        // unknown length are counted as they stream.
-        let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
         if !is_h1 && declared.is_none() {
             // Boxed: only h2 requests pay for this future, not every request's.
             body = Box::pin(body.settle_h2(request::bodiless(&parts.method))).await;
         }
         let mut replay = cfg.retry.as_ref().and_then(|rc| {
             pool.state.retry_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Replay::of(&parts, &mut body, declared, rc)
+            Replay::of(&parts, &mut body, whole.as_ref(), declared, rc)
         });
         let mut req = Request::from_parts(parts, body);
         let mut attempts = Attempts::new(replay.as_ref());
@@ -238,6 +246,32 @@ impl ConnCtx {
         Ok(respond(resp, guard, pool, request_id, track, started))
     }
 
+    /// A response headroom makes itself (the model list), counted and logged like any other.
+    fn answer_locally(
+        &self,
+        body: bytes::Bytes,
+        request_id: &HeaderValue,
+        track: &mut Tracking,
+        started: Instant,
+    ) -> Response<ResponseBody> {
+        outcome::record(
+            Scope::Unrouted(&self.gateway.unrouted),
+            200,
+            Outcome::of(false),
+            started.elapsed().as_secs_f64(),
+        );
+        if let Some(mut log) = track.log.take() {
+            log.ttfb_ms = started.elapsed().as_secs_f64() * 1000.0;
+            log.bytes = body.len() as u64;
+            log.write(200, "-", "complete");
+        }
+        let mut resp = Response::new(ResponseBody::full(body, track.active.take()));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(X_REQUEST_ID, request_id.clone());
+        resp
+    }
+
     /// A slot on a backend of `pool`, now or after queueing, and the newer version of the pool
     /// it is in when a request that waited was admitted to one.
     async fn admit(&self, pool: &Arc<Pool>) -> Result<(InflightGuard, Option<Arc<Pool>>), ProxyError> {
@@ -250,6 +284,23 @@ impl ConnCtx {
             newer.as_ref().unwrap_or(pool).metrics.queued(w.as_secs_f64());
         }
         Ok((guard, newer))
+    }
+}
+
+/// Reads the body ahead (up to `route_body_limit`) and routes by the model it names; the whole
+/// body when it was read in full. A model no route serves is `ModelNotFound`; a body that names
+/// none (or is too long to read) goes by the routes without a model.
+async fn route_by_model<'s>(
+    snap: &'s Snapshot,
+    host: Option<&str>,
+    path: &str,
+    body: &mut RequestBody,
+) -> Result<(&'s Arc<Pool>, Option<bytes::Bytes>), ProxyError> {
+    let whole = body.read_ahead(snap.config.server.route_body_limit).await.map_err(ProxyError::from)?;
+    let model = whole.as_deref().and_then(crate::openai::model_of);
+    match snap.route_model(host, path, model.as_deref()) {
+        Some(pool) => Ok((pool, whole)),
+        None => Err(model.map_or(ProxyError::NoRoute, ProxyError::ModelNotFound)),
     }
 }
 
@@ -289,7 +340,7 @@ fn body_failure(error: ProxyError, outcome: Option<&upstream::body::BodyEnd>) ->
 /// The one shape of every error answer.
 fn error_response(e: &ProxyError, request_id: &HeaderValue, active: Option<ActiveRequest>) -> Response<ResponseBody> {
     let id = request_id.to_str().unwrap_or("-");
-    let mut resp = Response::new(ResponseBody::full(error_body(&e.to_string(), id), active));
+    let mut resp = Response::new(ResponseBody::full(e.body(id), active));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -189,22 +189,32 @@ pub(super) enum Kept {
 
 impl Replay {
     /// What it takes to send `parts` again under `rc`, or `None` when it may not go again
-    /// (its method, or a declared body too large to keep). `body` is the upstream body.
+    /// (its method, or a declared body too large to keep). `body` is the upstream body;
+    /// `whole`, the body when it was already read into memory (to route by it), at any size.
     pub(super) fn of(
         parts: &http::request::Parts,
         body: &mut RequestBody,
+        whole: Option<&bytes::Bytes>,
         declared: Option<u64>,
         rc: &RetryConfig,
     ) -> Option<Replay> {
         let method_ok = !rc.idempotent_only || parts.method.is_idempotent();
-        let small = declared.is_none_or(|n| n <= upstream::KEEP_LIMIT as u64);
-        let has_body = !http_body::Body::is_end_stream(body);
-        ((method_ok || rc.on_refused_stream) && small).then(|| Replay {
+        let small = whole.is_some() || declared.is_none_or(|n| n <= upstream::KEEP_LIMIT as u64);
+        if !((method_ok || rc.on_refused_stream) && small) {
+            return None;
+        }
+        let body = match whole {
+            Some(w) if w.is_empty() => Kept::Frames(Vec::new()),
+            Some(w) => Kept::Frames(vec![w.clone()]),
+            None if http_body::Body::is_end_stream(body) => Kept::Frames(Vec::new()),
+            None => Kept::Waiting(body.keep()),
+        };
+        Some(Replay {
             method_ok,
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
-            body: if has_body { Kept::Waiting(body.keep()) } else { Kept::Frames(Vec::new()) },
+            body,
         })
     }
 

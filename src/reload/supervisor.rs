@@ -29,11 +29,13 @@ enum PoolTask {
     Autoscale,
     /// Reading the engines' metrics (`[pools.x.engine]`).
     Engine,
+    /// Asking the backends for their models (`discover_models`).
+    Models,
 }
 
 impl PoolTask {
-    const ALL: [PoolTask; 5] =
-        [PoolTask::Health, PoolTask::Readmit, PoolTask::Ramp, PoolTask::Autoscale, PoolTask::Engine];
+    const ALL: [PoolTask; 6] =
+        [PoolTask::Health, PoolTask::Readmit, PoolTask::Ramp, PoolTask::Autoscale, PoolTask::Engine, PoolTask::Models];
 
     /// Whether a pool with this config needs the task.
     fn wanted(self, pool: &crate::config::PoolConfig) -> bool {
@@ -43,6 +45,7 @@ impl PoolTask {
             PoolTask::Ramp => pool.slow_start.is_some(),
             PoolTask::Autoscale => pool.autoscale.is_some(),
             PoolTask::Engine => pool.engine.is_some(),
+            PoolTask::Models => pool.discover_models,
         }
     }
 }
@@ -65,6 +68,7 @@ impl PoolTasks {
                     PoolTask::Ramp => tokio::spawn(health::ramp_pool(g, n, s)),
                     PoolTask::Autoscale => tokio::spawn(crate::scale::autoscale::run_pool(control.clone(), n, s)),
                     PoolTask::Engine => tokio::spawn(crate::scrape::run_pool(g, n, s)),
+                    PoolTask::Models => tokio::spawn(crate::scrape::discover_pool(g, n, s)),
                 };
                 self.running.insert((name.clone(), kind), task);
             }

@@ -11,6 +11,7 @@ use crate::http1;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -97,8 +98,9 @@ impl Body for ClientBody {
 pub struct RequestBody {
     /// `None`: a body from memory (`replay`), or none at all.
     inner: Option<ClientBody>,
-    /// What was already taken from `inner` (see [`RequestBody::settle_h2`]), forwarded first.
-    first: Option<Result<Frame<Bytes>, BoxError>>,
+    /// What was already taken from `inner` ([`RequestBody::settle_h2`],
+    /// [`RequestBody::read_ahead`]), forwarded first, in order.
+    front: VecDeque<Result<Frame<Bytes>, BoxError>>,
     /// A kept body being sent again, front first.
     replay: Vec<Bytes>,
     /// Set while the frames are kept for a retry.
@@ -125,7 +127,7 @@ impl RequestBody {
         let outcome = (!inner.is_end_stream()).then(BodyEnd::default);
         let body = RequestBody {
             inner: Some(inner),
-            first: None,
+            front: VecDeque::new(),
             replay: Vec::new(),
             keep: None,
             limit,
@@ -157,9 +159,53 @@ impl RequestBody {
         };
         match polled {
             Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.is_empty()) => {}
-            other => self.first = other,
+            Some(other) => self.front.push_back(other),
+            None => {}
         }
         self
+    }
+
+    /// Reads the body ahead, before it goes anywhere, up to `limit` bytes (to route by what it
+    /// says). Everything read is forwarded first, unchanged. The whole body, when it ended
+    /// within `limit` without trailers (it is then sent from memory, and kept for a retry at any
+    /// size); `None` when it is longer, and the rest streams as usual. Fails as forwarding the
+    /// body would: larger than `max_request_body`, idle for the idle timeout, or broken.
+    pub async fn read_ahead(&mut self, limit: usize) -> Result<Option<Bytes>, BodyFailure> {
+        let idle = self.idle_timeout;
+        let mut data = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(inner) = self.inner.as_mut().filter(|b| !b.is_end_stream()) {
+            let next = std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx));
+            let frame = match tokio::time::timeout(idle, next).await {
+                Err(_) => return Err(BodyFailure::Idle(idle)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(BodyFailure::Client(crate::upstream::error_chain(&*e))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Some(chunk) = frame.data_ref() else {
+                self.front.push_back(Ok(frame)); // trailers: only a stream carries them on
+                return Ok(None);
+            };
+            bytes = bytes.saturating_add(chunk.len());
+            if bytes as u64 > self.limit {
+                return Err(BodyFailure::TooLarge(self.limit));
+            }
+            data.push(chunk.clone());
+            self.front.push_back(Ok(frame));
+            if bytes > limit {
+                return Ok(None);
+            }
+        }
+        let whole = match data.len() {
+            1 => data.pop().unwrap_or_default(),
+            _ => Bytes::from(data.concat()),
+        };
+        // Counted once, here; from now on the body is sent from memory.
+        self.seen = bytes as u64;
+        self.front.clear();
+        self.inner = None;
+        self.replay = if whole.is_empty() { Vec::new() } else { vec![whole.clone()] };
+        Ok(Some(whole))
     }
 
     /// Keeps what is forwarded for a retry; the receiver gets the frames once the body has been
@@ -178,7 +224,7 @@ impl RequestBody {
         frames.reverse();
         RequestBody {
             inner: None,
-            first: None,
+            front: VecDeque::new(),
             replay: frames,
             keep: None,
             limit: u64::MAX,
@@ -216,8 +262,8 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(this.replay.pop().map(|b| Ok(Frame::data(b))));
         };
-        let polled = match this.first.take() {
-            Some(first) => Poll::Ready(Some(first)),
+        let polled = match this.front.pop_front() {
+            Some(front) => Poll::Ready(Some(front)),
             None => Pin::new(inner).poll_frame(cx),
         };
         match polled {
@@ -273,14 +319,14 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Some(inner) => self.first.is_none() && inner.is_end_stream(),
+            Some(inner) => self.front.is_empty() && inner.is_end_stream(),
             None => self.replay.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(inner) if self.first.is_none() => inner.size_hint(),
+            Some(inner) if self.front.is_empty() => inner.size_hint(),
             Some(_) => SizeHint::default(),
             None => SizeHint::with_exact(self.replay.iter().map(|b| b.len() as u64).sum()),
         }
