@@ -104,3 +104,52 @@ async fn least_load_sends_new_requests_around_an_engine_with_a_long_queue_and_le
     assert_eq!(busy_share[0], 0, "least_load: none to the engine with eight waiting");
     assert!(busy_share[1] >= 5, "least_conn takes turns regardless: {} of 20", busy_share[1]);
 }
+
+/// A provider that answers every scale-up with the one address in its `offer` file.
+const OFFER_ONE: &str = r#"#!/bin/sh
+req="$(cat)"
+case "$req" in
+  *'"action":"scale_up"'*) printf '{"backends":[{"addr":"%s"}]}\n' "$(cat "$(dirname "$0")/offer")" ;;
+esac
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_own_queues_scale_a_pool_whose_gateway_queue_stays_empty() {
+    let (busy, spare) = (slow_engine().await, slow_engine().await);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("provider.sh"), OFFER_ONE).unwrap();
+    std::fs::write(dir.path().join("offer"), spare.to_string()).unwrap();
+    // Capacity so high that headroom would admit everything at once: its own queue never forms.
+    let pool = format!(
+        "max_inflight_per_backend = 1000\n\
+         [pools.default.engine]\ninterval = \"100ms\"\n\
+         [pools.default.autoscale]\nsignal = \"engine_queue\"\nmin_backends = 1\nmax_backends = 2\n\
+         target_inflight_per_backend = 2\nscale_up_queue_depth = 2\nscale_up_window = \"300ms\"\ncooldown = \"60s\"\n\
+         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
+        dir.path().join("provider.sh").display()
+    );
+    let hr = Headroom::start(&config(&[(busy, 1)], &pool, "")).await;
+
+    // Another client of the same engine: two requests run, four wait in the engine's scheduler.
+    let url = format!("http://{busy}/v1/completions");
+    let _load: Vec<_> = (0..6)
+        .map(|_| {
+            let req = Request::post(url.clone()).body(full(Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap();
+            tokio::spawn(client().request(req))
+        })
+        .collect();
+    let spare_addr = spare.to_string();
+    poll_until(T, "the spare engine added by the autoscaler", || async {
+        hr.pools().await["pools"][0]["backends"].as_array().unwrap().iter().any(|b| b["addr"] == spare_addr)
+    })
+    .await;
+    let pools = hr.pools().await;
+    assert_eq!(
+        (pools["pools"][0]["queue_depth"].as_u64(), pools["pools"][0]["in_flight"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let (status, v) = admin_call(hr.admin, http::Method::GET, "/api/pools/default/events", "").await;
+    assert_eq!(status, 200);
+    let up = v["events"].as_array().unwrap().iter().find(|e| e["action"] == "scale_up").cloned().unwrap();
+    assert!(up["reason"].as_str().unwrap().contains("queue depth 4"), "the engine's four waiting requests: {up}");
+}

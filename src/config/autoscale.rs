@@ -28,7 +28,34 @@ pub struct AutoscaleConfig {
     pub provision_timeout: Duration,
     /// A backend unhealthy (or ejected) this long is replaced. Default 60s.
     pub replace_unhealthy_after: Duration,
+    /// Where demand is read. Default `gateway_queue`.
+    pub signal: DemandSignal,
     pub provider: ProviderConfig,
+}
+
+/// `autoscale.signal`: what counts as the pool's queue and its requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemandSignal {
+    /// headroom's own admission queue and in-flight requests.
+    GatewayQueue,
+    /// The engines' own schedulers (`[pools.X.engine]`): requests waiting and running, summed
+    /// over the pool's backends; headroom's own queue only while no backend takes traffic.
+    EngineQueue,
+    /// The engines' waiting requests plus headroom's own queue; the engines' running requests.
+    Both,
+}
+
+impl DemandSignal {
+    pub const ALLOWED: &'static str = "gateway_queue, engine_queue, both";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "gateway_queue" => Self::GatewayQueue,
+            "engine_queue" => Self::EngineQueue,
+            "both" => Self::Both,
+            _ => return None,
+        })
+    }
 }
 
 /// `[pools.X.autoscale.provider]`: who adds and releases backends.
@@ -134,6 +161,18 @@ pub(super) fn validate(
             &field("replace_unhealthy_after"),
             Duration::from_secs(60),
         )?,
+        signal: match &a.signal {
+            None => DemandSignal::GatewayQueue,
+            Some(s) => DemandSignal::parse(s.get_ref()).ok_or_else(|| {
+                let message = format!(
+                    "{}: unknown signal {:?}; allowed: {}",
+                    field("signal"),
+                    s.get_ref(),
+                    DemandSignal::ALLOWED
+                );
+                err(s.span(), message)
+            })?,
+        },
         provider,
     })
 }
@@ -260,5 +299,22 @@ mod tests {
         assert!(e.message.contains("greater than zero"), "{e}");
         let e = parse(&format!("{LAUNCH}[pools.p.autoscale]\nscale_up_window = \"soon\"\n")).unwrap_err();
         assert!(e.message.contains("scale_up_window"), "{e}");
+    }
+
+    #[test]
+    fn the_engine_signals_need_the_engines_to_be_read() {
+        let c = parse(&format!("{LAUNCH}[pools.p.autoscale]\n")).unwrap();
+        assert_eq!(c.pools[0].autoscale.as_ref().unwrap().signal, crate::config::DemandSignal::GatewayQueue);
+        let engine = "[pools.p.engine]\ninterval = \"1s\"\n";
+        let c = parse(&format!("{LAUNCH}{engine}[pools.p.autoscale]\nsignal = \"engine_queue\"\n")).unwrap();
+        assert_eq!(c.pools[0].autoscale.as_ref().unwrap().signal, crate::config::DemandSignal::EngineQueue);
+        let e = parse(&format!("{LAUNCH}[pools.p.autoscale]\nsignal = \"both\"\n")).unwrap_err();
+        assert!(
+            e.message.starts_with("pools.p.autoscale.signal: both reads the engines' queues; add [pools.p.engine]"),
+            "{e}"
+        );
+        assert!(e.line.is_some(), "{e}");
+        let e = parse(&format!("{LAUNCH}{engine}[pools.p.autoscale]\nsignal = \"gpu\"\n")).unwrap_err();
+        assert!(e.message.contains("unknown signal \"gpu\"; allowed: gateway_queue, engine_queue, both"), "{e}");
     }
 }

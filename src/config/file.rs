@@ -116,6 +116,7 @@ pub struct FileAutoscale {
     pub cooldown: Option<Spanned<String>>,
     pub provision_timeout: Option<Spanned<String>>,
     pub replace_unhealthy_after: Option<Spanned<String>>,
+    pub signal: Option<Spanned<String>>,
     pub provider: Option<Spanned<FileProvider>>,
 }
 

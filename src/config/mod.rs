@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use autoscale::{AutoscaleConfig, ProviderConfig, ProviderKind};
+pub use autoscale::{AutoscaleConfig, DemandSignal, ProviderConfig, ProviderKind};
 pub use pool::MAX_WEIGHT;
 pub use routes::{ModelMatch, Route};
 pub use source::{Source, DEFAULT_PATH, EMBEDDED_DEFAULT};

@@ -77,6 +77,18 @@ pub(super) fn validate_pool(
             Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?)
         }
     };
+    if let (Some(a), None, Some(signal)) =
+        (&autoscale, &engine, p.autoscale.as_ref().and_then(|a| a.get_ref().signal.as_ref()))
+    {
+        if a.signal != DemandSignal::GatewayQueue {
+            let message = format!(
+                "{}: {} reads the engines' queues; add [pools.{name}.engine]",
+                field("autoscale.signal"),
+                signal.get_ref()
+            );
+            return Err(err(signal.span(), message));
+        }
+    }
 
     let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
     let models = models(name, p, text)?;

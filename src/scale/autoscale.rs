@@ -146,11 +146,8 @@ impl Scaler {
         file: &HashSet<SocketAddr>,
         now: Instant,
     ) -> (Observation, Vec<(SocketAddr, Verdict)>) {
-        let mut obs = Observation {
-            queue_depth: pool.queue.depth() as u32,
-            inflight: pool.in_flight() as u32,
-            ..Default::default()
-        };
+        let demand = super::demand::read(pool, cfg.signal, crate::clock::now_ms());
+        let mut obs = Observation { queue_depth: demand.queue, inflight: demand.inflight, ..Default::default() };
         let mut verdicts = Vec::new();
         for b in &pool.backends {
             let state = b.state();

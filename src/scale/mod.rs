@@ -5,6 +5,7 @@
 pub mod autoscale;
 mod calls;
 pub mod child;
+pub mod demand;
 pub mod events;
 pub mod launch;
 pub mod policy;

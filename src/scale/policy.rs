@@ -170,6 +170,7 @@ mod tests {
             cooldown: Duration::from_secs(30),
             provision_timeout: Duration::from_secs(600),
             replace_unhealthy_after: Duration::from_secs(60),
+            signal: crate::config::DemandSignal::GatewayQueue,
             provider: ProviderConfig {
                 kind: ProviderKind::Local,
                 timeout: Duration::from_secs(30),
