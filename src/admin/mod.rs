@@ -17,7 +17,11 @@
 //! - `GET /api/config/events`: the last loads of the config file and how each ended.
 
 mod guard;
+mod metrics;
+mod pools;
 mod status;
+
+pub use pools::pools_json;
 
 use crate::control::Control;
 use crate::telemetry;
@@ -51,185 +55,6 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     r
 }
 
-/// A backend's engine reading for `/api/pools`: null without `[pools.X.engine]`, or when no
-/// reading is younger than three intervals.
-fn engine_json(b: &crate::pool::Backend, cfg: Option<&crate::config::EngineConfig>) -> serde_json::Value {
-    let stale_after = cfg.map(crate::config::EngineConfig::stale_after_ms);
-    match stale_after.and_then(|s| b.engine.get(crate::clock::now_ms(), s)) {
-        None => serde_json::Value::Null,
-        Some(r) => json!({
-            "requests_running": r.running,
-            "requests_waiting": r.waiting,
-            "kv_cache_usage": r.kv_usage,
-            "prefix_cache_hit_rate": r.hit_rate,
-            "age_ms": r.age_ms,
-        }),
-    }
-}
-
-/// The JSON document of `GET /api/pools`.
-pub fn pools_json(control: &Control) -> serde_json::Value {
-    let snap = control.snapshot();
-    let pools: Vec<_> = snap
-        .pools
-        .iter()
-        .map(|p| {
-            let in_file: std::collections::HashSet<std::net::SocketAddr> =
-                p.config.backends.iter().map(|c| c.addr).collect();
-            let traffic = p.state.traffic.totals();
-            let backends: Vec<_> = p
-                .backends
-                .iter()
-                .map(|b| {
-                    json!({
-                        "addr": b.label.as_ref(),
-                        "weight": b.weight(),
-                        "in_flight": b.in_flight(),
-                        "max_inflight": b.max_inflight(),
-                        "effective_max_inflight": b.effective_max_inflight(),
-                        "slow_start_percent": b.ramp() / 10,
-                        "state": b.state().as_str(),
-                        "requests": b.requests(),
-                        "errors": b.errors(),
-                        "aborted": b.aborted(),
-                        "idle_connections": b.attached.get().map_or(0, |a| a.idle()),
-                        "backup": b.is_backup(),
-                        "ejections": b.ejections(),
-                        "last_ejection_ms": b.last_ejection_ms(),
-                        "ejected_for_ms": b.ejected_for_ms(),
-                        "saturated_for_ms": b.saturated_for_ms(),
-                        "dynamic": !in_file.contains(&b.addr),
-                        "engine": engine_json(b, p.config.engine.as_ref()),
-                    })
-                })
-                .collect();
-            json!({
-                "name": p.config.name,
-                "balance": p.config.balance.as_str(),
-                "queue_depth": p.queue.depth(),
-                "queue_max_depth": p.queue.max_depth(),
-                "in_flight": p.in_flight(),
-                "requests": traffic.requests,
-                "errors": traffic.errors,
-                "aborted": traffic.aborted,
-                "autoscale": p.config.autoscale.as_ref().map(|a| json!({
-                    "min_backends": a.min_backends,
-                    "max_backends": a.max_backends,
-                    "target_inflight_per_backend": a.target_inflight_per_backend,
-                    "provider": a.provider.kind.as_str(),
-                })),
-                "backends": backends,
-            })
-        })
-        .collect();
-    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    json!({ "time": time, "pools": pools })
-}
-
-/// Sets the per-pool gauges that mirror live atomics, just before a scrape.
-fn sample_gauges(control: &Control) {
-    let snap = control.snapshot();
-    for p in &snap.pools {
-        ::metrics::gauge!(telemetry::QUEUE_DEPTH, "pool" => p.config.name.clone()).set(p.queue.depth() as f64);
-        let panic = p.config.panic_threshold > 0.0 && p.in_panic();
-        ::metrics::gauge!(telemetry::PANIC_MODE, "pool" => p.config.name.clone()).set(if panic { 1.0 } else { 0.0 });
-        for s in crate::pool::BackendState::ALL {
-            let n = p.backends.iter().filter(|b| b.state() == s).count();
-            ::metrics::gauge!(telemetry::BACKENDS, "pool" => p.config.name.clone(), "state" => s.as_str())
-                .set(n as f64);
-        }
-    }
-}
-
-/// The engines' readings (`[pools.X.engine]`), a series per backend with a fresh reading and a
-/// value its engine reports.
-fn engine_gauges(snap: &crate::gateway::Snapshot, out: &mut String) {
-    use std::fmt::Write as _;
-    let now = crate::clock::now_ms();
-    let readings: Vec<_> = snap
-        .pools
-        .iter()
-        .filter_map(|p| p.config.engine.as_ref().map(|e| (p, e.stale_after_ms())))
-        .flat_map(|(p, stale)| p.backends.iter().filter_map(move |b| Some((p, b, b.engine.get(now, stale)?))))
-        .collect();
-    type Value = fn(&crate::pool::engine::EngineReading) -> Option<f64>;
-    let series: [(&str, Value); 4] = [
-        (telemetry::ENGINE_RUNNING, |r| r.running.map(f64::from)),
-        (telemetry::ENGINE_WAITING, |r| r.waiting.map(f64::from)),
-        (telemetry::ENGINE_KV_USAGE, |r| r.kv_usage),
-        (telemetry::ENGINE_HIT_RATE, |r| r.hit_rate),
-    ];
-    for (name, value) in series {
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for (p, b, r) in &readings {
-            if let Some(v) = value(r) {
-                let _ = writeln!(out, "{name}{{pool=\"{}\",backend=\"{}\"}} {v}", p.config.name, b.label);
-            }
-        }
-        out.push('\n');
-    }
-}
-
-/// The per-backend gauges and counters (all but the per-status request counts), written straight
-/// from the current snapshot at each scrape rather than kept in the registry: a removed backend's
-/// series are gone at the next scrape, and a large pool costs no registry entries for them.
-fn backend_gauges(control: &Control, out: &mut String) {
-    use std::fmt::Write as _;
-    let snap = control.snapshot();
-    let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &str, &crate::pool::Backend)| {
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for p in &snap.pools {
-            for b in &p.backends {
-                line(out, &p.config.name, b);
-            }
-        }
-        out.push('\n');
-    };
-    each(out, telemetry::BACKEND_INFLIGHT, &|out, pool, b| {
-        let _ = writeln!(
-            out,
-            "{}{{pool=\"{pool}\",backend=\"{}\"}} {}",
-            telemetry::BACKEND_INFLIGHT,
-            b.label,
-            b.in_flight()
-        );
-    });
-    each(out, telemetry::BACKEND_HEALTHY, &|out, pool, b| {
-        let up = u8::from(b.state() == crate::pool::BackendState::Healthy);
-        let _ = writeln!(out, "{}{{pool=\"{pool}\",backend=\"{}\"}} {up}", telemetry::BACKEND_HEALTHY, b.label);
-    });
-    each(out, telemetry::BACKEND_STATE, &|out, pool, b| {
-        let state = b.state();
-        for s in crate::pool::BackendState::ALL {
-            let (name, label, v) = (telemetry::BACKEND_STATE, &b.label, u8::from(s == state));
-            let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",state=\"{}\"}} {v}", s.as_str());
-        }
-    });
-    engine_gauges(&snap, out);
-    // Per-backend counters, from the backend's own atomics (they survive reloads with it).
-    let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::pool::Backend) -> u64| {
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for p in &snap.pools {
-            for b in &p.backends {
-                let _ = writeln!(out, "{name}{{pool=\"{}\",backend=\"{}\"}} {}", p.config.name, b.label, value(b));
-            }
-        }
-        out.push('\n');
-    };
-    counter(out, telemetry::UPSTREAM_CONNECTS, &|b| b.metrics.counts().0);
-    counter(out, telemetry::EJECTIONS, &|b| b.metrics.counts().1);
-    let _ = writeln!(out, "# TYPE {} counter", telemetry::HEALTH_CHECKS);
-    for p in snap.pools.iter().filter(|p| p.config.health.is_some()) {
-        for b in &p.backends {
-            let (_, _, passed, failed) = b.metrics.counts();
-            for (result, n) in [("pass", passed), ("fail", failed)] {
-                let (name, pool, label) = (telemetry::HEALTH_CHECKS, &p.config.name, &b.label);
-                let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{label}\",result=\"{result}\"}} {n}");
-            }
-        }
-    }
-}
-
 async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<PrometheusHandle>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     if let Err(refusal) = guard::check(&parts, &control.snapshot().config.admin) {
@@ -245,9 +70,9 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<Prom
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => match prom {
             Some(h) => {
-                sample_gauges(&control);
+                metrics::sample_gauges(&control);
                 let mut text = h.render();
-                backend_gauges(&control, &mut text);
+                metrics::backend_gauges(&control, &mut text);
                 respond(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),

@@ -67,28 +67,13 @@ pub(super) fn validate_pool(
     };
     let retry = p.retry.as_ref().map(|r| sections::retry(&ctx, r)).transpose()?;
     let engine = p.engine.as_ref().map(|e| sections::engine(&ctx, e)).transpose()?;
-    if let (BalanceKind::LeastLoad, None, Some(b)) = (balance, &engine, &p.balance) {
-        let message = format!("{}: least_load reads the engines' queues; add [pools.{name}.engine]", field("balance"));
-        return Err(err(b.span(), message));
-    }
     let autoscale = match &p.autoscale {
         None => None,
         Some(a) => {
             Some(super::autoscale::validate(name, a, launch.is_some(), max_inflight_per_backend, text, &duration)?)
         }
     };
-    if let (Some(a), None, Some(signal)) =
-        (&autoscale, &engine, p.autoscale.as_ref().and_then(|a| a.get_ref().signal.as_ref()))
-    {
-        if a.signal != DemandSignal::GatewayQueue {
-            let message = format!(
-                "{}: {} reads the engines' queues; add [pools.{name}.engine]",
-                field("autoscale.signal"),
-                signal.get_ref()
-            );
-            return Err(err(signal.span(), message));
-        }
-    }
+    needs_engine(name, p, balance, autoscale.as_ref(), engine.is_some(), text)?;
 
     let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
     let models = models(name, p, text)?;
@@ -120,6 +105,35 @@ pub(super) fn validate_pool(
         backends,
         launch,
     })
+}
+
+/// `least_load` and the engine signals of the autoscaler read the engines: without
+/// `[pools.X.engine]`, the key that asks for them is refused where it is written.
+fn needs_engine(
+    name: &str,
+    p: &FilePool,
+    balance: BalanceKind,
+    autoscale: Option<&AutoscaleConfig>,
+    has_engine: bool,
+    text: &str,
+) -> Result<(), ConfigError> {
+    let refuse = |span, key: &str, what: &str| {
+        let message = format!("pools.{name}.{key}: {what} reads the engines' queues; add [pools.{name}.engine]");
+        Err(ConfigError::at(text, span, message))
+    };
+    if has_engine {
+        return Ok(());
+    }
+    if let (BalanceKind::LeastLoad, Some(b)) = (balance, &p.balance) {
+        return refuse(b.span(), "balance", "least_load");
+    }
+    let signal = p.autoscale.as_ref().and_then(|a| a.get_ref().signal.as_ref());
+    match (autoscale.map(|a| a.signal), signal) {
+        (Some(DemandSignal::EngineQueue | DemandSignal::Both), Some(s)) => {
+            refuse(s.span(), "autoscale.signal", s.get_ref())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `models`: names for `GET /v1/models`, none empty, none twice.
