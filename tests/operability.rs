@@ -373,3 +373,33 @@ async fn tls_get(addr: std::net::SocketAddr, ca: std::path::PathBuf) -> u16 {
     let req = hyper::Request::get("/v1/models").header("host", "localhost").body(full("")).unwrap();
     sender.send_request(req).await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_each_engines_own_queue() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine = listener.local_addr().unwrap();
+    let opts = headroom::mock::MockOptions { capacity: 2, ttft: Duration::from_secs(30), ..Default::default() };
+    tokio::spawn(headroom::mock::serve(listener, opts, std::future::pending()));
+    let section = "[pools.default.engine]\ninterval = \"100ms\"\n";
+    let hr = Headroom::start(&format!("{}{section}", config(&[(engine, 1)], "", ""))).await;
+    // Another client of the engine: two requests run, three wait in its scheduler.
+    let url = format!("http://{engine}/v1/completions");
+    let _load: Vec<_> = (0..5)
+        .map(|_| {
+            let req = hyper::Request::post(url.clone()).body(full("{\"prompt\":\"hi\"}")).unwrap();
+            tokio::spawn(client().request(req))
+        })
+        .collect();
+    let mut browser = Browser::open(&format!("http://{}/?refresh=250", hr.admin)).await;
+    let cell = |class: &str| {
+        format!("(document.querySelector('tr[data-backend=\"{engine}\"] .{class}') || {{}}).textContent || null")
+    };
+    wait_page(&mut browser, "the engine's queue", &cell("engine-queue"), "2 / 3".into()).await;
+    assert_eq!(browser.eval(&cell("kv")).await, "–", "the mock reports no KV usage");
+    let head = browser.eval("document.querySelector('section.pool thead').textContent").await;
+    assert!(head.as_str().unwrap().contains("engine run / wait"), "{head}");
+    // The page as served, before its script runs, has the same cells.
+    let (_, page) = get(&format!("http://{}/", hr.admin)).await;
+    assert!(String::from_utf8_lossy(&page).contains("<td class=\"engine-queue\">2 / 3</td>"));
+    hr.stop().await;
+}

@@ -65,11 +65,17 @@ pub fn pools_json(control: &Control) -> serde_json::Value {
                 "requests": traffic.requests,
                 "errors": traffic.errors,
                 "aborted": traffic.aborted,
+                "engine": p.config.engine.as_ref().map(|e| json!({
+                    "kind": e.kind.as_str(),
+                    "metrics_path": e.metrics_path,
+                    "interval_ms": u64::try_from(e.interval.as_millis()).unwrap_or(u64::MAX),
+                })),
                 "autoscale": p.config.autoscale.as_ref().map(|a| json!({
                     "min_backends": a.min_backends,
                     "max_backends": a.max_backends,
                     "target_inflight_per_backend": a.target_inflight_per_backend,
                     "provider": a.provider.kind.as_str(),
+                    "signal": a.signal.as_str(),
                 })),
                 "backends": backends,
             })

@@ -12,6 +12,25 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 
+const ENGINE_HEAD: &str =
+    "<th title=\"requests running / waiting in the engine's own scheduler\">engine run / wait</th>\
+                           <th class=\"hide-sm\">KV cache</th><th class=\"hide-sm\">prefix hits</th>";
+
+/// A backend's engine figures (with `[pools.X.engine]`), dashes without a fresh reading.
+fn engine_cells(b: &crate::pool::Backend, cfg: Option<&crate::config::EngineConfig>) -> String {
+    let Some(cfg) = cfg else { return String::new() };
+    let r = b.engine.get(crate::clock::now_ms(), cfg.stale_after_ms());
+    let count = |v: Option<u32>| v.map_or("–".to_string(), |v| v.to_string());
+    let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.0}%", v * 100.0));
+    format!(
+        "<td class=\"engine-queue\">{} / {}</td><td class=\"hide-sm kv\">{}</td><td class=\"hide-sm hits\">{}</td>",
+        count(r.and_then(|r| r.running)),
+        count(r.and_then(|r| r.waiting)),
+        pct(r.and_then(|r| r.kv_usage)),
+        pct(r.and_then(|r| r.hit_rate)),
+    )
+}
+
 /// The page with the pools as they are now.
 pub fn page(control: &Control) -> String {
     let snap = control.snapshot();
@@ -23,12 +42,13 @@ pub fn page(control: &Control) -> String {
             "<section class=\"pool\" id=\"pool-{name}\" data-pool=\"{name}\"><h2>{name}</h2>\
              <div class=\"stats\"><span>queue <b class=\"queue\">{}</b>/{}</span><span>in flight <b>{}</b></span>\
              <span>backends <b>{}</b></span></div><div class=\"scroll\"><table><thead><tr><th>backend</th><th>state</th>\
-             <th>in flight / capacity</th><th class=\"hide-sm\">weight</th><th class=\"hide-sm\">requests</th>\
+             <th>in flight / capacity</th>{}<th class=\"hide-sm\">weight</th><th class=\"hide-sm\">requests</th>\
              <th class=\"hide-sm\">errors</th><th class=\"hide-sm\">aborted</th></tr></thead><tbody>",
             p.queue.depth(),
             p.queue.max_depth(),
             p.in_flight(),
-            p.backends.len()
+            p.backends.len(),
+            if p.config.engine.is_some() { ENGINE_HEAD } else { "" },
         );
         for b in &p.backends {
             let (addr, state) = (esc(&b.label), b.state().as_str());
@@ -38,10 +58,11 @@ pub fn page(control: &Control) -> String {
                 pools,
                 "<tr data-backend=\"{addr}\" data-state=\"{state}\"><td>{addr}</td>\
                  <td><span class=\"badge {state}\">{state}</span></td>\
-                 <td><span class=\"bar\"><i style=\"width:{pct}%\"></i></span> {}/{cap}</td>\
+                 <td><span class=\"bar\"><i style=\"width:{pct}%\"></i></span> {}/{cap}</td>{}\
                  <td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td><td class=\"hide-sm\">{}</td>\
                  <td class=\"hide-sm\">{}</td></tr>",
                 b.in_flight(),
+                engine_cells(b, p.config.engine.as_ref()),
                 b.weight(),
                 b.requests(),
                 b.errors(),

@@ -56,6 +56,14 @@ impl DemandSignal {
             _ => return None,
         })
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GatewayQueue => "gateway_queue",
+            Self::EngineQueue => "engine_queue",
+            Self::Both => "both",
+        }
+    }
 }
 
 /// `[pools.X.autoscale.provider]`: who adds and releases backends.

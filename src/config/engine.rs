@@ -27,6 +27,16 @@ impl EngineKind {
             _ => None,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::Tgi => "tgi",
+            Self::LlamaCpp => "llamacpp",
+            Self::Auto => "auto",
+        }
+    }
 }
 
 /// `[pools.X.engine]`: the backends' own load, read from their Prometheus text.
