@@ -45,6 +45,7 @@ fn pool(n: usize, balance: BalanceKind) -> (Pool, Vec<InflightGuard>) {
         outlier: None,
         retry: None,
         engine: None,
+        prefix: None,
         autoscale: None,
         tls: None,
     };

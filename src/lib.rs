@@ -18,6 +18,7 @@ pub mod load; //       `headroom load`: an open-loop, SSE-aware load generator
 pub mod mock; //       the mock inference server
 pub mod openai; //     the OpenAI API's shapes: a body's model, the model list, the not-found error
 pub mod pool; //       backends, pools, pickers, the admission queue, traffic counters
+pub mod prompt; //     a prompt's chained block hashes: the key of prefix-cache-aware routing
 pub mod proxy; //      the data path
 pub mod reload; //     hot reload: file watch, SIGHUP, validated swap
 pub mod scale; //      autoscaler, providers, local launcher

@@ -2,7 +2,7 @@
 //! never above. `LAYERS` gives every module of `src/` a layer (by path prefix, the longest
 //! wins), from the bottom up:
 //!
-//! 0 clock, error, config, certificate loading (tls), the OpenAI API's shapes (openai) · 1 metric names and recording (telemetry),
+//! 0 clock, error, config, certificate loading (tls), the OpenAI API's shapes (openai), prompt keys (prompt) · 1 metric names and recording (telemetry),
 //! the listeners' SNI resolver (tls::server) · 2 the pool model the hot path reads (pool) · 3 the
 //! HTTP/1.1 codec (http1) and a client connection's state (downstream) · 4 upstream connections
 //! (upstream) · 5 the data path and its snapshot (proxy, gateway) · 6 what changes the snapshot
@@ -15,9 +15,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 26] = [
+const LAYERS: [(&str, u8); 27] = [
     ("clock", 0),
     ("openai", 0),
+    ("prompt", 0),
     ("error", 0),
     ("config", 0),
     ("tls", 0),

@@ -98,6 +98,7 @@ pub struct FilePool {
     pub outlier: Option<FileOutlier>,
     pub retry: Option<FileRetry>,
     pub engine: Option<Spanned<FileEngine>>,
+    pub prefix: Option<Spanned<FilePrefix>>,
     pub autoscale: Option<Spanned<FileAutoscale>>,
     pub tls: Option<bool>,
     pub tls_ca: Option<Spanned<String>>,
@@ -146,6 +147,17 @@ pub struct FileEngine {
     pub metrics_path: Option<Spanned<String>>,
     pub interval: Option<Spanned<String>>,
     pub kind: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePrefix {
+    pub block_chars: Option<Spanned<u64>>,
+    pub index_blocks: Option<Spanned<u64>>,
+    pub balance_threshold: Option<Spanned<u64>>,
+    pub min_match: Option<Spanned<f64>>,
+    pub affinity_header: Option<Spanned<String>>,
+    pub hash_balance_factor: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,6 +13,7 @@ mod forms;
 #[cfg(test)]
 mod fuzz;
 mod pool;
+mod prefix;
 mod routes;
 mod sections;
 mod source;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, DemandSignal, ProviderConfig, ProviderKind};
 pub use pool::MAX_WEIGHT;
+pub use prefix::PrefixConfig;
 pub use routes::{ModelMatch, Route};
 pub use source::{Source, DEFAULT_PATH, EMBEDDED_DEFAULT};
 pub use tls::{CertPair, SniCert, TlsConfig, UpstreamTls};
@@ -151,10 +153,13 @@ pub enum BalanceKind {
     /// Weighted least load: headroom's own in-flight count plus each engine's waiting queue (and
     /// KV-cache pressure), from `[pools.X.engine]`.
     LeastLoad,
+    /// Prefix-cache-aware: where the prompt's longest prefix was sent, unless that backend is
+    /// loaded past `[pools.X.prefix] balance_threshold`; else least load (`[pools.X.prefix]`).
+    Prefix,
 }
 
 impl BalanceKind {
-    pub const ALLOWED: &'static str = "least_conn, round_robin, weighted_round_robin, p2c, least_load";
+    pub const ALLOWED: &'static str = "least_conn, round_robin, weighted_round_robin, p2c, least_load, prefix";
 
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
@@ -163,6 +168,7 @@ impl BalanceKind {
             "weighted_round_robin" => Self::WeightedRoundRobin,
             "p2c" => Self::P2c,
             "least_load" => Self::LeastLoad,
+            "prefix" => Self::Prefix,
             _ => return None,
         })
     }
@@ -174,6 +180,7 @@ impl BalanceKind {
             Self::WeightedRoundRobin => "weighted_round_robin",
             Self::P2c => "p2c",
             Self::LeastLoad => "least_load",
+            Self::Prefix => "prefix",
         }
     }
 }
@@ -232,6 +239,8 @@ pub struct PoolConfig {
     pub retry: Option<RetryConfig>,
     /// Reading the engines' own load; `None` without `[pools.X.engine]`.
     pub engine: Option<EngineConfig>,
+    /// Prefix-cache-aware routing; `Some` exactly when `balance = "prefix"`.
+    pub prefix: Option<PrefixConfig>,
     /// Elastic scaling; `None` (no `[pools.X.autoscale]`) means the pool keeps the backends it has.
     pub autoscale: Option<AutoscaleConfig>,
     /// TLS toward the backends (`tls = true`); `None`: plaintext.

@@ -74,11 +74,13 @@ pub(super) fn validate_pool(
         }
     };
     needs_engine(name, p, balance, autoscale.as_ref(), engine.is_some(), text)?;
+    let prefix = super::prefix::prefix(&ctx, balance, p.prefix.as_ref())?;
 
     let tls = super::tls::validate_upstream(name, p, protocol, text, base_dir)?;
     let models = models(name, p, text)?;
 
     Ok(PoolConfig {
+        prefix,
         models,
         discover_models: p.discover_models.unwrap_or(false),
         tls,

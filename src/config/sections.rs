@@ -18,11 +18,11 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
+    pub(super) fn err(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
         ConfigError::at(self.text, span, message)
     }
 
-    fn field(&self, key: &str) -> String {
+    pub(super) fn field(&self, key: &str) -> String {
         format!("pools.{}.{key}", self.name)
     }
 

@@ -60,7 +60,8 @@ impl Balancer {
                 schedule: smooth_schedule(weights).into_boxed_slice(),
                 next: AtomicUsize::new(0),
             },
-            BalanceKind::LeastLoad => Balancer::LeastLoad { stale_after_ms: 3_000 },
+            // A prefix pool's fallback, when no backend holds the prompt: the least loaded.
+            BalanceKind::LeastLoad | BalanceKind::Prefix => Balancer::LeastLoad { stale_after_ms: 3_000 },
         }
     }
 

@@ -21,7 +21,17 @@ pub struct EngineGauges {
     read_at_ms: AtomicU64,
     /// The models the backend listed when last asked (`discover_models`).
     models: arc_swap::ArcSwapOption<Vec<String>>,
+    /// This backend's name in the prefix index (never reused while the process runs, up to 2^24).
+    cache_id: u32,
+    /// Bumped when the engine forgets its cache (a restart, a failed health check): index
+    /// entries of an older epoch stop counting.
+    cache_epoch: AtomicU32,
+    /// The engine's prefix-cache query counter when last read: it only drops when the engine
+    /// restarted.
+    cache_queries: AtomicU64,
 }
+
+static CACHE_IDS: AtomicU32 = AtomicU32::new(1);
 
 impl Default for EngineGauges {
     fn default() -> Self {
@@ -32,6 +42,10 @@ impl Default for EngineGauges {
             hit_permille: AtomicU32::new(UNKNOWN),
             read_at_ms: AtomicU64::new(0),
             models: arc_swap::ArcSwapOption::empty(),
+            // Never 0: an empty index slot is all zeros.
+            cache_id: (CACHE_IDS.fetch_add(1, Ordering::Relaxed) % ((1 << 24) - 1)) + 1,
+            cache_epoch: AtomicU32::new(0),
+            cache_queries: AtomicU64::new(0),
         }
     }
 }
@@ -56,8 +70,27 @@ impl EngineGauges {
         (at != 0 && age_ms <= stale_after_ms).then_some(age_ms)
     }
 
-    /// Records what a scrape read at `now_ms`.
+    /// The backend's name in the prefix index and its cache's epoch.
+    #[inline]
+    pub fn cache_identity(&self) -> (u32, u32) {
+        (self.cache_id, self.cache_epoch.load(Ordering::Relaxed))
+    }
+
+    /// The engine lost its cache (it restarted, or failed a health check): what the prefix index
+    /// says it holds stops counting.
+    pub fn forget_cache(&self) {
+        self.cache_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records what a scrape read at `now_ms`; a prefix-cache query counter lower than the last
+    /// one means the engine restarted, and its cache is forgotten.
     pub fn set(&self, load: &EngineLoad, now_ms: u64) {
+        if let Some(q) = load.prefix_queries.filter(|q| q.is_finite() && *q >= 0.0) {
+            let q = q.min(u64::MAX as f64) as u64;
+            if q < self.cache_queries.swap(q, Ordering::Relaxed) {
+                self.forget_cache();
+            }
+        }
         let count = |v: Option<f64>| v.map_or(UNKNOWN, |v| v.min(f64::from(UNKNOWN - 1)) as u32);
         let ratio = |v: Option<f64>| v.map_or(UNKNOWN, |v| (v.clamp(0.0, 1.0) * 1000.0).round() as u32);
         self.running.store(count(load.running), Ordering::Relaxed);

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod balance;
 pub mod engine;
+pub mod prefix;
 pub mod queue;
 mod state;
 pub mod traffic;
@@ -40,6 +41,8 @@ pub struct Pool {
     pub state: Arc<PoolState>,
     /// Whether any backend is a backup (the pickers only look at tiers when so).
     has_backups: bool,
+    /// `balance = "prefix"`: where prompts went.
+    pub prefix: Option<prefix::Routing>,
     pub metrics: crate::telemetry::PoolMetrics,
 }
 
@@ -79,7 +82,12 @@ impl Pool {
             .collect();
         state.size.store(backends.len() as u32, Ordering::Relaxed);
         let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
+        let prefix = config
+            .prefix
+            .as_ref()
+            .map(|c| prefix::Routing::new(c, &backends, existing.and_then(|o| o.prefix.as_ref())));
         Pool {
+            prefix,
             balancer: Balancer::new(config.balance, &weights)
                 .with_stale_after(config.engine.as_ref().map_or(3_000, crate::config::EngineConfig::stale_after_ms)),
             metrics: crate::telemetry::PoolMetrics::new(&config.name),
@@ -101,6 +109,18 @@ impl Pool {
     /// (failover: "not that one again").
     #[inline]
     pub fn try_acquire_except(&self, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
+        self.acquire(&prefix::Hint::default(), exclude)
+    }
+
+    /// Like [`Pool::try_acquire`], for a request that brings a prompt key or a session (a
+    /// prefix pool looks for the backend that holds its cache first).
+    #[inline]
+    pub fn try_acquire_with(&self, hint: &prefix::Hint) -> Option<InflightGuard> {
+        self.acquire(hint, |_| false)
+    }
+
+    #[inline]
+    fn acquire(&self, hint: &prefix::Hint, exclude: impl Fn(usize) -> bool) -> Option<InflightGuard> {
         if self.config.panic_threshold > 0.0 && self.in_panic() {
             return self.acquire_in_panic(&exclude);
         }
@@ -109,6 +129,9 @@ impl Pool {
         let exclude = |i: usize| exclude(i) || (self.has_backups && self.backends[i].is_backup() != backups);
         // A pick can lose a race for the last slot of a backend; try a few times, then give up
         // (the caller queues, and is woken when a slot frees).
+        if let Some(routing) = &self.prefix {
+            return self.acquire_prefix(routing, hint, exclude);
+        }
         for _ in 0..4 {
             let i = self.balancer.pick(&self.backends, exclude)?;
             if let Some(g) = self.backends[i].try_acquire() {
@@ -116,6 +139,25 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// A prefix pool's pick: the backend that holds the prompt's cache, else the least loaded;
+    /// the prompt is recorded where it goes.
+    fn acquire_prefix(
+        &self,
+        routing: &prefix::Routing,
+        hint: &prefix::Hint,
+        exclude: impl Fn(usize) -> bool,
+    ) -> Option<InflightGuard> {
+        let preferred = prefix::pick(self, routing, hint, &exclude).and_then(|i| self.backends[i].try_acquire());
+        let guard = preferred.or_else(|| {
+            (0..4)
+                .find_map(|_| self.balancer.pick(&self.backends, &exclude).and_then(|i| self.backends[i].try_acquire()))
+        })?;
+        if let Some(key) = hint.prompt {
+            routing.index.record(key, guard.backend());
+        }
+        Some(guard)
     }
 
     /// Whether any backend takes traffic, or is about to (`starting`): worth queueing for.
@@ -199,8 +241,14 @@ impl Pool {
 /// The fast path of [`admit`]: a slot right now, when nobody is queued ahead.
 #[inline]
 pub fn admit_now(pool: &Pool) -> Option<InflightGuard> {
+    admit_now_with(pool, &prefix::Hint::default())
+}
+
+/// [`admit_now`] for a request with a prompt key or a session.
+#[inline]
+pub fn admit_now_with(pool: &Pool, hint: &prefix::Hint) -> Option<InflightGuard> {
     if pool.queue.depth() == 0 {
-        pool.try_acquire()
+        pool.try_acquire_with(hint)
     } else {
         None
     }
@@ -217,9 +265,10 @@ pub fn admit_now(pool: &Pool) -> Option<InflightGuard> {
 pub async fn admit(
     pool: &Arc<Pool>,
     latest: impl Fn() -> Option<Arc<Pool>>,
+    hint: &prefix::Hint<'_>,
 ) -> Result<(InflightGuard, Option<Duration>, Option<Arc<Pool>>), Rejection> {
     let queue = &pool.queue;
-    if let Some(g) = admit_now(pool) {
+    if let Some(g) = admit_now_with(pool, hint) {
         return Ok((g, None, None));
     }
     if !worth_waiting(pool) {
@@ -238,7 +287,7 @@ pub async fn admit(
             Ok(_) => {
                 let newer = latest().filter(|p| !Arc::ptr_eq(p, pool) && Arc::ptr_eq(&p.queue, queue));
                 let current = newer.as_ref().unwrap_or(pool);
-                if let Some(g) = current.try_acquire() {
+                if let Some(g) = current.try_acquire_with(hint) {
                     ticket.used = true;
                     return Ok((g, Some(start.elapsed()), newer));
                 }

@@ -27,7 +27,7 @@ fn waiter(
 ) -> tokio::task::JoinHandle<Result<(), Rejection>> {
     let pool = pool.clone();
     tokio::spawn(async move {
-        let (guard, _, _) = admit(&pool, || None).await?;
+        let (guard, _, _) = admit(&pool, || None, &Default::default()).await?;
         let _ = admitted.send(n);
         tokio::time::sleep(hold).await;
         drop(guard);
@@ -64,7 +64,7 @@ async fn a_queued_request_gives_up_at_its_timeout_and_leaves_the_queue() {
     let pool = pool(1, 8, "300ms");
     let _busy = admit_now(&pool).expect("a free slot");
     let started = tokio::time::Instant::now();
-    let refused = admit(&pool, || None).await.err();
+    let refused = admit(&pool, || None, &Default::default()).await.err();
     assert_eq!(refused, Some(Rejection::QueueTimeout));
     assert_eq!(started.elapsed(), Duration::from_millis(300), "exactly the queue timeout, on the paused clock");
     assert_eq!(pool.queue.depth(), 0);
@@ -80,7 +80,7 @@ async fn a_full_queue_refuses_at_once() {
         tokio::task::yield_now().await;
     }
     let started = tokio::time::Instant::now();
-    assert_eq!(admit(&pool, || None).await.err(), Some(Rejection::QueueFull));
+    assert_eq!(admit(&pool, || None, &Default::default()).await.err(), Some(Rejection::QueueFull));
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 

@@ -18,6 +18,7 @@ mod retry;
 use crate::downstream::{ActiveRequest, ConnShared};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, Routed, Snapshot};
+use crate::pool::prefix::Hint;
 use crate::pool::traffic::Outcome;
 use crate::pool::{Backend, InflightGuard, Pool};
 use crate::upstream::{self, ClientBody, RequestBody, SendError, UpstreamBody};
@@ -178,13 +179,15 @@ impl ConnCtx {
         // A declared length was checked above and the codecs hold the client to it; bodies of
         // unknown length are counted as they stream.
         let (mut body, body_outcome) = RequestBody::new(incoming, server.max_request_body, server.idle_timeout);
-        let (pool, whole) = match snap.route(host.as_deref(), parts.uri.path()) {
-            Routed::Pool(pool) => (pool, None),
+        let target = match snap.route(host.as_deref(), parts.uri.path()) {
+            Routed::Pool(pool) if pool.prefix.is_none() => Target { pool, whole: None, key: None, session: None },
             Routed::Nowhere => return Err(ProxyError::NoRoute.into()),
-            Routed::ByModel => Box::pin(route_by_model(snap, host.as_deref(), parts.uri.path(), &mut body)).await?,
+            _ => Box::pin(target(snap, host.as_deref(), &parts, &mut body)).await?,
         };
+        let (pool, whole) = (target.pool, target.whole);
         track.pool = Some(Cow::Borrowed(pool));
-        let (mut guard, newer) = self.admit(pool).await?;
+        let hint = Hint { prompt: target.key.as_ref(), session: target.session };
+        let (mut guard, newer) = self.admit(pool, &hint).await?;
         let pool = match &newer {
             Some(p) => {
                 track.pool = Some(Cow::Owned(p.clone()));
@@ -274,11 +277,11 @@ impl ConnCtx {
 
     /// A slot on a backend of `pool`, now or after queueing, and the newer version of the pool
     /// it is in when a request that waited was admitted to one.
-    async fn admit(&self, pool: &Arc<Pool>) -> Result<(InflightGuard, Option<Arc<Pool>>), ProxyError> {
+    async fn admit(&self, pool: &Arc<Pool>, hint: &Hint<'_>) -> Result<(InflightGuard, Option<Arc<Pool>>), ProxyError> {
         let latest = || self.gateway.snapshot().pool(&pool.config.name).cloned();
-        let (guard, waited, newer) = match crate::pool::admit_now(pool) {
+        let (guard, waited, newer) = match crate::pool::admit_now_with(pool, hint) {
             Some(g) => (g, None, None),
-            None => Box::pin(crate::pool::admit(pool, latest)).await.map_err(ProxyError::Unavailable)?,
+            None => Box::pin(crate::pool::admit(pool, latest, hint)).await.map_err(ProxyError::Unavailable)?,
         };
         if let Some(w) = waited {
             newer.as_ref().unwrap_or(pool).metrics.queued(w.as_secs_f64());
@@ -287,21 +290,51 @@ impl ConnCtx {
     }
 }
 
-/// Reads the body ahead (up to `route_body_limit`) and routes by the model it names; the whole
-/// body when it was read in full. A model no route serves is `ModelNotFound`; a body that names
-/// none (or is too long to read) goes by the routes without a model.
-async fn route_by_model<'s>(
+/// Where a request goes, and what its pool's picker should know of it.
+struct Target<'s> {
+    pool: &'s Arc<Pool>,
+    /// The body, when it was read whole before routing.
+    whole: Option<bytes::Bytes>,
+    /// The prompt's key, for a prefix pool.
+    key: Option<crate::prompt::PromptKey>,
+    /// The hash of the session header's value, for a prefix pool that names one.
+    session: Option<u64>,
+}
+
+/// The target of a request whose body counts: routed by the model it names (a route names one),
+/// and, for a prefix pool, keyed by its prompt and session. The body is read ahead once, up to
+/// `route_body_limit`; the whole body when it was read in full. A model no route serves is
+/// `ModelNotFound`; a body that names none (or is too long to read) goes by the routes without a
+/// model, and a prompt too long to read has no key (the pool's least-load picker takes it).
+async fn target<'s>(
     snap: &'s Snapshot,
     host: Option<&str>,
-    path: &str,
+    parts: &http::request::Parts,
     body: &mut RequestBody,
-) -> Result<(&'s Arc<Pool>, Option<bytes::Bytes>), ProxyError> {
-    let whole = body.read_ahead(snap.config.server.route_body_limit).await.map_err(ProxyError::from)?;
-    let model = whole.as_deref().and_then(crate::openai::model_of);
-    match snap.route_model(host, path, model.as_deref()) {
-        Some(pool) => Ok((pool, whole)),
-        None => Err(model.map_or(ProxyError::NoRoute, ProxyError::ModelNotFound)),
+) -> Result<Target<'s>, ProxyError> {
+    let limit = snap.config.server.route_body_limit;
+    let path = parts.uri.path();
+    let (pool, whole, read) = match snap.route(host, path) {
+        Routed::Nowhere => return Err(ProxyError::NoRoute),
+        Routed::Pool(pool) => (pool, None, false),
+        Routed::ByModel => {
+            let whole = body.read_ahead(limit).await?;
+            let model = whole.as_deref().and_then(crate::openai::model_of);
+            match snap.route_model(host, path, model.as_deref()) {
+                Some(pool) => (pool, whole, true),
+                None => return Err(model.map_or(ProxyError::NoRoute, ProxyError::ModelNotFound)),
+            }
+        }
+    };
+    let mut target = Target { pool, whole, key: None, session: None };
+    let Some(routing) = &pool.prefix else { return Ok(target) };
+    let header = routing.config.affinity_header.as_ref();
+    target.session = header.and_then(|h| parts.headers.get(h)).map(|v| crate::prompt::hash(v.as_bytes()));
+    if !read {
+        target.whole = body.read_ahead(limit).await?;
     }
+    target.key = target.whole.as_deref().and_then(|b| crate::prompt::key_of(b, routing.config.block_chars));
+    Ok(target)
 }
 
 /// The response as the client gets it: hop-by-hop fields out, the request id in; the slot and
