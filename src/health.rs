@@ -240,6 +240,8 @@ pub(crate) fn apply(backend: &Backend, cfg: &HealthConfig, pass: bool) {
         if state == BackendState::Healthy && failures >= cfg.unhealthy_threshold {
             tracing::warn!(backend = %backend.addr, failures, "backend is unhealthy");
             backend.set_state(BackendState::Unhealthy);
+            // Whatever comes back may be a restarted engine: where prompts went no longer counts.
+            backend.engine.forget_cache();
         }
     }
 }
@@ -276,8 +278,10 @@ mod tests {
             apply(&b, &c, false);
         }
         assert_eq!(b.state(), BackendState::Healthy);
+        let epoch = b.engine.cache_identity().1;
         apply(&b, &c, false);
         assert_eq!(b.state(), BackendState::Unhealthy);
+        assert_eq!(b.engine.cache_identity().1, epoch + 1, "its cache is forgotten: it may come back restarted");
         apply(&b, &c, true);
         assert_eq!(b.state(), BackendState::Unhealthy);
         apply(&b, &c, true);
