@@ -102,6 +102,15 @@ struct MockArgs {
     /// 404, as vLLM answers. Default: one model, "mock-model", and any name accepted.
     #[arg(long, value_delimiter = ',')]
     models: Vec<String>,
+    /// Prompt blocks the prefix cache holds (0: no cache).
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_blocks: usize,
+    /// Bytes of prompt text per cached block (headroom's block_chars).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    block_chars: u64,
+    /// Prefill time per uncached prompt token (about 4 bytes of prompt each).
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    prefill_per_token: Duration,
     /// Log line format: text or json.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -116,8 +125,17 @@ impl MockArgs {
             tokens: self.tokens,
             fail_rate: self.fail_rate,
             models: self.models.clone(),
+            prefix_cache_blocks: self.prefix_cache_blocks,
+            block_chars: self.block_chars as usize,
+            prefill_per_token: self.prefill_per_token,
         }
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WorkloadKind {
+    SharedPrefix,
+    MultiTurn,
 }
 
 /// The `load` command's arguments, checked into a plan by [`load_plan`].
@@ -162,9 +180,29 @@ struct LoadArgs {
     /// Open requests at most (open loop); beyond it, requests are dropped and counted.
     #[arg(long, default_value_t = 10_000)]
     max_inflight: usize,
+    /// Prompts that change per request: shared-prefix (few long system prompts, many users) or
+    /// multi-turn (conversations resending their history); streamed, with usage.
+    #[arg(long, value_enum)]
+    workload: Option<WorkloadKind>,
+    /// shared-prefix: how many system prompts.
+    #[arg(long, default_value_t = 16)]
+    prefixes: usize,
+    /// shared-prefix: bytes of each system prompt.
+    #[arg(long, default_value_t = 8000)]
+    prefix_chars: usize,
+    /// shared-prefix: bytes of each request's own question.
+    #[arg(long, default_value_t = 200)]
+    suffix_chars: usize,
+    /// multi-turn: conversations at once.
+    #[arg(long, default_value_t = 64)]
+    sessions: usize,
+    /// multi-turn: turns per conversation.
+    #[arg(long, default_value_t = 6)]
+    turns: usize,
 }
 
 fn load_plan(a: LoadArgs) -> Result<headroom::load::Plan, String> {
+    use headroom::load::workload::{Shape, Workload};
     use headroom::load::{Mode, Plan};
     let url: http::Uri = a.url.parse().map_err(|e| format!("{}: {e}", a.url))?;
     if url.scheme_str() != Some("http") || url.authority().is_none() {
@@ -202,11 +240,25 @@ fn load_plan(a: LoadArgs) -> Result<headroom::load::Plan, String> {
     if !body.is_empty() && !headers.iter().any(|(k, _)| k == http::header::CONTENT_TYPE) {
         headers.push((http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json")));
     }
+    let workload = a.workload.map(|w| {
+        let shape = match w {
+            WorkloadKind::SharedPrefix => Shape::SharedPrefix {
+                prefixes: a.prefixes.clamp(1, 1_000_000),
+                prefix_chars: a.prefix_chars.min(1 << 24),
+                suffix_chars: a.suffix_chars.min(1 << 24),
+            },
+            WorkloadKind::MultiTurn => {
+                Shape::MultiTurn { sessions: a.sessions.clamp(1, 1_000_000), turns: a.turns.clamp(1, 1000) }
+            }
+        };
+        std::sync::Arc::new(Workload { shape, model: a.model.clone(), max_tokens: a.max_tokens })
+    });
     Ok(Plan {
         url,
         method,
         headers,
         body,
+        workload,
         mode,
         duration: a.duration,
         timeout: a.timeout,

@@ -16,6 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_headroom");
 
 fn plan(url: String, mode: Mode, duration: Duration) -> Plan {
     Plan {
+        workload: None,
         url: url.parse().unwrap(),
         method: http::Method::GET,
         headers: vec![],

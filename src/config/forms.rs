@@ -3,9 +3,12 @@
 //! string "2"`). Also the two lenient shapes of the file: a size may be a plain number of bytes,
 //! and `server.listen` may be one address instead of a list.
 //!
-//! Owns only wording and shapes; the ranges a value must fall in are checked by `validate` (the
-//! table here repeats them for the message, and a test holds the two to the same bounds).
+//! Also the checks of single values that several sections share: a backend's weight and
+//! capacity, and a status range (`500-599`). The other ranges a value must fall in are checked
+//! by `validate` and the sections (the table here repeats them for the message, and a test holds
+//! the two to the same bounds).
 
+use super::ConfigError;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -130,6 +133,39 @@ impl<'de> Deserialize<'de> for Listen {
         }
         d.deserialize_any(V)
     }
+}
+
+/// The most a backend's weight may be.
+pub const MAX_WEIGHT: u32 = 1000;
+
+pub(super) fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+    let v = *w.get_ref();
+    if (1..=MAX_WEIGHT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::at(text, w.span(), format!("{field}: {v} is out of range; allowed 1..={MAX_WEIGHT}")))
+    }
+}
+
+pub(super) fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
+    let n = *v.get_ref();
+    if (1..=1_000_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ConfigError::at(text, v.span(), format!("{field}: {n} is out of range; allowed 1..=1000000")))
+    }
+}
+
+/// `"200"` or `"200-299"`, within 100..=599.
+pub(super) fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match text.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = text.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, DemandSignal, ProviderConfig, ProviderKind};
-pub use pool::MAX_WEIGHT;
+pub use forms::MAX_WEIGHT;
 pub use prefix::PrefixConfig;
 pub use routes::{ModelMatch, Route};
 pub use source::{Source, DEFAULT_PATH, EMBEDDED_DEFAULT};

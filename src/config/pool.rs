@@ -5,12 +5,10 @@
 
 use super::addr::parse_addr;
 use super::file::{FileBackend, FilePool};
+use super::forms::{check_capacity, check_weight};
 use super::*;
 use std::collections::HashSet;
 use toml::Spanned;
-
-/// The most a backend's weight may be.
-pub const MAX_WEIGHT: u32 = 1000;
 
 pub(super) fn validate_pool(
     name: &str,
@@ -178,24 +176,6 @@ fn validate_backend(
         Some(v) => check_capacity(v, &format!("pools.{pool}.backends.max_inflight"), text)?,
     };
     Ok(BackendConfig { addr, weight, max_inflight, backup: b.backup.unwrap_or(false) })
-}
-
-pub(super) fn check_weight(w: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
-    let v = *w.get_ref();
-    if (1..=MAX_WEIGHT).contains(&v) {
-        Ok(v)
-    } else {
-        Err(ConfigError::at(text, w.span(), format!("{field}: {v} is out of range; allowed 1..={MAX_WEIGHT}")))
-    }
-}
-
-pub(super) fn check_capacity(v: &Spanned<u32>, field: &str, text: &str) -> Result<u32, ConfigError> {
-    let n = *v.get_ref();
-    if (1..=1_000_000).contains(&n) {
-        Ok(n)
-    } else {
-        Err(ConfigError::at(text, v.span(), format!("{field}: {n} is out of range; allowed 1..=1000000")))
-    }
 }
 
 /// `balance`: one of the pickers (default least_conn).

@@ -17,7 +17,7 @@ pub struct PrefixConfig {
     pub index_blocks: usize,
     /// A backend whose load (requests through headroom plus the engine's queue) is more than
     /// this above the least loaded one's is passed over, however much of the prompt it holds.
-    /// Default 4.
+    /// Default 8.
     pub balance_threshold: u32,
     /// The share of a prompt's blocks a backend must hold to be chosen for them; below it, the
     /// least loaded backend takes the prompt. Default 0.1.
@@ -35,7 +35,7 @@ impl Default for PrefixConfig {
         PrefixConfig {
             block_chars: 256,
             index_blocks: 200_000,
-            balance_threshold: 4,
+            balance_threshold: 8,
             min_match: 0.1,
             affinity_header: None,
             hash_balance_factor: 1.25,
@@ -79,7 +79,13 @@ fn validate(ctx: &Ctx, p: Option<&Spanned<FilePrefix>>) -> Result<PrefixConfig, 
     Ok(PrefixConfig {
         block_chars: range(&p.block_chars, "prefix.block_chars", 256, 16, 1 << 20)? as usize,
         index_blocks: range(&p.index_blocks, "prefix.index_blocks", 200_000, 1024, 1 << 26)? as usize,
-        balance_threshold: range(&p.balance_threshold, "prefix.balance_threshold", 4, 0, 1_000_000)? as u32,
+        balance_threshold: range(
+            &p.balance_threshold,
+            "prefix.balance_threshold",
+            u64::from(d.balance_threshold),
+            0,
+            1_000_000,
+        )? as u32,
         min_match: ratio(&p.min_match, "prefix.min_match", d.min_match, 0.0, 1.0)?,
         affinity_header,
         hash_balance_factor: ratio(&p.hash_balance_factor, "prefix.hash_balance_factor", 1.25, 1.0, 100.0)?,

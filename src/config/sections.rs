@@ -65,11 +65,11 @@ pub(super) fn launch(
         count,
         weight: match &lr.weight {
             None => 1,
-            Some(w) => super::pool::check_weight(w, &ctx.field("launch.weight"), ctx.text)?,
+            Some(w) => super::forms::check_weight(w, &ctx.field("launch.weight"), ctx.text)?,
         },
         max_inflight: match &lr.max_inflight {
             None => default_capacity,
-            Some(v) => super::pool::check_capacity(v, &ctx.field("launch.max_inflight"), ctx.text)?,
+            Some(v) => super::forms::check_capacity(v, &ctx.field("launch.max_inflight"), ctx.text)?,
         },
         ready_timeout: ctx.duration(&lr.ready_timeout, &ctx.field("launch.ready_timeout"), Duration::from_secs(10))?,
     })
@@ -91,7 +91,7 @@ pub(super) fn health(ctx: &Ctx, h: &FileHealth) -> Result<HealthConfig, ConfigEr
     };
     let expect_status = match &h.expect_status {
         None => (200, 299),
-        Some(v) => super::validate::parse_status_range(v.get_ref()).ok_or_else(|| {
+        Some(v) => super::forms::parse_status_range(v.get_ref()).ok_or_else(|| {
             ctx.err(
                 v.span(),
                 format!("{}: expected a status or a range such as \"200-299\"", ctx.field("health.expect_status")),

@@ -235,18 +235,6 @@ fn admin_token(a: &super::file::FileAdmin, text: &str, base_dir: &Path) -> Resul
     Ok(Some(AdminToken::new(token)))
 }
 
-/// `"200"` or `"200-299"`, within 100..=599.
-pub(super) fn parse_status_range(text: &str) -> Option<(u16, u16)> {
-    let (lo, hi) = match text.split_once('-') {
-        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
-        None => {
-            let v = text.trim().parse().ok()?;
-            (v, v)
-        }
-    };
-    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

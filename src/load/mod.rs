@@ -13,6 +13,7 @@
 
 pub mod plot;
 pub mod stats;
+pub mod workload;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -39,6 +40,8 @@ pub struct Plan {
     pub method: http::Method,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub body: Bytes,
+    /// Prompts that change from request to request (then `body` is not sent).
+    pub workload: Option<Arc<workload::Workload>>,
     pub mode: Mode,
     pub duration: Duration,
     /// Per request.
@@ -174,11 +177,15 @@ async fn one(
     scheduled: Instant,
     at: f64,
 ) -> Vec<Sample> {
-    progress.sent.fetch_add(1, Ordering::Relaxed);
+    let i = progress.sent.fetch_add(1, Ordering::Relaxed);
     progress.inflight.fetch_add(1, Ordering::Relaxed);
     let lag_ms = ms(scheduled);
-    let sample = match tokio::time::timeout(plan.timeout, exchange(client, plan, scheduled, at)).await {
-        Ok(s) => Sample { lag_ms, ..s },
+    let (body, turn) = match &plan.workload {
+        Some(w) => w.request(i),
+        None => (plan.body.clone(), None),
+    };
+    let sample = match tokio::time::timeout(plan.timeout, exchange(client, plan, body, scheduled, at)).await {
+        Ok(s) => Sample { lag_ms, turn, ..s },
         Err(_) => Sample {
             at,
             lag_ms,
@@ -202,13 +209,19 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-async fn exchange(client: &Client<HttpConnector, Full<Bytes>>, plan: &Plan, scheduled: Instant, at: f64) -> Sample {
+async fn exchange(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    plan: &Plan,
+    body: Bytes,
+    scheduled: Instant,
+    at: f64,
+) -> Sample {
     let mut req = http::Request::builder().method(plan.method.clone()).uri(plan.url.clone());
     for (k, v) in &plan.headers {
         req = req.header(k, v);
     }
     let mut sample = Sample { at, ..Default::default() };
-    let req = match req.body(Full::new(plan.body.clone())) {
+    let req = match req.body(Full::new(body)) {
         Ok(r) => r,
         Err(e) => {
             sample.error = Some(format!("bad request: {e}"));
@@ -252,7 +265,9 @@ async fn exchange(client: &Client<HttpConnector, Full<Bytes>>, plan: &Plan, sche
         pending.extend_from_slice(&data);
         while let Some(end) = find_event_end(&pending) {
             let event: Vec<u8> = pending.drain(..end).collect();
-            if is_token_event(&event) {
+            if let Some(usage) = usage_of_event(&event) {
+                usage.apply(&mut sample);
+            } else if is_token_event(&event) {
                 let now = ms(scheduled);
                 sample.tokens += 1;
                 sample.ttft_ms.get_or_insert(now);
@@ -267,6 +282,7 @@ async fn exchange(client: &Client<HttpConnector, Full<Bytes>>, plan: &Plan, sche
         // A JSON completion: its usage says how many tokens it produced.
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&whole) {
             sample.tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+            Usage::of(&v).apply(&mut sample);
         }
     }
     sample.total_ms = ms(scheduled);
@@ -281,6 +297,38 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// What a completion's `usage` says of its prompt.
+struct Usage {
+    prompt_tokens: u64,
+    cached_tokens: u64,
+}
+
+impl Usage {
+    fn of(v: &serde_json::Value) -> Usage {
+        Usage {
+            prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
+        }
+    }
+
+    fn apply(&self, s: &mut Sample) {
+        s.prompt_tokens = self.prompt_tokens;
+        s.cached_tokens = self.cached_tokens;
+    }
+}
+
+/// The usage of a stream's last chunk (`stream_options.include_usage`: no choices, a `usage`).
+fn usage_of_event(event: &[u8]) -> Option<Usage> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data = text.lines().find_map(|l| l.strip_prefix("data:"))?.trim();
+    if !data.contains("\"usage\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(data).ok()?;
+    let no_choices = v["choices"].as_array().is_none_or(|c| c.is_empty());
+    (no_choices && v["usage"].is_object()).then(|| Usage::of(&v))
 }
 
 /// A `data:` event other than `data: [DONE]`.

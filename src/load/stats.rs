@@ -22,6 +22,11 @@ pub struct Sample {
     /// Gaps between consecutive token events.
     pub itl_ms: Vec<f64>,
     pub error: Option<String>,
+    /// The conversation turn it was (`--workload multi-turn`; 1 for the first).
+    pub turn: Option<u32>,
+    /// The prompt's tokens and those the engine's prefix cache held, as its `usage` says.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 impl Sample {
@@ -92,6 +97,39 @@ pub struct Report {
     pub timeline: Vec<Window>,
     /// Why the run stopped before its duration, if it did.
     pub stopped_early: Option<String>,
+    /// How much of the prompts the engines' prefix caches held, when responses said so.
+    pub prefix_cache: Option<PrefixCache>,
+}
+
+/// Prompt tokens the engines found cached (`usage.prompt_tokens_details.cached_tokens`).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct PrefixCache {
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub hit_rate: f64,
+    /// Over turns 2 and later only (multi-turn): what the conversation's history earned.
+    pub hit_rate_later_turns: Option<f64>,
+}
+
+impl PrefixCache {
+    fn of(ok: &[&Sample]) -> Option<PrefixCache> {
+        let sum = |later: bool| {
+            ok.iter()
+                .filter(|s| !later || s.turn.is_some_and(|t| t >= 2))
+                .fold((0, 0), |(p, c), s| (p + s.prompt_tokens, c + s.cached_tokens))
+        };
+        let (prompt_tokens, cached_tokens) = sum(false);
+        if prompt_tokens == 0 {
+            return None;
+        }
+        let (later_prompt, later_cached) = sum(true);
+        Some(PrefixCache {
+            prompt_tokens,
+            cached_tokens,
+            hit_rate: cached_tokens as f64 / prompt_tokens as f64,
+            hit_rate_later_turns: (later_prompt > 0).then(|| later_cached as f64 / later_prompt as f64),
+        })
+    }
 }
 
 /// Requests scheduled in one window of the run.
@@ -178,6 +216,7 @@ impl Report {
             statuses,
             timeline: timeline(samples, elapsed),
             stopped_early: None,
+            prefix_cache: PrefixCache::of(&ok),
         }
     }
 
@@ -212,6 +251,13 @@ impl Report {
                     s.count, s.p50, s.p90, s.p99, s.max
                 );
             }
+        }
+        if let Some(p) = &self.prefix_cache {
+            out += &format!("prefix cache: {:.1}% of {} prompt tokens cached", 100.0 * p.hit_rate, p.prompt_tokens);
+            if let Some(later) = p.hit_rate_later_turns {
+                out += &format!(" ({:.1}% on turns 2 and later)", 100.0 * later);
+            }
+            out.push('\n');
         }
         out += "\nstatus:";
         for (k, v) in &self.statuses {

@@ -117,6 +117,22 @@ impl EngineGauges {
         waiting + pressure
     }
 
+    /// A backend's whole load as a prefix pool weighs it: the engine's own count of requests
+    /// (running and waiting: headroom's and every other client's) when fresh, but never less
+    /// than `in_flight`, headroom's own count right now (the reading may be a moment old); plus
+    /// the KV pressure past 90%, as in [`EngineGauges::extra_load`].
+    #[inline]
+    pub fn whole_load(&self, in_flight: u64, now_ms: u64, stale_after_ms: u64) -> u64 {
+        if self.age(now_ms, stale_after_ms).is_none() {
+            return in_flight;
+        }
+        let count = |v: u32| if v == UNKNOWN { 0 } else { u64::from(v) };
+        let engine = count(self.running.load(Ordering::Relaxed)) + count(self.waiting.load(Ordering::Relaxed));
+        let kv = self.kv_permille.load(Ordering::Relaxed);
+        let pressure = if kv != UNKNOWN && kv > 900 { u64::from((kv - 900) / 10) } else { 0 };
+        in_flight.max(engine) + pressure
+    }
+
     /// Records the models the backend lists (`None`: it could not be asked).
     pub fn set_models(&self, models: Option<Vec<String>>) {
         self.models.store(models.map(std::sync::Arc::new));

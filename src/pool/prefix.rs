@@ -9,8 +9,10 @@
 //! (a restart or a failed health check bumps the epoch: no sweep needed).
 //!
 //! [`pick`]: the backend holding the longest prefix of the prompt, among those whose load is
-//! within `balance_threshold` of the least loaded and that hold at least `min_match` of it;
-//! otherwise the pool's least-load picker. A session key (`affinity_header`) goes first to its
+//! within `balance_threshold` of the least loaded and that hold at least `min_match` of it. A
+//! prompt no such backend holds goes to the one with the fewest blocks in the index among those
+//! balanced ones (SGLang's "smallest tree": new prompts fill the emptiest cache, so prompts end up
+//! partitioned evenly); when every backend is too loaded for that, to the least loaded. A session key (`affinity_header`) goes first to its
 //! rendezvous-hash backend while that one's load stays within `hash_balance_factor` of the average
 //! (consistent hashing with bounded loads).
 
@@ -25,6 +27,9 @@ const WAYS: usize = 4;
 const TAG_BITS: u32 = 24;
 const ID_BITS: u32 = 24;
 const ID_MASK: u32 = (1 << ID_BITS) - 1;
+/// Footprint counters per index (backend ids share one past this many: the rule only loses some
+/// precision).
+const FOOTPRINTS: usize = 4096;
 
 /// What a request brings for the picker to keep it near its cache.
 #[derive(Debug, Default, Clone, Copy)]
@@ -37,6 +42,9 @@ pub struct Hint<'a> {
 /// Where prompts' blocks were sent (see the module docs).
 pub struct PrefixIndex {
     sets: Box<[[AtomicU64; WAYS]]>,
+    /// Slots held per backend cache id (modulo [`FOOTPRINTS`]): how much the index believes each
+    /// backend's cache holds.
+    footprints: Box<[AtomicU32]>,
     /// A coarse clock for the age of slots: one tick per recorded prompt.
     tick: AtomicU32,
 }
@@ -50,7 +58,11 @@ impl PrefixIndex {
     /// A table of about `blocks` slots (a power of two number of sets).
     pub fn new(blocks: usize) -> Self {
         let sets = (blocks / WAYS).max(1).next_power_of_two();
-        PrefixIndex { sets: (0..sets).map(|_| Default::default()).collect(), tick: AtomicU32::new(0) }
+        PrefixIndex {
+            sets: (0..sets).map(|_| Default::default()).collect(),
+            footprints: (0..FOOTPRINTS).map(|_| AtomicU32::new(0)).collect(),
+            tick: AtomicU32::new(0),
+        }
     }
 
     /// The slots it has room for.
@@ -83,8 +95,25 @@ impl PrefixIndex {
                     (victim, oldest) = (w, since);
                 }
             }
-            set[victim].store(mine, Ordering::Relaxed);
+            let old = set[victim].swap(mine, Ordering::Relaxed);
+            let old_id = (old >> 16) as u32 & ID_MASK;
+            if old == 0 || (old >> 40) as u32 != tag || old_id != id {
+                self.footprint_of(id).fetch_add(1, Ordering::Relaxed);
+                if old != 0 {
+                    let less = |n: u32| n.checked_sub(1);
+                    let _ = self.footprint_of(old_id).fetch_update(Ordering::Relaxed, Ordering::Relaxed, less);
+                }
+            }
         }
+    }
+
+    fn footprint_of(&self, id: u32) -> &AtomicU32 {
+        &self.footprints[id as usize % FOOTPRINTS]
+    }
+
+    /// The slots the index holds for `backend` (its cache's size, as far as the index knows).
+    pub fn footprint(&self, backend: &Backend) -> u32 {
+        self.footprint_of(backend.engine.cache_identity().0).load(Ordering::Relaxed)
     }
 
     /// Calls `found(id, epoch)` for every backend recorded with block `hash`.
@@ -143,14 +172,15 @@ fn matches(pool: &Pool, routing: &Routing, key: &PromptKey) -> ([(usize, usize);
     (found, n)
 }
 
-/// The load the balance rule compares: requests through headroom plus the engine's own queue.
+/// The load the balance rule compares, for an eligible backend: its engine's requests (running
+/// and waiting, every client's), or headroom's own when that is more or there is no fresh reading.
 fn load(b: &Backend, stale_after_ms: u64, now_ms: u64) -> Option<u64> {
     let (in_flight_plus_one, _) = b.load_score()?;
-    Some(in_flight_plus_one - 1 + b.engine.extra_load(now_ms, stale_after_ms))
+    Some(b.engine.whole_load(in_flight_plus_one - 1, now_ms, stale_after_ms))
 }
 
 /// The backend for a request with `hint` (see the module docs), or `None` to let the pool's
-/// least-load picker choose.
+/// least-load picker choose (no prompt key, or no eligible backend).
 pub fn pick(pool: &Pool, routing: &Routing, hint: &Hint, exclude: &impl Fn(usize) -> bool) -> Option<usize> {
     let now = crate::clock::now_ms();
     let stale = pool.config.engine.as_ref().map_or(0, crate::config::EngineConfig::stale_after_ms);
@@ -167,20 +197,24 @@ pub fn pick(pool: &Pool, routing: &Routing, hint: &Hint, exclude: &impl Fn(usize
         }
     }
     let key = hint.prompt.filter(|k| !k.blocks.is_empty())?;
-    let (found, n) = matches(pool, routing, key);
-    if n == 0 {
-        return None;
-    }
     let least = loads().map(|(_, l)| l).min()?;
-    let need = ((routing.config.min_match * key.blocks.len() as f64).ceil() as usize).max(1);
     let limit = least.saturating_add(u64::from(routing.config.balance_threshold));
-    found[..n]
+    let (found, n) = matches(pool, routing, key);
+    let need = ((routing.config.min_match * key.blocks.len() as f64).ceil() as usize).max(1);
+    let holder = found[..n]
         .iter()
         .filter(|(pos, held)| *held >= need && !exclude(*pos))
         .filter_map(|&(pos, held)| Some((pos, held, load(&pool.backends[pos], stale, now)?)))
         .filter(|&(_, _, l)| l <= limit)
         .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
-        .map(|(pos, _, _)| pos)
+        .map(|(pos, _, _)| pos);
+    // Nobody balanced holds it: the emptiest cache among the balanced backends takes it.
+    holder.or_else(|| {
+        loads()
+            .filter(|&(_, l)| l <= limit)
+            .min_by_key(|&(i, l)| (routing.index.footprint(&pool.backends[i]), l))
+            .map(|(i, _)| i)
+    })
 }
 
 /// The session's highest-ranked backend (rendezvous hashing over addresses) among those whose

@@ -32,7 +32,9 @@ fn a_prompt_goes_where_its_longest_prefix_went() {
     r.index.record(&key(0..4), &p.backends[2]);
     assert_eq!(pick(&p, r, &hint(&key(0..12)), &NONE), Some(1), "10 blocks held beat 4");
     assert_eq!(pick(&p, r, &hint(&key(0..4)), &NONE).map(|i| i == 1 || i == 2), Some(true));
-    assert_eq!(pick(&p, r, &hint(&key(100..110)), &NONE), None, "nobody holds it: the least-load picker's turn");
+    let new = pick(&p, r, &hint(&key(100..110)), &NONE);
+    assert!(matches!(new, Some(0 | 3)), "nobody holds it: an empty cache takes it, not {new:?}");
+    assert_eq!(pick(&p, r, &Hint::default(), &NONE), None, "no key: the least-load picker's turn");
     assert_eq!(pick(&p, r, &hint(&key(0..12)), &|i| i == 1), Some(2), "failover: not that one again");
 }
 
@@ -42,7 +44,7 @@ fn a_holder_loaded_past_the_threshold_is_passed_over() {
     let r = p.prefix.as_ref().unwrap();
     r.index.record(&key(0..8), &p.backends[0]);
     let held: Vec<_> = (0..3).map(|_| p.backends[0].try_acquire().unwrap()).collect();
-    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), None, "3 in flight against 0: too far from the least loaded");
+    assert_ne!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(0), "3 in flight against 0: too far from the least loaded");
     drop(held.into_iter().next());
     assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(0), "2 against 0: within the threshold");
 }
@@ -59,7 +61,7 @@ interval = \"1s\"",
     r.index.record(&key(0..8), &p.backends[0]);
     let waiting = EngineLoad { running: Some(4.0), waiting: Some(3.0), ..EngineLoad::default() };
     p.backends[0].engine.set(&waiting, crate::clock::now_ms());
-    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), None, "three waiting in the engine: too loaded");
+    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(1), "three waiting in the engine: too loaded");
 }
 
 #[test]
@@ -67,7 +69,7 @@ fn a_small_match_does_not_pin_a_prompt() {
     let p = pool(2, "min_match = 0.5");
     let r = p.prefix.as_ref().unwrap();
     r.index.record(&key(0..3), &p.backends[0]);
-    assert_eq!(pick(&p, r, &hint(&key(0..10)), &NONE), None, "3 of 10 blocks is below min_match");
+    assert_eq!(pick(&p, r, &hint(&key(0..10)), &NONE), Some(1), "3 of 10 blocks is below min_match");
     assert_eq!(pick(&p, r, &hint(&key(0..6)), &NONE), Some(0), "3 of 6 is enough");
 }
 
@@ -77,7 +79,7 @@ fn entries_stop_counting_when_the_backend_forgets_its_cache_or_stops_serving() {
     let r = p.prefix.as_ref().unwrap();
     r.index.record(&key(0..8), &p.backends[0]);
     p.backends[0].set_state(BackendState::Draining);
-    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), None, "a draining backend takes nothing new");
+    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(1), "a draining backend takes nothing new");
     p.backends[0].set_state(BackendState::Healthy);
     assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(0));
     // The engine restarted: its prefix-cache query counter went down.
@@ -85,14 +87,16 @@ fn entries_stop_counting_when_the_backend_forgets_its_cache_or_stops_serving() {
     p.backends[0].engine.set(&load(500.0), 1_000);
     assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(0), "counters that grow change nothing");
     p.backends[0].engine.set(&load(20.0), 2_000);
-    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), None, "a restart forgets the cache");
+    // Both caches look empty to the index now: the less loaded (a tie: the first) takes it.
+    let _busy = p.backends[0].try_acquire().unwrap();
+    assert_eq!(pick(&p, r, &hint(&key(0..8)), &NONE), Some(1), "a restart forgets the cache");
     // A backend removed from the pool: the new pool does not know its id.
     r.index.record(&key(0..8), &p.backends[1]);
     let text = "[pools.p]\nbalance = \"prefix\"\n[[pools.p.backends]]\naddr = \"127.0.0.1:9001\"\n";
     let smaller = Pool::build(Config::parse(text, Path::new(".")).unwrap().pools[0].clone(), &[], Some(&p));
     let r2 = smaller.prefix.as_ref().unwrap();
     assert!(Arc::ptr_eq(&r.index, &r2.index), "the index survives the pool's rebuild");
-    assert_eq!(pick(&smaller, r2, &hint(&key(0..8)), &NONE), None);
+    assert_eq!(pick(&smaller, r2, &hint(&key(0..8)), &NONE), Some(0), "the removed backend's entries do not count");
 }
 
 #[test]
@@ -126,6 +130,22 @@ fn a_session_sticks_to_one_backend_until_it_is_loaded_past_the_balance_factor() 
     // Load it: past 1.25 × the average, the session moves on.
     let _held: Vec<_> = (0..4).map(|_| p.backends[first].try_acquire().unwrap()).collect();
     assert_ne!(pick(&p, r, &h, &NONE), Some(first));
+}
+
+#[test]
+fn new_prompts_fill_the_emptiest_caches_so_prompts_spread_evenly() {
+    let p = pool(4, "");
+    let r = p.prefix.as_ref().unwrap();
+    let mut owners = Vec::new();
+    for k in 0..16u64 {
+        let prompt = key(k * 100..k * 100 + 32);
+        let g = p.try_acquire_with(&hint(&prompt)).unwrap();
+        owners.push(p.index_of(g.backend()).unwrap());
+    }
+    for i in 0..4 {
+        assert_eq!(owners.iter().filter(|&&o| o == i).count(), 4, "four prompts each: {owners:?}");
+        assert_eq!(r.index.footprint(&p.backends[i]), 4 * 32);
+    }
 }
 
 #[test]
