@@ -122,7 +122,17 @@ async fn run(balance: &str, shape: Shape, rate: f64, measure: Duration, engine: 
     load::run(&plan(url.clone(), shape.clone(), rate, Duration::from_secs(2)), progress()).await;
     let before = served(&hr.pools().await);
     let (samples, elapsed, dropped) = load::run(&plan(url.clone(), shape, rate, measure), progress()).await;
-    let after = served(&hr.pools().await);
+    let pools = hr.pools().await;
+    let after = served(&pools);
+    let blocks: Vec<_> =
+        pools["pools"][0]["backends"].as_array().unwrap().iter().map(|b| b["prefix_blocks"].clone()).collect();
+    match balance {
+        "prefix" => {
+            let total: u64 = blocks.iter().map(|b| b.as_u64().unwrap()).sum();
+            assert!(total > 0, "the index holds the prompts sent: {blocks:?}");
+        }
+        _ => assert!(blocks.iter().all(serde_json::Value::is_null)),
+    }
     let report = load::stats::Report::build(&url, "open loop".into(), Some(rate), elapsed, &samples, dropped);
     let cache = report.prefix_cache.expect("the engines report cached tokens");
     hr.stop().await;

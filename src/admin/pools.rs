@@ -53,6 +53,7 @@ pub fn pools_json(control: &Control) -> serde_json::Value {
                         "saturated_for_ms": b.saturated_for_ms(),
                         "dynamic": !in_file.contains(&b.addr),
                         "engine": engine_json(b, p.config.engine.as_ref()),
+                        "prefix_blocks": p.prefix.as_ref().map(|r| r.index.footprint(b)),
                     })
                 })
                 .collect();
