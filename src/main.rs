@@ -199,6 +199,10 @@ struct LoadArgs {
     /// multi-turn: turns per conversation.
     #[arg(long, default_value_t = 6)]
     turns: usize,
+    /// Engines' metrics pages (comma-separated URLs), read before and after the run: their
+    /// prefix-cache hit rate during it.
+    #[arg(long, value_delimiter = ',')]
+    engine_metrics: Vec<String>,
 }
 
 fn load_plan(a: LoadArgs) -> Result<headroom::load::Plan, String> {
@@ -253,12 +257,21 @@ fn load_plan(a: LoadArgs) -> Result<headroom::load::Plan, String> {
         };
         std::sync::Arc::new(Workload { shape, model: a.model.clone(), max_tokens: a.max_tokens })
     });
+    let mut engine_metrics = Vec::new();
+    for u in &a.engine_metrics {
+        let uri: http::Uri = u.parse().map_err(|e| format!("--engine-metrics {u}: {e}"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(format!("--engine-metrics {u}: an http:// URL with a host is needed"));
+        }
+        engine_metrics.push(uri);
+    }
     Ok(Plan {
         url,
         method,
         headers,
         body,
         workload,
+        engine_metrics,
         mode,
         duration: a.duration,
         timeout: a.timeout,

@@ -17,6 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_headroom");
 fn plan(url: String, mode: Mode, duration: Duration) -> Plan {
     Plan {
         workload: None,
+        engine_metrics: vec![],
         url: url.parse().unwrap(),
         method: http::Method::GET,
         headers: vec![],
@@ -184,4 +185,39 @@ fn a_target_where_nothing_listens_stops_the_run_after_its_first_second() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("stopped early"), "{stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_workloads_report_what_the_engines_prefix_cache_held() {
+    let mock = free_addr();
+    let mut backend = Command::new(BIN)
+        .args(["mock-backend", "--listen", &mock.to_string(), "--ttft", "1ms", "--token-interval", "1ms"])
+        .args(["--tokens", "4", "--prefix-cache-blocks", "1024", "--prefill-per-token", "10us"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    poll_until(Duration::from_secs(10), "mock listening", || async move {
+        tokio::net::TcpStream::connect(mock).await.is_ok()
+    })
+    .await;
+    let (url, metrics) = (format!("http://{mock}/v1/chat/completions"), format!("http://{mock}/metrics"));
+    let shared = ["--workload", "shared-prefix", "--prefixes", "2", "--prefix-chars", "4000", "--suffix-chars", "100"];
+    let r = load_json(
+        &[&[url.as_str(), "--rate", "40/s", "--duration", "1s", "--engine-metrics", &metrics], &shared[..]].concat(),
+    );
+    let turns = ["--workload", "multi-turn", "--sessions", "4", "--turns", "3"];
+    let t = load_json(&[&[url.as_str(), "--rate", "40/s", "--duration", "1s"], &turns[..]].concat());
+    let _ = backend.kill();
+    let _ = backend.wait();
+    assert_eq!((r["ok"].as_u64(), r["errors"].as_u64()), (Some(40), Some(0)), "{r}");
+    let hit = r["prefix_cache"]["hit_rate"].as_f64().unwrap();
+    // Two prompts of 4,000 bytes: each missed once, then (15 whole blocks of about 16) cached.
+    assert!(hit > 0.8 && hit < 0.97, "{r}");
+    let engines = r["engine_prefix_hit_rate"].as_f64().unwrap();
+    assert!((engines - hit).abs() < 0.01, "the engine's counters agree: {engines} vs {hit}");
+    assert!(r["prefix_cache"]["hit_rate_later_turns"].is_null());
+    assert!(r["ttft_ms"]["count"].as_u64() == Some(40), "TTFT of every streamed answer: {r}");
+    let later = t["prefix_cache"]["hit_rate_later_turns"].as_f64().unwrap();
+    assert!(later > 0.8, "turns 2 and 3 resend the conversation, cached: {t}");
+    assert!(t["prefix_cache"]["hit_rate"].as_f64().unwrap() < later, "first turns are not");
 }

@@ -49,6 +49,7 @@ fn plan(url: String, shape: Shape, rate: f64, duration: Duration) -> Plan {
         method: http::Method::POST,
         headers: vec![(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"))],
         body: bytes::Bytes::new(),
+        engine_metrics: vec![],
         workload: Some(Arc::new(Workload { shape, model: "mock-model".into(), max_tokens: 8 })),
         mode: Mode::Rate { per_second: rate, ramp: Duration::ZERO },
         duration,

@@ -42,6 +42,8 @@ pub struct Plan {
     pub body: Bytes,
     /// Prompts that change from request to request (then `body` is not sent).
     pub workload: Option<Arc<workload::Workload>>,
+    /// Engines' metrics pages, read before and after the run for their prefix-cache hit rate.
+    pub engine_metrics: Vec<http::Uri>,
     pub mode: Mode,
     pub duration: Duration,
     /// Per request.
@@ -331,6 +333,25 @@ fn usage_of_event(event: &[u8]) -> Option<Usage> {
     (no_choices && v["usage"].is_object()).then(|| Usage::of(&v))
 }
 
+/// The engines' prefix-cache hits and queries (counters), summed over `urls`; `None` when there
+/// are none, or a page did not answer or does not report them.
+async fn engine_prefix_counters(urls: &[http::Uri]) -> Option<(f64, f64)> {
+    if urls.is_empty() {
+        return None;
+    }
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for url in urls {
+        let req = http::Request::get(url.clone()).body(Full::new(Bytes::new())).ok()?;
+        let read = async { client.request(req).await.ok()?.into_body().collect().await.ok() };
+        let page = tokio::time::timeout(Duration::from_secs(5), read).await.ok()??.to_bytes();
+        let load = crate::engine::read(&String::from_utf8_lossy(&page), crate::config::EngineKind::Auto);
+        hits += load.prefix_hits?;
+        queries += load.prefix_queries?;
+    }
+    Some((hits, queries))
+}
+
 /// A `data:` event other than `data: [DONE]`.
 fn is_token_event(event: &[u8]) -> bool {
     let text = String::from_utf8_lossy(event);
@@ -372,7 +393,9 @@ pub async fn run_with_progress(plan: &Plan, show: bool) -> (Report, Vec<Sample>,
             }
         })
     });
+    let before = engine_prefix_counters(&plan.engine_metrics).await;
     let (samples, elapsed, dropped) = run(plan, progress.clone()).await;
+    let after = engine_prefix_counters(&plan.engine_metrics).await;
     if let Some(t) = ticker {
         t.abort();
     }
@@ -384,6 +407,9 @@ pub async fn run_with_progress(plan: &Plan, show: bool) -> (Report, Vec<Sample>,
         Mode::Concurrency(n) => (format!("closed loop, {n} clients"), None),
     };
     let mut report = Report::build(&plan.url.to_string(), mode, rate, elapsed, &samples, dropped);
+    if let (Some((h0, q0)), Some((h1, q1))) = (before, after) {
+        report.engine_prefix_hit_rate = (q1 > q0).then(|| ((h1 - h0) / (q1 - q0)).clamp(0.0, 1.0));
+    }
     if progress.stop.load(Ordering::Relaxed) {
         report.stopped_early = Some(format!(
             "every request in the first {}s failed to connect to {}; is anything listening there?",

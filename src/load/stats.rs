@@ -99,6 +99,9 @@ pub struct Report {
     pub stopped_early: Option<String>,
     /// How much of the prompts the engines' prefix caches held, when responses said so.
     pub prefix_cache: Option<PrefixCache>,
+    /// The same, from the engines' own counters (`--engine-metrics`): their prefix-cache hits
+    /// over queries during the run.
+    pub engine_prefix_hit_rate: Option<f64>,
 }
 
 /// Prompt tokens the engines found cached (`usage.prompt_tokens_details.cached_tokens`).
@@ -217,6 +220,7 @@ impl Report {
             timeline: timeline(samples, elapsed),
             stopped_early: None,
             prefix_cache: PrefixCache::of(&ok),
+            engine_prefix_hit_rate: None,
         }
     }
 
@@ -258,6 +262,9 @@ impl Report {
                 out += &format!(" ({:.1}% on turns 2 and later)", 100.0 * later);
             }
             out.push('\n');
+        }
+        if let Some(rate) = self.engine_prefix_hit_rate {
+            out += &format!("engines' prefix-cache hit rate (their /metrics): {:.1}%\n", 100.0 * rate);
         }
         out += "\nstatus:";
         for (k, v) in &self.statuses {
