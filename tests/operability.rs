@@ -395,7 +395,8 @@ async fn the_status_page_shows_each_engines_own_queue() {
         format!("(document.querySelector('tr[data-backend=\"{engine}\"] .{class}') || {{}}).textContent || null")
     };
     wait_page(&mut browser, "the engine's queue", &cell("engine-queue"), "2 / 3".into()).await;
-    assert_eq!(browser.eval(&cell("kv")).await, "–", "the mock reports no KV usage");
+    wait_page(&mut browser, "the engine's KV usage", &cell("kv"), "90%".into()).await;
+    assert_eq!(browser.eval(&cell("hits")).await, "0%", "two prompts looked up, none cached");
     let head = browser.eval("document.querySelector('section.pool thead').textContent").await;
     assert!(head.as_str().unwrap().contains("engine run / wait"), "{head}");
     // The page as served, before its script runs, has the same cells.
