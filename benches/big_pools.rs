@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Answers every request on every listener with an empty 200 and closes.
+/// Answers every request (bodiless, as health checks and the data GETs here are) on every
+/// listener with an empty 200, keeping the connection open as inference servers do.
 async fn backends(n: usize) -> Vec<SocketAddr> {
     let mut addrs = Vec::with_capacity(n);
     for _ in 0..n {
@@ -23,13 +24,21 @@ async fn backends(n: usize) -> Vec<SocketAddr> {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 2048];
                     let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16384 {
+                    loop {
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                        }
+                        if seen.len() > 16384 {
+                            return;
+                        }
                         match s.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(k) => seen.extend_from_slice(&buf[..k]),
                         }
                     }
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
                 });
             }
         });

@@ -1,5 +1,7 @@
 //! Active health checks: one task per pool probes every backend's `health.path` once per
-//! `interval` (±10% jitter), or once per `fast_interval` while the backend is changing state.
+//! `interval` (±10% jitter), or once per `fast_interval` while the backend is changing state,
+//! on a connection kept from one check to the next while the backend keeps it open
+//! (`reuse_connection`, default true).
 //! First probes are spread evenly over the interval and later ones keep their jittered offsets,
 //! so a large pool never wakes all at once. Each probe is bounded by `health.timeout`.
 //!
@@ -14,6 +16,12 @@
 use crate::config::{HealthConfig, PoolConfig};
 use crate::gateway::Gateway;
 use crate::pool::{Backend, BackendState};
+
+/// A backend connection kept from one check to the next.
+type Kept = crate::http1::client::Conn;
+
+/// A backend of the schedule, its next check (`None` while one runs) and its kept connection.
+type Entry = (Arc<Backend>, Option<Instant>, Option<Kept>);
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,35 +36,57 @@ use tokio::time::Instant;
 /// once. Follows the pool's backends and settings as reloads change them. A wake-up costs
 /// O(log n) per backend checked ([`Schedule`]); the whole pool is walked only when it changed.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    use futures_util::{FutureExt, StreamExt};
     tokio::pin!(shutdown);
     let mut schedule = Schedule::default();
     let mut seen: Option<Arc<crate::pool::Pool>> = None;
-    let mut probes = tokio::task::JoinSet::new();
+    // Polled by this task: a check costs no task of its own.
+    let mut probes = futures_util::stream::FuturesUnordered::new();
+    let wake = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(wake);
     loop {
         let Some(pool) = current_pool(&gateway, &name) else { return };
-        let Some(cfg) = pool.config.health.clone() else { return };
+        let Some(cfg) = pool.config.health.as_ref() else { return };
         let now = Instant::now();
         if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &pool)) {
-            schedule.follow(&pool.backends, &cfg, now);
+            schedule.follow(&pool.backends, cfg, now);
             seen = Some(pool.clone());
         }
-        while let Some(backend) = schedule.pop_due(now) {
-            let (cfg, pool) = (cfg.clone(), pool.clone());
-            probes.spawn(async move {
-                let pass = probe(&backend, &pool.config, &cfg).await;
-                backend.metrics.health_check(pass);
-                apply(&backend, &cfg, pass);
-                let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
-                (backend.addr, Instant::now().checked_add(next).unwrap_or_else(Instant::now))
-            });
+        while let Some((backend, kept)) = schedule.pop_due(now) {
+            probes.push(check(backend, pool.clone(), kept).boxed());
         }
         let next_due = schedule.next().unwrap_or_else(|| now.checked_add(cfg.interval).unwrap_or(now));
+        if wake.deadline() != next_due {
+            wake.as_mut().reset(next_due);
+        }
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep_until(next_due) => {}
-            Some(Ok((addr, at))) = probes.join_next(), if !probes.is_empty() => schedule.set(addr, at),
+            _ = &mut wake => {}
+            Some((addr, at, kept)) = probes.next(), if !probes.is_empty() => {
+                schedule.set(addr, at, kept);
+                // Every other check done by now, in the same wake-up.
+                while let Some(Some((addr, at, kept))) = probes.next().now_or_never() {
+                    schedule.set(addr, at, kept);
+                }
+            }
         }
     }
+}
+
+/// One check of `backend` and its outcome applied: the backend, when its next check is due, and
+/// the connection to keep for it.
+async fn check(
+    backend: Arc<Backend>,
+    pool: Arc<crate::pool::Pool>,
+    mut kept: Option<Kept>,
+) -> (SocketAddr, Instant, Option<Kept>) {
+    let Some(cfg) = pool.config.health.as_ref() else { return (backend.addr, Instant::now(), None) };
+    let pass = probe(&backend, &pool.config, cfg, &mut kept).await;
+    backend.metrics.health_check(pass);
+    apply(&backend, cfg, pass);
+    let next = if changing(&backend) { cfg.fast_interval } else { jittered(cfg.interval) };
+    let kept = kept.filter(|_| cfg.reuse_connection);
+    (backend.addr, Instant::now().checked_add(next).unwrap_or_else(Instant::now), kept)
 }
 
 /// When each backend of a pool is checked next: a min-heap of (time, address) with lazy
@@ -66,7 +96,7 @@ pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future
 struct Schedule {
     heap: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, SocketAddr)>>,
     /// Each backend and its next check; `None` while a check runs.
-    backends: HashMap<SocketAddr, (Arc<Backend>, Option<Instant>)>,
+    backends: HashMap<SocketAddr, Entry>,
 }
 
 impl Schedule {
@@ -84,38 +114,40 @@ impl Schedule {
                 None => {
                     let spread = if changing(b) { cfg.fast_interval } else { cfg.interval };
                     let at = now.checked_add(spread * i as u32 / n).unwrap_or(now);
-                    self.backends.insert(b.addr, (b.clone(), Some(at)));
+                    self.backends.insert(b.addr, (b.clone(), Some(at), None));
                     self.heap.push(std::cmp::Reverse((at, b.addr)));
                 }
             }
         }
         // Rebuild when stale entries pile up (many backends removed).
         if self.heap.len() > 2 * self.backends.len() + 64 {
-            self.heap = self.backends.iter().filter_map(|(a, (_, at))| Some(std::cmp::Reverse(((*at)?, *a)))).collect();
+            self.heap =
+                self.backends.iter().filter_map(|(a, (_, at, _))| Some(std::cmp::Reverse(((*at)?, *a)))).collect();
         }
     }
 
     /// The next backend whose check is due by `now`, marked as running.
-    fn pop_due(&mut self, now: Instant) -> Option<Arc<Backend>> {
+    fn pop_due(&mut self, now: Instant) -> Option<(Arc<Backend>, Option<Kept>)> {
         while let Some(std::cmp::Reverse((at, addr))) = self.heap.peek().copied() {
             if at > now {
                 return None;
             }
             self.heap.pop();
-            if let Some((backend, due)) = self.backends.get_mut(&addr) {
+            if let Some((backend, due, kept)) = self.backends.get_mut(&addr) {
                 if *due == Some(at) {
                     *due = None;
-                    return Some(backend.clone());
+                    return Some((backend.clone(), kept.take()));
                 }
             }
         }
         None
     }
 
-    /// Schedules `addr`'s next check (a check finished).
-    fn set(&mut self, addr: SocketAddr, at: Instant) {
-        if let Some((_, due)) = self.backends.get_mut(&addr) {
+    /// Schedules `addr`'s next check (a check finished), keeping its connection for it.
+    fn set(&mut self, addr: SocketAddr, at: Instant, conn: Option<Kept>) {
+        if let Some((_, due, kept)) = self.backends.get_mut(&addr) {
             *due = Some(at);
+            *kept = conn;
             self.heap.push(std::cmp::Reverse((at, addr)));
         }
     }
@@ -204,12 +236,11 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 
-/// One check: `GET path` on a fresh connection; passes on an expected status within the timeout.
-async fn probe(backend: &Backend, pool: &PoolConfig, cfg: &HealthConfig) -> bool {
-    let check = async {
-        let resp = crate::upstream::get(backend, pool, &cfg.path, "headroom-health-check").await?;
-        Some(resp.status().as_u16())
-    };
+/// One check: `GET path` on the backend's kept connection (or a fresh one, kept for the next
+/// check when the backend allows); passes on an expected status within the timeout. A check that
+/// times out drops its connection.
+async fn probe(backend: &Backend, pool: &PoolConfig, cfg: &HealthConfig, kept: &mut Option<Kept>) -> bool {
+    let check = crate::upstream::get_status(kept, backend, pool, &cfg.path, "headroom-health-check");
     match tokio::time::timeout(cfg.timeout, check).await {
         Ok(Some(status)) => (cfg.expect_status.0..=cfg.expect_status.1).contains(&status),
         _ => false,
@@ -260,6 +291,7 @@ mod tests {
             unhealthy_threshold: 3,
             expect_status: (200, 299),
             gate_new_backends: true,
+            reuse_connection: true,
         }
     }
 
@@ -303,18 +335,18 @@ mod tests {
         s.follow(&backends, &c, t0);
         // First checks are spread over the interval: a tenth of it has a tenth of the pool due.
         let mut due = Vec::new();
-        while let Some(b) = s.pop_due(t0 + c.interval / 10) {
+        while let Some((b, _)) = s.pop_due(t0 + c.interval / 10) {
             due.push(b.addr);
         }
         assert!((95..=105).contains(&due.len()), "{}", due.len());
         assert!(s.pop_due(t0 + c.interval / 10).is_none(), "a running check is not handed out again");
         // Finished checks come back later; removed backends never come back.
         for a in &due {
-            s.set(*a, t0 + c.interval * 2);
+            s.set(*a, t0 + c.interval * 2, None);
         }
         s.follow(&backends[500..], &c, t0);
         let mut later = std::collections::HashSet::new();
-        while let Some(b) = s.pop_due(t0 + c.interval * 3) {
+        while let Some((b, _)) = s.pop_due(t0 + c.interval * 3) {
             assert!(later.insert(b.addr), "{} handed out twice", b.addr);
         }
         assert_eq!(later.len(), 500, "every remaining backend, once");

@@ -96,7 +96,7 @@ async fn killed_backend_turns_unhealthy_and_all_down_is_503() {
     let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(a.addr, 1), (b.addr, 1)], "", ""))).await;
     poll_until(T, "both healthy", || async { states(&hr).await.iter().all(|(_, s)| s == "healthy") }).await;
 
-    a.stop(); // the listener goes away: probes are refused
+    a.kill(); // the process dies, its connections with it: probes are refused
     poll_until(T, "killed backend unhealthy", || async { state_of(&hr, &a_addr).await == "unhealthy" }).await;
 
     b_ok.store(false, Ordering::SeqCst);
@@ -740,4 +740,25 @@ async fn a_refused_h2_stream_is_retried_elsewhere_whatever_the_method() {
     let echoed: serde_json::Value = serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(echoed["body_len"], 14, "{echoed}");
     assert!(refused.load(Ordering::SeqCst) >= 1, "the refusing backend was never tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_reuse_the_backends_connection_unless_told_not_to() {
+    let kept = backend(Arc::new(AtomicBool::new(true))).await;
+    let hr = Headroom::start(&format!("{}{HEALTH}", config(&[(kept.addr, 1)], "", ""))).await;
+    poll_until(T, "ten checks", || async { kept.hits.load(Ordering::SeqCst) >= 10 }).await;
+    assert_eq!(kept.connections.load(Ordering::SeqCst), 1, "one connection for every check");
+    hr.stop().await;
+
+    let mut fresh = backend(Arc::new(AtomicBool::new(true))).await;
+    let section = format!("{HEALTH}reuse_connection = false\n");
+    let hr = Headroom::start(&format!("{}{section}", config(&[(fresh.addr, 1)], "", ""))).await;
+    poll_until(T, "ten checks", || async { fresh.hits.load(Ordering::SeqCst) >= 10 }).await;
+    let (hits, conns) = (fresh.hits.load(Ordering::SeqCst), fresh.connections.load(Ordering::SeqCst));
+    assert!(conns + 1 >= hits, "a connection per check: {conns} for {hits}");
+    // Fresh connections see a backend that stops accepting, even while its open ones would serve.
+    let addr = fresh.addr.to_string();
+    poll_until(T, "healthy", || async { state_of(&hr, &addr).await == "healthy" }).await;
+    fresh.stop();
+    poll_until(T, "unhealthy once it stops accepting", || async { state_of(&hr, &addr).await == "unhealthy" }).await;
 }

@@ -180,6 +180,7 @@ pub struct FileHealth {
     pub unhealthy_threshold: Option<Spanned<u32>>,
     pub expect_status: Option<Spanned<String>>,
     pub gate_new_backends: Option<bool>,
+    pub reuse_connection: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

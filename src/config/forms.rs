@@ -39,7 +39,8 @@ pub(crate) fn allowed_form(key: &str) -> Option<&'static str> {
         | "gate_new_backends"
         | "idempotent_only"
         | "allow_link_local_backends"
-        | "discover_models" => "true or false",
+        | "discover_models"
+        | "reuse_connection" => "true or false",
         "command" | "server_names" | "on" | "models" => "a list of strings",
         k if is_duration(k) => "a duration string such as \"5s\" or \"150ms\"",
         _ => return None,

@@ -304,6 +304,10 @@ pub struct HealthConfig {
     pub expect_status: (u16, u16),
     /// A new backend takes traffic only after its first passing check. Default true.
     pub gate_new_backends: bool,
+    /// Checks reuse the backend's connection while it keeps it open (Envoy's
+    /// `reuse_connection`); false: a fresh connection per check, so a backend that stops
+    /// accepting fails even while it serves its open connections. Default true.
+    pub reuse_connection: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

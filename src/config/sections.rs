@@ -115,6 +115,7 @@ pub(super) fn health(ctx: &Ctx, h: &FileHealth) -> Result<HealthConfig, ConfigEr
         unhealthy_threshold: threshold(&h.unhealthy_threshold, "health.unhealthy_threshold", 3)?,
         expect_status,
         gate_new_backends: h.gate_new_backends.unwrap_or(true),
+        reuse_connection: h.reuse_connection.unwrap_or(true),
     })
 }
 

@@ -7,6 +7,9 @@
 //! only once its response body has been read to the end, so it is clean for the next request.
 
 pub mod body;
+mod control;
+
+pub use control::{get, get_status};
 
 pub use body::{ClientBody, Kept, RequestBody, RequestBodyError, UpstreamBody, KEEP_LIMIT};
 
@@ -312,24 +315,6 @@ async fn h2_handshake(backend: &Backend, io: UpstreamIo) -> Result<H2Sender, Pro
         }
     });
     Ok(sender)
-}
-
-/// `GET path` on a fresh connection to `backend` (over TLS when the pool's backends speak it,
-/// HTTP/1.1 offered by ALPN), for the control plane's own requests (health checks, engine
-/// metrics); `agent` names the caller. No timeout: the caller bounds it.
-pub async fn get(backend: &Backend, pool: &PoolConfig, path: &str, agent: &'static str) -> Option<Response<Incoming>> {
-    let (stream, _) = connect_io(backend, pool, true).await.ok()?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(stream))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(http::header::HOST, backend.label.as_ref())
-        .header(http::header::USER_AGENT, agent)
-        .body(http_body_util::Empty::new())
-        .ok()?;
-    sender.send_request(req).await.ok()
 }
 
 /// An upstream socket: plain TCP or TLS over it (an enum, so the plain case pays no dispatch).

@@ -79,6 +79,15 @@ impl Conn {
         matches!(self.poll_fill(cx), Poll::Pending)
     }
 
+    /// Gives its buffers back to the allocator while it waits (a connection kept for the control
+    /// plane's next check holds none in between); nothing unread is dropped.
+    pub fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        self.out = Vec::new();
+    }
+
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         super::poll_read_more(&mut self.io, &mut self.buf, cx)
     }
