@@ -2,12 +2,14 @@
 //! per-backend and per-pool handles the data path records into.
 //!
 //! Handles are resolved once per backend (and lazily per status code), so recording a request is
-//! an atomic add, never a label lookup. Gauges that mirror atomics the data path already keeps
+//! an atomic add, never a label lookup. `headroom_requests_total` is counted in atomics of the
+//! backend and the pool ([`CodeCounts`]) and written at scrape time (`admin::metrics`), so the
+//! series of a removed backend leave with it. Gauges that mirror atomics the data path already keeps
 //! (in-flight, queue depth) are sampled at scrape time instead of being updated per request.
 
-use metrics::{Counter, Histogram};
+use metrics::Histogram;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub const REQUESTS_TOTAL: &str = "headroom_requests_total";
@@ -187,11 +189,67 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 /// Status codes whose counters are cached per backend; others are looked up on use.
 const CACHED_CODES: [u16; 14] = [200, 201, 204, 400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504];
 
+/// Requests counted by status code: the common codes in a fixed slot each, up to 16 others in
+/// slots claimed as they come, and any further ones together as `other`. About 0.4 KiB.
+#[derive(Default)]
+pub struct CodeCounts {
+    common: [AtomicU64; CACHED_CODES.len()],
+    /// (code, count); code 0 is a free slot.
+    rare: [(AtomicU32, AtomicU64); 16],
+    other: AtomicU64,
+}
+
+impl CodeCounts {
+    #[inline]
+    pub fn record(&self, status: u16) {
+        if let Some(i) = CACHED_CODES.iter().position(|&c| c == status) {
+            self.common[i].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let code = u32::from(status);
+        for (c, n) in &self.rare {
+            let seen = c.load(Ordering::Relaxed);
+            let mine = seen == code
+                || (seen == 0
+                    && match c.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed) {
+                        Ok(_) => true,
+                        Err(now) => now == code,
+                    });
+            if mine {
+                n.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.other.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every code counted so far (`"other"` for the codes past the slots), with its count.
+    pub fn each(&self, mut f: impl FnMut(&dyn std::fmt::Display, u64)) {
+        for (code, n) in CACHED_CODES.iter().zip(&self.common) {
+            match n.load(Ordering::Relaxed) {
+                0 => {}
+                n => f(code, n),
+            }
+        }
+        for (c, n) in &self.rare {
+            match (c.load(Ordering::Relaxed), n.load(Ordering::Relaxed)) {
+                (0, _) | (_, 0) => {}
+                (code, n) => f(&code, n),
+            }
+        }
+        match self.other.load(Ordering::Relaxed) {
+            0 => {}
+            n => f(&"other", n),
+        }
+    }
+}
+
 /// The handles one backend records into.
 pub struct BackendMetrics {
     pool: Arc<str>,
     backend: Arc<str>,
-    codes: [OnceLock<Counter>; CACHED_CODES.len()],
+    /// `headroom_requests_total` of this backend.
+    pub codes: CodeCounts,
     durations: [OnceLock<Histogram>; 5],
     /// Counters written at scrape time from these (see `admin::backend_series`), not kept in
     /// the registry: they leave with the backend.
@@ -206,7 +264,7 @@ impl BackendMetrics {
         BackendMetrics {
             pool: Arc::from(pool),
             backend: Arc::from(backend),
-            codes: Default::default(),
+            codes: CodeCounts::default(),
             durations: Default::default(),
             connects: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -218,7 +276,12 @@ impl BackendMetrics {
     /// Counts one response with this status.
     #[inline]
     pub fn record(&self, status: u16) {
-        count_request(&self.pool, &self.backend, status, &self.codes);
+        self.codes.record(status);
+    }
+
+    /// The backend's label.
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     /// Records the duration of a request answered with this status.
@@ -253,7 +316,8 @@ impl BackendMetrics {
 /// The handles for requests a pool answered itself (no backend chosen: 503 and the like).
 pub struct PoolMetrics {
     pool: Arc<str>,
-    codes: [OnceLock<Counter>; CACHED_CODES.len()],
+    /// `headroom_requests_total{backend="none"}` of this pool, shared by every version of it.
+    pub codes: Arc<CodeCounts>,
     durations: [OnceLock<Histogram>; 5],
     queue_wait: Histogram,
 }
@@ -268,7 +332,7 @@ impl PoolMetrics {
         }
         PoolMetrics {
             pool: Arc::from(pool),
-            codes: Default::default(),
+            codes: Arc::default(),
             durations: Default::default(),
             queue_wait: metrics::histogram!(QUEUE_WAIT, "pool" => pool.to_string()),
         }
@@ -279,8 +343,18 @@ impl PoolMetrics {
         &self.pool
     }
 
+    /// The same pool's handles for its next version (a reload): its counts carry over.
+    pub fn renewed(&self) -> PoolMetrics {
+        PoolMetrics {
+            pool: self.pool.clone(),
+            codes: self.codes.clone(),
+            durations: self.durations.clone(),
+            queue_wait: self.queue_wait.clone(),
+        }
+    }
+
     pub fn record_local(&self, status: u16, seconds: f64) {
-        count_request(&self.pool, "none", status, &self.codes);
+        self.codes.record(status);
         duration_histogram(&self.pool, status, &self.durations).record(seconds);
     }
 
@@ -295,19 +369,31 @@ impl PoolMetrics {
 }
 
 #[inline]
-fn count_request(pool: &str, backend: &str, status: u16, cache: &[OnceLock<Counter>; CACHED_CODES.len()]) {
-    let make = || metrics::counter!(REQUESTS_TOTAL, "pool" => pool.to_string(), "backend" => backend.to_string(), "code" => status.to_string());
-    match CACHED_CODES.iter().position(|&c| c == status) {
-        Some(i) => cache[i].get_or_init(make).increment(1),
-        None => make().increment(1),
-    }
-}
-
-#[inline]
 fn duration_histogram<'a>(pool: &str, status: u16, cache: &'a [OnceLock<Histogram>; 5]) -> &'a Histogram {
     let class = (status / 100).clamp(1, 5) as usize;
     cache[class - 1].get_or_init(|| {
         let label = ["1xx", "2xx", "3xx", "4xx", "5xx"][class - 1];
         metrics::histogram!(REQUEST_DURATION, "pool" => pool.to_string(), "class" => label)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_counted_each_in_its_slot_and_the_rest_as_other() {
+        let c = CodeCounts::default();
+        for code in [200, 200, 503, 299, 299] {
+            c.record(code);
+        }
+        for code in 600..630 {
+            c.record(code);
+        }
+        let mut seen = Vec::new();
+        c.each(|code, n| seen.push((code.to_string(), n)));
+        assert_eq!(seen[..3], [("200".into(), 2), ("503".into(), 1), ("299".into(), 2)]);
+        assert_eq!(seen.len(), 3 + 15 + 1, "sixteen rare codes, then the rest together");
+        assert_eq!(seen.last().unwrap(), &("other".to_string(), 15));
+    }
 }

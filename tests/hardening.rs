@@ -316,8 +316,14 @@ async fn a_removed_backend_leaves_no_series_behind() {
     let series = |page: &str| -> usize {
         page.lines().filter(|l| !l.starts_with('#') && l.contains(&format!("backend=\"{}\"", other.addr))).count()
     };
+    // Traffic to both, so each has request counters too.
+    for _ in 0..10 {
+        assert_eq!(get(&hr.url("/")).await.0, 200);
+    }
     let page = scrape().await;
-    assert_eq!(series(&page), 9, "in-flight, healthy, five states, connects and ejections:\n{page}");
+    let served = format!("headroom_requests_total{{pool=\"default\",backend=\"{}\",code=\"200\"}}", other.addr);
+    assert!(metric_value(&page, &served) >= 1.0, "{page}");
+    assert_eq!(series(&page), 10, "in-flight, healthy, five states, connects, ejections, requests:\n{page}");
     assert_eq!(
         metric_value(&page, &format!("headroom_backend_healthy{{pool=\"default\",backend=\"{}\"}}", other.addr)),
         1.0

@@ -85,6 +85,7 @@ pub(super) fn backend_gauges(control: &Control, out: &mut String) {
         }
     });
     engine_gauges(&snap, out);
+    requests_total(control, &snap, out);
     // Per-backend counters, from the backend's own atomics (they survive reloads with it).
     let counter = |out: &mut String, name: &str, value: &dyn Fn(&crate::pool::Backend) -> u64| {
         let _ = writeln!(out, "# TYPE {name} counter");
@@ -107,4 +108,25 @@ pub(super) fn backend_gauges(control: &Control, out: &mut String) {
             }
         }
     }
+}
+
+/// `headroom_requests_total{pool,backend,code}` from the counts the pools and backends keep
+/// (`backend="none"`: answered by the pool itself; `pool="none"`: before any pool was chosen).
+fn requests_total(control: &Control, snap: &crate::gateway::Snapshot, out: &mut String) {
+    use std::fmt::Write as _;
+    let name = telemetry::REQUESTS_TOTAL;
+    let _ = writeln!(out, "# TYPE {name} counter");
+    let mut series = |pool: &str, backend: &str, codes: &telemetry::CodeCounts| {
+        codes.each(|code, n| {
+            let _ = writeln!(out, "{name}{{pool=\"{pool}\",backend=\"{backend}\",code=\"{code}\"}} {n}");
+        });
+    };
+    for p in &snap.pools {
+        series(&p.config.name, "none", &p.metrics.codes);
+        for b in &p.backends {
+            series(&p.config.name, b.metrics.backend(), &b.metrics.codes);
+        }
+    }
+    series("none", "none", &control.gateway.unrouted.codes);
+    out.push('\n');
 }

@@ -90,7 +90,7 @@ impl Pool {
             prefix,
             balancer: Balancer::new(config.balance, &weights)
                 .with_stale_after(config.engine.as_ref().map_or(3_000, crate::config::EngineConfig::stale_after_ms)),
-            metrics: crate::telemetry::PoolMetrics::new(&config.name),
+            metrics: existing.map_or_else(|| crate::telemetry::PoolMetrics::new(&config.name), |o| o.metrics.renewed()),
             has_backups: backends.iter().any(|b| b.is_backup()),
             config,
             backends,
