@@ -55,18 +55,21 @@ impl Workload {
             Shape::SharedPrefix { prefixes, prefix_chars, suffix_chars } => {
                 let p = fastrand::Rng::with_seed(i as u64).usize(..prefixes.max(1));
                 let system = text(1 + p as u64, prefix_chars);
-                let question = text(1_000_000 + i as u64, suffix_chars);
+                let question = text((i as u64).wrapping_add(1_000_000), suffix_chars);
                 (vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": question})], None)
             }
             Shape::MultiTurn { sessions, turns } => {
                 let (s, round) = (i % sessions.max(1), i / sessions.max(1));
                 let (t, generation) = (round % turns.max(1), round / turns.max(1));
-                let seed = ((generation as u64) << 32 | s as u64) * 1000;
+                let seed = ((generation as u64) << 32 | s as u64).wrapping_mul(1000);
                 let mut messages = vec![json!({"role": "system", "content": text(seed, SYSTEM_CHARS)})];
                 for k in 0..=t as u64 {
-                    messages.push(json!({"role": "user", "content": text(seed + 1 + 2 * k, QUESTION_CHARS)}));
+                    messages
+                        .push(json!({"role": "user", "content": text(seed.wrapping_add(1 + 2 * k), QUESTION_CHARS)}));
                     if k < t as u64 {
-                        messages.push(json!({"role": "assistant", "content": text(seed + 2 + 2 * k, ANSWER_CHARS)}));
+                        messages.push(
+                            json!({"role": "assistant", "content": text(seed.wrapping_add(2 + 2 * k), ANSWER_CHARS)}),
+                        );
                     }
                 }
                 (messages, Some(t as u32 + 1))
@@ -117,5 +120,10 @@ mod tests {
         assert_eq!(b[..a.len()], a[..], "the same session, the same history");
         assert_eq!(w.request(1 + 3 * 4).1, Some(1), "after the last turn, a new conversation");
         assert_ne!(messages(&w.request(1 + 3 * 4).0)[0], a[0]);
+        // However long a run goes, a request index never overflows the seeds.
+        let one = Workload { shape: Shape::MultiTurn { sessions: 1, turns: 1 }, model: "m".into(), max_tokens: 1 };
+        assert_eq!(one.request(usize::MAX).1, Some(1));
+        let shared = Shape::SharedPrefix { prefixes: 1, prefix_chars: 10, suffix_chars: 10 };
+        assert!(Workload { shape: shared, ..one }.request(usize::MAX).1.is_none());
     }
 }

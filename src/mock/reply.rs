@@ -116,7 +116,8 @@ impl Engine {
         first: Duration,
     ) -> Response<MockBody> {
         let _r = Count(&self.running);
-        tokio::time::sleep(first.saturating_add(self.opts.token_interval * tokens.saturating_sub(1))).await;
+        tokio::time::sleep(first.saturating_add(self.opts.token_interval.saturating_mul(tokens.saturating_sub(1))))
+            .await;
         drop(permit);
         let text: String = (0..tokens).map(|i| format!("{} ", WORDS[i as usize % WORDS.len()])).collect();
         let chat = chunks.chat;
