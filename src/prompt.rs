@@ -92,6 +92,15 @@ impl Chain {
     fn feed(&mut self, mut bytes: &[u8]) {
         self.key.bytes += bytes.len();
         while !bytes.is_empty() {
+            if self.buf.is_empty() && bytes.len() >= self.size {
+                // A whole block in one piece: hashed where it lies, not copied.
+                let (block, rest) = bytes.split_at(self.size);
+                self.prev = hash_block(self.prev, block);
+                self.key.blocks.push(self.prev);
+                self.key.full += 1;
+                bytes = rest;
+                continue;
+            }
             let take = (self.size - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
@@ -105,7 +114,12 @@ impl Chain {
     /// A JSON string's text; anything else (an array of content parts, token ids) as written.
     fn feed_json(&mut self, raw: &RawValue) {
         let text = raw.get();
-        match text.starts_with('"').then(|| serde_json::from_str::<Cow<str>>(text).ok()).flatten() {
+        let quoted = text.len() >= 2 && text.starts_with('"') && text.ends_with('"');
+        if quoted && memchr::memchr(b'\\', text.as_bytes()).is_none() {
+            // No escapes (the parser has checked it is a string): its text is what is quoted.
+            return self.feed(&text.as_bytes()[1..text.len() - 1]);
+        }
+        match quoted.then(|| serde_json::from_str::<Cow<str>>(text).ok()).flatten() {
             Some(s) => self.feed(s.as_bytes()),
             None => self.feed(text.as_bytes()),
         }
