@@ -8,7 +8,7 @@
 
 use crate::config::{EngineConfig, PoolConfig};
 use crate::gateway::Gateway;
-use crate::pool::Backend;
+use crate::pool::{Backend, Pool};
 use http_body_util::{BodyExt, Limited};
 use std::future::Future;
 use std::sync::Arc;
@@ -19,21 +19,13 @@ const MAX_PAGE: usize = 1 << 20;
 
 /// Reads pool `name`'s engines until `shutdown` resolves, or the pool or its section is gone.
 pub async fn run_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let Some(pool) = gateway.snapshot().pool(&name).cloned() else { return };
-        let Some(cfg) = pool.config.engine.clone() else { return };
-        let reads = pool.backends.iter().map(|b| read_one(b, &pool.config, &cfg));
-        let all = futures_util::future::join_all(reads);
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = all => {}
+    let every = |p: &PoolConfig| p.engine.as_ref().map(|e| e.interval);
+    rounds(gateway, name, shutdown, every, |b, pool, _| async move {
+        if let Some(cfg) = &pool.config.engine {
+            read_one(&b, &pool.config, cfg).await;
         }
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tokio::time::sleep(cfg.interval) => {}
-        }
-    }
+    })
+    .await;
 }
 
 /// The longest a backend's model list is waited for, and the most models kept from it.
@@ -43,26 +35,39 @@ const MAX_MODELS: usize = 1024;
 /// Asks pool `name`'s backends for their models until `shutdown` resolves, or the pool stops
 /// discovering them.
 pub async fn discover_pool(gateway: Arc<Gateway>, name: String, shutdown: impl Future<Output = ()>) {
+    let every =
+        |p: &PoolConfig| p.discover_models.then(|| p.health.as_ref().map_or(Duration::from_secs(10), |h| h.interval));
+    rounds(gateway, name, shutdown, every, |b, pool, every| async move {
+        let page = tokio::time::timeout(MODELS_TIMEOUT.min(every), fetch(&b, &pool.config, "/v1/models")).await;
+        b.engine.set_models(page.ok().flatten().and_then(|p| crate::openai::model_ids(p.as_bytes(), MAX_MODELS)));
+    })
+    .await;
+}
+
+/// Every `every` of pool `name`'s current version (`None`: the pool no longer wants these reads),
+/// `read` of each of its backends at once; until `shutdown` resolves or the pool is gone.
+async fn rounds<F, R>(
+    gateway: Arc<Gateway>,
+    name: String,
+    shutdown: impl Future<Output = ()>,
+    every: impl Fn(&PoolConfig) -> Option<Duration>,
+    read: F,
+) where
+    F: Fn(Arc<Backend>, Arc<Pool>, Duration) -> R,
+    R: Future<Output = ()>,
+{
     tokio::pin!(shutdown);
     loop {
         let Some(pool) = gateway.snapshot().pool(&name).cloned() else { return };
-        if !pool.config.discover_models {
-            return;
-        }
-        let every = pool.config.health.as_ref().map_or(Duration::from_secs(10), |h| h.interval);
-        let reads = pool.backends.iter().map(|b| async {
-            let limit = MODELS_TIMEOUT.min(every);
-            let page = tokio::time::timeout(limit, fetch(b, &pool.config, "/v1/models")).await.ok().flatten();
-            b.engine.set_models(page.and_then(|p| crate::openai::model_ids(p.as_bytes(), MAX_MODELS)));
-        });
-        let all = futures_util::future::join_all(reads);
+        let Some(interval) = every(&pool.config) else { return };
+        let all = futures_util::future::join_all(pool.backends.iter().map(|b| read(b.clone(), pool.clone(), interval)));
         tokio::select! {
             _ = &mut shutdown => return,
             _ = all => {}
         }
         tokio::select! {
             _ = &mut shutdown => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -112,9 +112,16 @@ impl EngineGauges {
             UNKNOWN => 0,
             w => u64::from(w),
         };
-        let kv = self.kv_permille.load(Ordering::Relaxed);
-        let pressure = if kv != UNKNOWN && kv > 900 { u64::from((kv - 900) / 10) } else { 0 };
-        waiting + pressure
+        waiting + self.kv_pressure()
+    }
+
+    /// One request's worth of load per point of KV-cache usage past 90% (up to 10).
+    #[inline]
+    fn kv_pressure(&self) -> u64 {
+        match self.kv_permille.load(Ordering::Relaxed) {
+            kv if kv != UNKNOWN && kv > 900 => u64::from((kv - 900) / 10),
+            _ => 0,
+        }
     }
 
     /// A backend's whole load as a prefix pool weighs it: the engine's own count of requests
@@ -128,9 +135,7 @@ impl EngineGauges {
         }
         let count = |v: u32| if v == UNKNOWN { 0 } else { u64::from(v) };
         let engine = count(self.running.load(Ordering::Relaxed)) + count(self.waiting.load(Ordering::Relaxed));
-        let kv = self.kv_permille.load(Ordering::Relaxed);
-        let pressure = if kv != UNKNOWN && kv > 900 { u64::from((kv - 900) / 10) } else { 0 };
-        in_flight.max(engine) + pressure
+        in_flight.max(engine) + self.kv_pressure()
     }
 
     /// Records the models the backend lists (`None`: it could not be asked).
