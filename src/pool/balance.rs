@@ -231,6 +231,10 @@ fn first_from(start: usize, n: usize, ok: &impl Fn(usize) -> bool) -> Option<usi
 pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     let g = weights.iter().copied().filter(|&w| w > 0).fold(0u32, gcd).max(1);
     let mut ws: Vec<u64> = weights.iter().map(|&w| (w / g) as u64).collect();
+    if ws.iter().all(|&w| w == 1) {
+        // Equal weights (the common case, and every big pool's): each backend once, in order.
+        return (0..ws.len() as u32).collect();
+    }
     let total: u64 = ws.iter().sum();
     if total > MAX_SCHEDULE {
         for w in ws.iter_mut().filter(|w| **w > 0) {
@@ -306,6 +310,9 @@ mod tests {
         assert_ne!(&s[..5], &[0, 0, 0, 0, 0]);
         // Weights are reduced by their gcd: 2:4 is 1:2.
         assert_eq!(smooth_schedule(&[2, 4]), vec![1, 0, 1]);
+        // Equal weights: each backend once, in order (the heap is skipped; same schedule).
+        assert_eq!(smooth_schedule(&[3, 3, 3]), vec![0, 1, 2]);
+        assert_eq!(smooth_schedule(&[1; 70_000]).len(), 70_000);
     }
 
     #[test]

@@ -59,16 +59,19 @@ impl Pool {
         let state = existing.map(|old| old.state.clone()).unwrap_or_default();
         state.outlier.store(config.outlier.clone().map(Arc::new));
         state.slow_start_ms.store(config.slow_start.map_or(0, |d| d.as_millis() as u64), Ordering::Relaxed);
+        // A map, not a scan per backend: rebuilding a big pool (each registration does) stays O(n).
+        let olds: std::collections::HashMap<std::net::SocketAddr, &Arc<Backend>> =
+            existing.map(|old| old.backends.iter().map(|o| (o.addr, o)).collect()).unwrap_or_default();
         let backends: Vec<Arc<Backend>> = config
             .backends
             .iter()
             .chain(extra.iter())
             .map(|b| {
-                let reused = existing.and_then(|old| old.backends.iter().find(|o| o.addr == b.addr));
+                let reused = olds.get(&b.addr);
                 match reused {
                     Some(old) => {
                         old.update(b);
-                        old.clone()
+                        Arc::clone(old)
                     }
                     None => {
                         let fresh = Arc::new(Backend::new(&config.name, b, queue.clone(), state.clone()));

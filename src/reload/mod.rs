@@ -32,6 +32,9 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 /// How often removed backends are checked for their last request.
 const SWEEP: Duration = Duration::from_millis(100);
 
+/// How long after a publish freed memory is handed back (changes in between share one release).
+const RELEASE_AFTER: Duration = Duration::from_millis(500);
+
 mod backends;
 mod certs;
 mod listeners;
@@ -67,6 +70,8 @@ pub struct Reloader {
     listeners: ProxyListeners,
     /// Backends removed from the config but still finishing requests: (pool, addr).
     removed: Vec<(String, std::net::SocketAddr)>,
+    /// When to hand freed memory back to the system (set by a publish).
+    release_at: Option<tokio::time::Instant>,
     file_events: mpsc::UnboundedReceiver<()>,
     /// Watches the TLS certificate and key files.
     cert_watcher: Option<notify::RecommendedWatcher>,
@@ -112,6 +117,7 @@ impl Reloader {
             cert_events,
             listeners,
             removed: Vec::new(),
+            release_at: None,
         }
     }
 
@@ -138,6 +144,13 @@ impl Reloader {
                     None => std::future::pending().await,
                 }
             };
+            let release_at = self.release_at;
+            let release = async move {
+                match release_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop_rx.wait_for(|s| *s) => break,
                 Some(()) = self.cert_events.recv() => certs_settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
@@ -146,6 +159,12 @@ impl Reloader {
                     self.reload_certs();
                 }
                 _ = sweep.tick(), if !self.removed.is_empty() => self.sweep(),
+                _ = release => {
+                    self.release_at = None;
+                    if let Some(release) = RELEASE_MEMORY.get() {
+                        release();
+                    }
+                }
                 Some(()) = self.file_events.recv() => settle_at = Some(tokio::time::Instant::now() + DEBOUNCE),
                 _ = settle => {
                     settle_at = None;
@@ -315,9 +334,9 @@ impl Reloader {
                 queue.wake_one();
             }
         }
-        if let Some(release) = RELEASE_MEMORY.get() {
-            release();
-        }
+        // Handed back once the changes settle, not after each: a burst of registrations would
+        // otherwise return and fault in the same pages once per change.
+        self.release_at.get_or_insert_with(|| tokio::time::Instant::now() + RELEASE_AFTER);
     }
 
     /// Drops removed backends that have finished their last request.
