@@ -2,7 +2,8 @@
 //! `/metrics` at N backends, data-path latency while they render, health-check CPU and `/healthz`
 //! latency, and registration churn. Prints one line per figure.
 //!
-//! `cargo bench --bench big_pools` (N = 10,000 by default; `BIG_POOL_N` changes it). It runs the
+//! `cargo bench --bench big_pools` (N = 10,000 by default; `BIG_POOL_N` changes it, and
+//! `BIG_POOL_CHURN` the number of registrations churned, N by default). It runs the
 //! binary at `HEADROOM_BIN`, else `target/release/headroom`: build it with `cargo build --release`
 //! first (`cargo bench` itself leaves an unwinding build there). Every backend is a listener of
 //! this process on 127.0.0.1; all traffic stays on loopback.
@@ -213,7 +214,7 @@ async fn run(n: usize) {
     println!("reload back to 1: {} ms; RSS {rss2} KiB; series left of a removed backend: {stale}", took.as_millis());
 
     // Churn: register and remove backends through the API.
-    let churn = n;
+    let churn = std::env::var("BIG_POOL_CHURN").ok().and_then(|v| v.parse().ok()).unwrap_or(n).clamp(2, n.max(2));
     let rss3 = proc_field(pid, "status", "VmRSS:");
     let t = Instant::now();
     for a in &addrs[1..churn] {

@@ -6,11 +6,15 @@
 # difference of their totals divided by N2 - N1 leaves start-up and shutdown out.
 #
 # Needs valgrind and python3. Env: HEADROOM_BIN (default: the release build, rebuilt first),
-# N1 (500), N2 (2500).
+# N1 (500), N2 (2500); HOLD=idle or HOLD=one-byte keeps HOLD_CONNS (5000) other connections
+# open through each run, silent or stopped after the first byte of the h2 preface (what they
+# cost the requests, to the instruction).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-$repo/target/release/headroom}
 n1=${N1:-500} n2=${N2:-2500}
+hold=${HOLD:-} hold_conns=${HOLD_CONNS:-5000}
+[ -z "$hold" ] || ulimit -n $((hold_conns + 4096))
 command -v valgrind >/dev/null || { echo "missing: valgrind (apt-get install valgrind)" >&2; exit 1; }
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 dir=$(mktemp -d)
@@ -50,17 +54,43 @@ for _ in range(n):
 PY
 }
 
+# Opens $hold_conns connections ($hold: idle, or one-byte), says "ready" on stdout, and holds them
+# until killed.
+cat > "$dir/hold.py" <<'PY'
+import socket, sys, time
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for _ in range(600):
+    try:
+        socket.create_connection(("127.0.0.1", port)).close(); break
+    except OSError:
+        time.sleep(0.1)
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    if mode == "one-byte":
+        s.send(b"P")
+    socks.append(s)
+print("ready", flush=True)
+time.sleep(3600)
+PY
+
 # Runs headroom under callgrind for $1 requests; prints its total instruction count.
 measure() {
-  local out="$dir/cg.$1"
+  local out="$dir/cg.$1" holder=""
   valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$dir/headroom.toml" >/dev/null 2>&1 &
   local pid=$!
+  if [ -n "$hold" ]; then
+    coproc HOLDER { exec python3 "$dir/hold.py" "$proxy" "$hold_conns" "$hold"; }
+    holder=$HOLDER_PID
+    read -r _ <&"${HOLDER[0]}"
+  fi
   send "$1"
+  [ -z "$holder" ] || kill "$holder" 2>/dev/null || true
   kill -TERM "$pid"
   wait "$pid" || true
   grep -m1 '^summary:' "$out" | awk '{print $2}'
 }
 a=$(measure "$n1")
 b=$(measure "$n2")
-echo "instructions: $a for $n1 requests, $b for $n2"
+echo "instructions: $a for $n1 requests, $b for $n2${hold:+ ($hold_conns $hold connections held open)}"
 echo "per request: $(( (b - a) / (n2 - n1) ))"
