@@ -31,6 +31,11 @@ pub fn add_ms(a: u64, b: Duration) -> u64 {
     a.saturating_add(u64::try_from(b.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Seconds since the Unix epoch, as a float (0 if the system clock is before it).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,11 +6,13 @@
 
 pub mod admin; //      metrics, JSON API (off the data path)
 pub mod clock; //      deadlines that saturate instead of overflowing
+pub mod cluster; //    several replicas as one gateway, through etcd: membership, shared registry
 pub mod config; //     TOML → validated runtime config
 pub mod control; //    the control plane's handle: reloads, runtime backends, launched processes, history
 pub mod downstream; // a client connection's shared state; the h2 socket's timeouts
 pub mod engine; //     inference engines' own load, read from their /metrics
 pub mod error; //      the one error → status mapping
+pub mod etcd; //       a client of etcd's v3 API (through its JSON gateway)
 pub mod gateway; //    the shared snapshot
 pub mod health; //     active health checks (off the data path)
 pub mod http1; //      the HTTP/1.1 codec: framing, client half, server half
@@ -49,6 +51,8 @@ pub enum RunError {
     Launch(#[from] scale::launch::LaunchError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] etcd::EtcdError),
     /// Requests were still running at `shutdown_timeout` and were cut off.
     #[error("requests were still running at the end of shutdown_timeout ({0:?}) and were cut off")]
     DrainCut(std::time::Duration),
@@ -106,7 +110,12 @@ pub async fn run_with(
     upstream::set_worker_count(workers);
     let (mut extra, launched) = scale::launch::launch_all(&config).await?;
     let launched = std::sync::Arc::new(launched);
-    let (persisted, state_error) = restore_state(&config, &mut extra);
+    // A group keeps its runtime backends in etcd, not in each replica's state file.
+    let (persisted, state_error) = match config.cluster {
+        None => restore_state(&config, &mut extra),
+        Some(_) => (std::collections::HashSet::new(), None),
+    };
+    let cluster_config = config.cluster.clone();
     let extra_by_pool: std::collections::HashMap<String, Vec<config::BackendConfig>> =
         config.pools.iter().map(|p| p.name.clone()).zip(extra.iter().cloned()).collect();
     // Each proxy listener, by the address the config names it with, can be closed on its own
@@ -150,6 +159,13 @@ pub async fn run_with(
         control.set_config_status(control::status::ConfigStatus { state_error, ..control.config_status() });
     }
     tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
+    if let Some(cfg) = cluster_config {
+        let admin =
+            listeners.admin.local_addr().map_err(|source| RunError::Bind { addr: cfg_admin(&control), source })?;
+        let group = cluster::Cluster::new(cfg, control.clone(), admin, &configured)?;
+        control.set_group(group.clone());
+        tasks.spawn(group.run(reload::until_set(stop_rx.clone())));
+    }
     if let Ok(addr) = listeners.admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
@@ -173,6 +189,10 @@ pub async fn run_with(
         return Err(RunError::DrainCut(gateway.snapshot().config.server.shutdown_timeout));
     }
     Ok(())
+}
+
+fn cfg_admin(control: &control::Control) -> std::net::SocketAddr {
+    control.snapshot().config.admin.listen
 }
 
 /// Starts workers `1..workers`, each a thread with its own single-threaded runtime accepting on

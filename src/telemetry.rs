@@ -43,6 +43,24 @@ pub const LOOPS_DETECTED: &str = "headroom_loops_detected_total";
 pub const ADMIN_REFUSED: &str = "headroom_admin_requests_refused_total";
 pub const CLIENT_STALLED: &str = "headroom_client_stalled_total";
 pub const ACCEPT_ERRORS: &str = "headroom_accept_errors_total";
+pub const CLUSTER_CONNECTED: &str = "headroom_cluster_connected";
+pub const CLUSTER_MEMBERS: &str = "headroom_cluster_members";
+pub const CLUSTER_REGISTRY_CHANGES: &str = "headroom_cluster_registry_changes_total";
+
+/// Whether this replica reaches etcd (1) or serves on what it last had (0).
+pub fn cluster_connected(up: bool) {
+    metrics::gauge!(CLUSTER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+}
+
+/// How many live replicas this one sees in its group.
+pub fn cluster_members(n: usize) {
+    metrics::gauge!(CLUSTER_MEMBERS).set(n as f64);
+}
+
+/// A change of the shared backend registry applied here (`change`: add, remove).
+pub fn cluster_registry_change(change: &'static str) {
+    metrics::counter!(CLUSTER_REGISTRY_CHANGES, "change" => change).increment(1);
+}
 
 /// A failed accept on a listener (out of file descriptors and the like).
 pub fn accept_error() {

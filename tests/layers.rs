@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 27] = [
+const LAYERS: [(&str, u8); 29] = [
     ("clock", 0),
     ("openai", 0),
     ("prompt", 0),
@@ -24,6 +24,7 @@ const LAYERS: [(&str, u8); 27] = [
     ("tls", 0),
     ("telemetry", 1),
     ("engine", 1),
+    ("etcd", 1),
     ("pool", 2),
     ("http1", 3),
     ("downstream", 3),
@@ -35,6 +36,7 @@ const LAYERS: [(&str, u8); 27] = [
     ("reload", 6),
     ("scale", 6),
     ("scrape", 6),
+    ("cluster", 6),
     ("admin", 7),
     ("server", 7),
     ("tls::server", 1),

@@ -15,6 +15,7 @@
 //! - `GET /api/pools/{pool}/history`: the pool's last 15 minutes, sampled.
 //! - `GET /api/config`, `POST /api/reload`: the running config, and reloading it.
 //! - `GET /api/config/events`: the last loads of the config file and how each ended.
+//! - `GET /api/cluster`: the group of replicas this one acts with (`[cluster]`).
 
 mod guard;
 mod metrics;
@@ -77,7 +78,12 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<Prom
             }
             None => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "metrics recorder not installed\n"),
         },
-        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", healthz(&control)),
+        (&Method::GET, "/api/cluster") => respond(
+            StatusCode::OK,
+            "application/json",
+            control.group().map_or_else(|| json!({ "enabled": false }), |g| g.document()).to_string(),
+        ),
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", status::page(&control)),
         (&Method::GET, "/api/pools") => respond(StatusCode::OK, "application/json", pools_json(&control).to_string()),
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/undrain") => {
@@ -119,10 +125,23 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<Prom
                 json!({ "reloaded": false, "error": e }).to_string(),
             ),
         },
-        (_, "/metrics" | "/healthz" | "/api/pools" | "/api/config" | "/api/config/events" | "/api/reload") => {
-            respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#)
-        }
+        (
+            _,
+            "/metrics" | "/healthz" | "/api/pools" | "/api/cluster" | "/api/config" | "/api/config/events"
+            | "/api/reload",
+        ) => respond(StatusCode::METHOD_NOT_ALLOWED, "application/json", r#"{"error":"method not allowed"}"#),
         _ => respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#),
+    }
+}
+
+/// `ok` while the process serves (a liveness probe's answer), with a second line when the group's
+/// shared store is out of reach: still serving, on the backends it last had.
+fn healthz(control: &Control) -> String {
+    match control.group() {
+        Some(g) if !g.connected() => {
+            "ok\ncluster: etcd unreachable; serving with the last known backends, not scaling\n".into()
+        }
+        _ => "ok\n".into(),
     }
 }
 
@@ -136,6 +155,7 @@ fn change_error(e: crate::control::status::ChangeError) -> Response<Body> {
         crate::control::status::ChangeError::Conflict(m) => json_error(StatusCode::CONFLICT, m),
         crate::control::status::ChangeError::Invalid(m) => json_error(StatusCode::BAD_REQUEST, m),
         crate::control::status::ChangeError::Internal(m) => json_error(StatusCode::INTERNAL_SERVER_ERROR, m),
+        crate::control::status::ChangeError::Unavailable(m) => json_error(StatusCode::SERVICE_UNAVAILABLE, m),
     }
 }
 
@@ -201,8 +221,8 @@ async fn register(control: &Control, pool: &str, req: Request<Incoming>) -> Resp
         return json_error(StatusCode::BAD_REQUEST, format!("max_inflight {max_inflight}: allowed 1..=1000000"));
     }
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
-    match control.change_backend(pool, crate::control::status::BackendChange::Add { backend: cfg, persist: true }).await
-    {
+    let add = crate::control::status::BackendChange::Add { backend: cfg, persist: true };
+    match control.change_backend_from_api(pool, add).await {
         Ok(()) => {
             let state = state_of(control, pool, addr).unwrap_or("healthy");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "weight": weight, "state": state });
@@ -239,7 +259,7 @@ async fn deregister(control: &Control, path: &str) -> Response<Body> {
         Ok(p) => p,
         Err((status, message)) => return json_error(status, message),
     };
-    match control.change_backend(pool, crate::control::status::BackendChange::Remove(addr)).await {
+    match control.change_backend_from_api(pool, crate::control::status::BackendChange::Remove(addr)).await {
         Ok(()) => respond(
             StatusCode::OK,
             "application/json",

@@ -18,6 +18,19 @@ pub struct FileConfig {
     pub routes: Vec<FileRoute>,
     #[serde(default)]
     pub pools: BTreeMap<String, Spanned<FilePool>>,
+    pub cluster: Option<FileCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    pub etcd: Spanned<Vec<Spanned<String>>>,
+    pub name: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub lease_ttl: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password_env: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

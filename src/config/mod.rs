@@ -8,6 +8,7 @@
 pub mod addr;
 mod autoscale;
 mod choices;
+pub mod cluster;
 mod engine;
 mod file;
 mod forms;
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 pub use autoscale::{AutoscaleConfig, DemandSignal, ProviderConfig, ProviderKind};
 pub use choices::{BalanceKind, Protocol};
+pub use cluster::{ClusterConfig, EtcdEndpoint};
 pub use forms::MAX_WEIGHT;
 pub use prefix::PrefixConfig;
 pub use routes::{ModelMatch, Route};
@@ -46,6 +48,8 @@ pub struct Config {
     /// First match wins.
     pub routes: Vec<Route>,
     pub pools: Vec<PoolConfig>,
+    /// `[cluster]`: the replicas this one acts with, through etcd; `None`: alone.
+    pub cluster: Option<ClusterConfig>,
     /// Directory relative paths in the file are resolved against (the file's directory).
     pub base_dir: PathBuf,
 }

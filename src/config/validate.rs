@@ -77,13 +77,7 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
         },
         shutdown_timeout: duration(&s.shutdown_timeout, "server.shutdown_timeout", Duration::from_secs(30))?,
         workers,
-        state_dir: match &s.state_dir {
-            None => None,
-            Some(d) if d.get_ref().trim().is_empty() => {
-                return Err(err(d.span(), "server.state_dir: must not be empty (omit it to keep no state)".into()))
-            }
-            Some(d) => Some(base_dir.join(d.get_ref())),
-        },
+        state_dir: state_dir(s, text, base_dir)?,
         access_log: s.access_log.unwrap_or(true),
         tls: match &s.tls {
             None => None,
@@ -99,7 +93,24 @@ pub fn validate(raw: FileConfig, text: &str, base_dir: &Path) -> Result<Config, 
     let pools = pools(&raw, text, &policy, base_dir, duration)?;
     let routes = super::routes::routes(&raw, &pools, text)?;
 
-    Ok(Config { server, admin, routes, pools, base_dir: base_dir.to_path_buf() })
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .map(|c| super::cluster::cluster(c, text, base_dir, &server.listen, &duration))
+        .transpose()?;
+
+    Ok(Config { server, admin, routes, pools, cluster, base_dir: base_dir.to_path_buf() })
+}
+
+/// `server.state_dir`, from the config file's directory.
+fn state_dir(s: &super::file::FileServer, text: &str, base_dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    match &s.state_dir {
+        None => Ok(None),
+        Some(d) if d.get_ref().trim().is_empty() => {
+            Err(ConfigError::at(text, d.span(), "server.state_dir: must not be empty (omit it to keep no state)"))
+        }
+        Some(d) => Ok(Some(base_dir.join(d.get_ref()))),
+    }
 }
 
 /// `server.listen`: one address or a list, none twice.

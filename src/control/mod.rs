@@ -32,6 +32,23 @@ pub struct Control {
     /// The addresses the listeners were really bound to (tests bind port 0); no backend may
     /// point at them.
     bound: OnceLock<Vec<SocketAddr>>,
+    /// The group this replica acts with (`[cluster]`), once it runs.
+    group: OnceLock<Arc<dyn Group>>,
+}
+
+/// What a group of replicas offers the admin API: changes to the shared backend registry (made
+/// in the shared store, then applied here and by every other replica), and its state.
+pub trait Group: Send + Sync {
+    /// Makes `change` for the whole group.
+    fn change<'a>(
+        &'a self,
+        pool: &'a str,
+        change: BackendChange,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ChangeError>> + Send + 'a>>;
+    /// `GET /api/cluster`.
+    fn document(&self) -> serde_json::Value;
+    /// Whether the shared store is reachable (else this replica serves on what it last had).
+    fn connected(&self) -> bool;
 }
 
 impl Control {
@@ -46,6 +63,7 @@ impl Control {
             scale_events: EventLog::default(),
             history,
             bound: OnceLock::new(),
+            group: OnceLock::new(),
         })
     }
 
@@ -73,6 +91,25 @@ impl Control {
 
     pub fn set_config_status(&self, status: ConfigStatus) {
         self.config_status.store(Arc::new(status));
+    }
+
+    /// Joins this replica's group (once).
+    pub fn set_group(&self, group: Arc<dyn Group>) {
+        let _ = self.group.set(group);
+    }
+
+    /// The group this replica acts with, if it has one.
+    pub fn group(&self) -> Option<&Arc<dyn Group>> {
+        self.group.get()
+    }
+
+    /// A change asked for through the admin API: made for the whole group when there is one
+    /// (the registry then lives in the shared store instead of the state file), else here.
+    pub async fn change_backend_from_api(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
+        match self.group.get() {
+            Some(g) => g.change(pool, change).await,
+            None => self.change_backend(pool, change).await,
+        }
     }
 
     /// Connects the reloader (once).

@@ -118,4 +118,7 @@ pub enum ChangeError {
     /// The change could not be made for a reason of headroom's own (the state file).
     #[error("{0}")]
     Internal(String),
+    /// The shared store of a group of replicas cannot be reached: nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -4,7 +4,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::time::SystemTime;
 use tokio::sync::{mpsc, watch};
 
 /// Resolves once `rx` reads true (or its sender is gone).
@@ -27,9 +26,7 @@ pub fn text_hash(text: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
-pub(super) fn unix_now() -> f64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
+pub(super) use crate::clock::unix_now;
 
 /// Watches the directories of `paths` (so a file renamed over one is seen) and signals `tx` on
 /// any event that names one of the files.

@@ -138,7 +138,7 @@ pub(super) async fn release(
     let started = Instant::now();
     match control.change_backend(&req.pool, BackendChange::Remove(addr)).await {
         Ok(()) | Err(ChangeError::NotFound(_) | ChangeError::Invalid(_)) => {}
-        Err(ChangeError::Conflict(e) | ChangeError::Internal(e)) => {
+        Err(ChangeError::Conflict(e) | ChangeError::Internal(e) | ChangeError::Unavailable(e)) => {
             let _ = done.send(Done {
                 action: req.action,
                 count: req.count,

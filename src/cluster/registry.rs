@@ -1,0 +1,207 @@
+//! The group's shared registry of runtime backends: one etcd key per backend
+//! (`backends/<pool>/<addr>`, a JSON record of pool, addr, weight, capacity, who added it and
+//! when). Every replica reads the whole set, applies the difference with what it applied before,
+//! then follows a watch from the revision it read; a replica that starts late, or comes back
+//! after etcd was away, gets the full set the same way. What it applies goes through the
+//! reloader like any runtime change (not saved to the state file: etcd holds it).
+
+use super::{Cluster, RETRY};
+use crate::config::BackendConfig;
+use crate::control::status::{BackendChange, ChangeError};
+use crate::etcd::{EtcdError, Event, Kv, WatchMessage};
+use crate::telemetry;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+/// One runtime backend of the group, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Record {
+    pool: String,
+    addr: SocketAddr,
+    weight: u32,
+    max_inflight: u32,
+    #[serde(default)]
+    backup: bool,
+    added_by: String,
+    added_at: f64,
+}
+
+type Applied = HashMap<(String, SocketAddr), BackendConfig>;
+
+/// Follows the registry for as long as this replica runs.
+pub(super) async fn follow(c: &Cluster) {
+    let mut applied = Applied::new();
+    loop {
+        if let Err(e) = sync_then_watch(c, &mut applied).await {
+            c.failed(&c.registry_ok, "registry", &e);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+fn prefix(c: &Cluster) -> String {
+    c.key("backends/")
+}
+
+fn key(c: &Cluster, pool: &str, addr: SocketAddr) -> String {
+    c.key(&format!("backends/{pool}/{addr}"))
+}
+
+/// Reads the whole registry, applies what changed since `applied`, then applies the watch's
+/// changes until it ends (an error) or etcd compacted past it (`Ok`: read everything again).
+async fn sync_then_watch(c: &Cluster, applied: &mut Applied) -> Result<(), EtcdError> {
+    let (kvs, revision) = c.etcd.get_prefix(&prefix(c)).await?;
+    let wanted: Applied = kvs.iter().filter_map(|kv| decode(c, kv)).collect();
+    let gone: Vec<(String, SocketAddr)> = applied.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+    for (pool, addr) in gone {
+        remove_here(c, &pool, addr).await;
+    }
+    let mut new: HashMap<String, Vec<BackendConfig>> = HashMap::new();
+    for ((pool, _), b) in wanted.iter().filter(|(k, _)| !applied.contains_key(*k)) {
+        new.entry(pool.clone()).or_default().push(b.clone());
+    }
+    for (pool, list) in new {
+        add_here(c, &pool, list).await;
+    }
+    *applied = wanted;
+    settled(c, revision, applied);
+    let mut watch = c.etcd.watch(&prefix(c), revision + 1).await?;
+    loop {
+        match watch.next().await? {
+            None => return Err(EtcdError::Unreachable("the registry's watch ended".into())),
+            Some(WatchMessage::Compacted(_)) => return Ok(()),
+            Some(WatchMessage::Quiet) => {}
+            Some(WatchMessage::Events(events, revision)) => {
+                for e in events {
+                    apply(c, applied, e).await;
+                }
+                settled(c, revision, applied);
+            }
+        }
+    }
+}
+
+fn settled(c: &Cluster, revision: i64, applied: &Applied) {
+    c.registry_revision.store(revision, Ordering::Relaxed);
+    c.registry_size.store(applied.len() as i64, Ordering::Relaxed);
+    c.succeeded(&c.registry_ok);
+}
+
+async fn apply(c: &Cluster, applied: &mut Applied, event: Event) {
+    match event {
+        Event::Put(kv) => {
+            let Some((k, b)) = decode(c, &kv) else { return };
+            if applied.insert(k.clone(), b.clone()).is_none() {
+                add_here(c, &k.0, vec![b]).await;
+            }
+        }
+        Event::Delete { key, .. } => {
+            let Some(k) = parse_key(c, &key) else { return };
+            if applied.remove(&k).is_some() {
+                remove_here(c, &k.0, k.1).await;
+            }
+        }
+    }
+}
+
+/// The backend a registry key and value describe; `None` (logged) for one this replica cannot
+/// take: a pool it does not have, or an address its rules refuse.
+fn decode(c: &Cluster, kv: &Kv) -> Option<((String, SocketAddr), BackendConfig)> {
+    let r: Record = match serde_json::from_slice(&kv.value) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(key = %kv.key.escape_debug(), error = %e, "registry entry not understood; skipped");
+            return None;
+        }
+    };
+    if let Err(rule) = c.control.addr_policy().check(r.addr) {
+        telemetry::backend_addr_refused(&r.pool, "cluster", rule.as_str());
+        tracing::warn!(pool = %r.pool.escape_debug(), backend = %r.addr, %rule, "registry entry refused here");
+        return None;
+    }
+    let b =
+        BackendConfig { addr: r.addr, weight: r.weight.max(1), max_inflight: r.max_inflight.max(1), backup: r.backup };
+    Some(((r.pool, r.addr), b))
+}
+
+fn parse_key(c: &Cluster, key: &str) -> Option<(String, SocketAddr)> {
+    let rest = key.strip_prefix(&prefix(c))?;
+    let (pool, addr) = rest.rsplit_once('/')?;
+    Some((pool.to_string(), addr.parse().ok()?))
+}
+
+/// Adds backends from the registry here (those this replica already has are left as they are:
+/// the one whose API took the registration applied it at once).
+async fn add_here(c: &Cluster, pool: &str, list: Vec<BackendConfig>) {
+    let snapshot = c.control.snapshot();
+    let Some(p) = snapshot.pool(pool) else {
+        tracing::warn!(pool = %pool.escape_debug(), "registry entries for a pool this replica does not have; skipped");
+        return;
+    };
+    let have: HashSet<SocketAddr> = p.backends.iter().map(|b| b.addr).collect();
+    let list: Vec<BackendConfig> = list.into_iter().filter(|b| !have.contains(&b.addr)).collect();
+    if list.is_empty() {
+        return;
+    }
+    let n = list.len();
+    match c.control.change_backend(pool, BackendChange::AddMany { backends: list, persist: false }).await {
+        Ok(()) => (0..n).for_each(|_| telemetry::cluster_registry_change("add")),
+        Err(e) => tracing::warn!(pool, error = %e, "registry entries not applied"),
+    }
+}
+
+async fn remove_here(c: &Cluster, pool: &str, addr: SocketAddr) {
+    match c.control.change_backend(pool, BackendChange::Remove(addr)).await {
+        Ok(()) => telemetry::cluster_registry_change("remove"),
+        // Already gone here (this replica's API removed it).
+        Err(ChangeError::NotFound(_)) => {}
+        Err(e) => tracing::warn!(pool, backend = %addr, error = %e, "registry removal not applied"),
+    }
+}
+
+/// `POST /api/pools/{pool}/backends` on a replica of a group: refused at once if this replica
+/// already has it, else written to etcd, then applied here.
+pub(super) async fn add(c: &Cluster, pool: &str, b: BackendConfig) -> Result<(), ChangeError> {
+    let snapshot = c.control.snapshot();
+    let Some(p) = snapshot.pool(pool) else { return Err(ChangeError::NotFound(format!("no pool {pool:?}"))) };
+    if p.backends.iter().any(|x| x.addr == b.addr) {
+        return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
+    }
+    let record = Record {
+        pool: pool.to_string(),
+        addr: b.addr,
+        weight: b.weight,
+        max_inflight: b.max_inflight,
+        backup: b.backup,
+        added_by: c.cfg.name.clone(),
+        added_at: crate::clock::unix_now(),
+    };
+    let value = serde_json::to_vec(&record).map_err(|e| ChangeError::Internal(e.to_string()))?;
+    c.etcd.put(&key(c, pool, b.addr), &value, 0).await.map_err(unavailable)?;
+    match c.control.change_backend(pool, BackendChange::Add { backend: b, persist: false }).await {
+        // The watch may have applied it first.
+        Ok(()) | Err(ChangeError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `DELETE /api/pools/{pool}/backends/{addr}` on a replica of a group: deleted from etcd (every
+/// replica drains it from its watch), and drained here at once. A backend the registry does not
+/// hold is this replica's own (launched, or from its file): the usual rules answer.
+pub(super) async fn remove(c: &Cluster, pool: &str, addr: SocketAddr) -> Result<(), ChangeError> {
+    let k = key(c, pool, addr);
+    if c.etcd.get(&k).await.map_err(unavailable)?.is_none() {
+        return c.control.change_backend(pool, BackendChange::Remove(addr)).await;
+    }
+    c.etcd.delete(&k).await.map_err(unavailable)?;
+    match c.control.change_backend(pool, BackendChange::Remove(addr)).await {
+        Ok(()) | Err(ChangeError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn unavailable(e: EtcdError) -> ChangeError {
+    ChangeError::Unavailable(format!("the cluster's store (etcd) cannot be reached, so nothing was changed: {e}"))
+}
