@@ -6,6 +6,8 @@
 // Tests may lock; the rule is for the data path.
 #![allow(clippy::disallowed_types)]
 
+pub mod etcd;
+
 use bytes::Bytes;
 use headroom::config::Config;
 use http::{Request, Response, StatusCode};

@@ -1,0 +1,223 @@
+//! Several replicas as one gateway (`[cluster]`): a real 3-member etcd cluster on loopback ports,
+//! headroom replicas as child processes, real backends. Membership, the shared registry of
+//! runtime backends (convergence, removal, a late replica), and serving through etcd's absence.
+
+mod common;
+
+use common::etcd::EtcdCluster;
+use common::*;
+use http::Method;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+
+struct Replica {
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    _proc: Proc,
+    _file: tempfile::NamedTempFile,
+}
+
+/// Starts replica `name` of the group on `etcd`, with pool `default` listing `file_backend`.
+async fn replica(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr) -> Replica {
+    let (proxy, admin) = (free_addr(), free_addr());
+    let text = format!(
+        "[server]\nlisten = \"{proxy}\"\naccess_log = false\n[admin]\nlisten = \"{admin}\"\n\
+         [pools.default]\n[[pools.default.backends]]\naddr = \"{file_backend}\"\n\
+         [cluster]\netcd = {}\nname = \"{name}\"\nprefix = \"/headroom/test\"\nlease_ttl = \"2s\"\n",
+        etcd.endpoints_toml()
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    let p = spawn(&["--config", file.path().to_str().unwrap()]);
+    wait_listening(admin).await;
+    let r = Replica { proxy, admin, _proc: p, _file: file };
+    poll_until(T, "replica connected to etcd", || async {
+        admin_call(r.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+    })
+    .await;
+    r
+}
+
+async fn backends_of(admin: SocketAddr) -> Vec<(String, String)> {
+    let (_, v) = admin_call(admin, Method::GET, "/api/pools", "").await;
+    v["pools"][0]["backends"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|b| (b["addr"].as_str().unwrap().to_string(), b["state"].as_str().unwrap().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn serving(admin: SocketAddr, addr: SocketAddr) -> bool {
+    backends_of(admin).await.iter().any(|(a, s)| *a == addr.to_string() && s == "healthy")
+}
+
+/// Whether a request through `proxy` reached the backend at `addr` within `n` tries.
+async fn reaches(proxy: SocketAddr, addr: SocketAddr, n: usize) -> bool {
+    for _ in 0..n {
+        let req = http::Request::get(format!("http://{proxy}/")).body(full(bytes::Bytes::new())).unwrap();
+        if let Ok(r) = client().request(req).await {
+            if r.headers().get("x-backend").and_then(|v| v.to_str().ok()) == Some(addr.to_string().as_str()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_registered_on_one_replica_serves_on_all_and_a_late_replica_sees_it() {
+    let etcd = EtcdCluster::start(3).await;
+    let (file_backend, added) = (TestBackend::ok().await, TestBackend::ok().await);
+    let a = replica(&etcd, "a", file_backend.addr).await;
+    let b = replica(&etcd, "b", file_backend.addr).await;
+    let c = replica(&etcd, "c", file_backend.addr).await;
+    // A reads the members each time it renews its lease (every third of lease_ttl).
+    poll_until(Duration::from_secs(3), "A lists the three members", || async {
+        let (_, view) = admin_call(a.admin, Method::GET, "/api/cluster", "").await;
+        let mut names: Vec<String> =
+            view["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+        names.sort_unstable();
+        names == ["a", "b", "c"]
+    })
+    .await;
+
+    let (status, _) =
+        admin_call(a.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{}\"}}", added.addr))
+            .await;
+    assert_eq!(status, 201);
+    poll_until(Duration::from_secs(1), "B and C list the backend A registered", || async {
+        serving(b.admin, added.addr).await && serving(c.admin, added.addr).await
+    })
+    .await;
+    for r in [&a, &b, &c] {
+        assert!(reaches(r.proxy, added.addr, 10).await, "requests through {} reach the registered backend", r.proxy);
+    }
+
+    // Deleted through C: every replica drains it.
+    let (status, _) =
+        admin_call(c.admin, Method::DELETE, &format!("/api/pools/default/backends/{}", added.addr), "").await;
+    assert_eq!(status, 200);
+    poll_until(Duration::from_secs(2), "A and B stop serving the deleted backend", || async {
+        !serving(a.admin, added.addr).await && !serving(b.admin, added.addr).await
+    })
+    .await;
+    let before = added.hits.load(std::sync::atomic::Ordering::Relaxed);
+    for r in [&a, &b, &c] {
+        assert!(!reaches(r.proxy, added.addr, 5).await);
+    }
+    assert_eq!(added.hits.load(std::sync::atomic::Ordering::Relaxed), before);
+
+    // Registered again, then a replica that starts late gets it from the registry.
+    let (status, _) =
+        admin_call(b.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{}\"}}", added.addr))
+            .await;
+    assert_eq!(status, 201);
+    let d = replica(&etcd, "d", file_backend.addr).await;
+    poll_until(Duration::from_secs(2), "the late replica lists the backend", || serving(d.admin, added.addr)).await;
+    assert!(reaches(d.proxy, added.addr, 10).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_registrations_reach_every_replica_within_a_second_at_p99() {
+    let etcd = EtcdCluster::start(3).await;
+    let file_backend = TestBackend::ok().await;
+    let a = replica(&etcd, "a", file_backend.addr).await;
+    let b = replica(&etcd, "b", file_backend.addr).await;
+    let c = replica(&etcd, "c", file_backend.addr).await;
+    let mut took = Vec::new();
+    for _ in 0..100 {
+        let addr = dead_addr().await;
+        let (status, _) =
+            admin_call(a.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{addr}\"}}"))
+                .await;
+        assert_eq!(status, 201);
+        let t = Instant::now();
+        poll_until(Duration::from_secs(5), "B and C list the registered backend", || async {
+            let (lb, lc) = (backends_of(b.admin).await, backends_of(c.admin).await);
+            [lb, lc].iter().all(|l| l.iter().any(|(x, _)| *x == addr.to_string()))
+        })
+        .await;
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let p99 = took[98];
+    eprintln!("registry convergence over 100 additions: p50 {:?}, p99 {p99:?}, max {:?}", took[49], took[99]);
+    assert!(p99 <= Duration::from_secs(1), "p99 {p99:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_through_etcd_going_away_and_rejoin_when_it_returns() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let (file_backend, added) = (TestBackend::ok().await, TestBackend::ok().await);
+    let a = replica(&etcd, "a", file_backend.addr).await;
+    let b = replica(&etcd, "b", file_backend.addr).await;
+    let (status, _) =
+        admin_call(a.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{}\"}}", added.addr))
+            .await;
+    assert_eq!(status, 201);
+    poll_until(Duration::from_secs(2), "B lists the backend", || serving(b.admin, added.addr)).await;
+
+    // One member of three lost: nothing visible changes.
+    etcd.stop_member(0);
+    let other = dead_addr().await;
+    let (status, body) =
+        admin_call(b.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{other}\"}}")).await;
+    assert_eq!(status, 201, "{body}");
+    poll_until(Duration::from_secs(2), "A lists the backend B registered", || async {
+        backends_of(a.admin).await.iter().any(|(x, _)| *x == other.to_string())
+    })
+    .await;
+    for r in [&a, &b] {
+        assert_eq!(admin_call(r.admin, Method::GET, "/api/cluster", "").await.1["connected"], true);
+    }
+
+    // All of etcd gone: both keep serving with what they had, and say so.
+    etcd.stop_member(1);
+    etcd.stop_member(2);
+    poll_until(T, "replicas see etcd unreachable", || async {
+        admin_call(a.admin, Method::GET, "/api/cluster", "").await.1["connected"] == false
+            && admin_call(b.admin, Method::GET, "/api/cluster", "").await.1["connected"] == false
+    })
+    .await;
+    let mut failed = 0;
+    for r in [&a, &b] {
+        for _ in 0..100 {
+            let req = http::Request::get(format!("http://{}/", r.proxy)).body(full(bytes::Bytes::new())).unwrap();
+            match client().request(req).await {
+                Ok(resp) if resp.status() == 200 => {}
+                _ => failed += 1,
+            }
+        }
+        assert!(serving(r.admin, added.addr).await, "the registered backend stays");
+        let health = get(&format!("http://{}/healthz", r.admin)).await;
+        assert_eq!(health.0, 200);
+        assert!(String::from_utf8_lossy(&health.1).contains("etcd unreachable"));
+        let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", r.admin)).await.1).into_owned();
+        assert_eq!(metric_value(&page, "headroom_cluster_connected"), 0.0);
+    }
+    assert_eq!(failed, 0, "requests failed while etcd was away");
+    // A registration needs etcd: refused, nothing changed.
+    let third = dead_addr().await;
+    let (status, _) =
+        admin_call(a.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{third}\"}}")).await;
+    assert_eq!(status, 503);
+    assert!(!backends_of(a.admin).await.iter().any(|(x, _)| *x == third.to_string()));
+
+    // etcd back: both rejoin by themselves.
+    for i in 0..3 {
+        etcd.start_member(i);
+    }
+    poll_until(Duration::from_secs(30), "replicas reconnect", || async {
+        admin_call(a.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+            && admin_call(b.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+    })
+    .await;
+    let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", a.admin)).await.1).into_owned();
+    assert_eq!(metric_value(&page, "headroom_cluster_connected"), 1.0);
+    assert!(serving(a.admin, added.addr).await && serving(b.admin, added.addr).await);
+}
