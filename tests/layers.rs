@@ -3,10 +3,10 @@
 //! wins), from the bottom up:
 //!
 //! 0 clock, error, config, certificate loading (tls), the OpenAI API's shapes (openai), prompt keys (prompt) · 1 metric names and recording (telemetry),
-//! the listeners' SNI resolver (tls::server) · 2 the pool model the hot path reads (pool) · 3 the
+//! the etcd client (etcd), the listeners' SNI resolver (tls::server) · 2 the pool model the hot path reads (pool) · 3 the
 //! HTTP/1.1 codec (http1) and a client connection's state (downstream) · 4 upstream connections
 //! (upstream) · 5 the data path and its snapshot (proxy, gateway) · 6 what changes the snapshot
-//! (control, reload, health, scale, scrape) · 7 admin, server, tls::gen · 8 the crate root · 9 the dev
+//! (control, reload, health, scale, scrape, cluster) · 7 admin, server, tls::gen · 8 the crate root · 9 the dev
 //! tools (load, mock), which nothing else may use.
 //!
 //! A second check finds modules that use each other in a circle (directly or through others),
