@@ -21,11 +21,16 @@ struct Replica {
 
 /// Starts replica `name` of the group on `etcd`, with pool `default` listing `file_backend`.
 async fn replica(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr) -> Replica {
+    replica_with(etcd, name, file_backend, "").await
+}
+
+/// Like [`replica`], with `pool` added to the pool's table (keys, then sub-tables).
+async fn replica_with(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr, pool: &str) -> Replica {
     let (proxy, admin) = (free_addr(), free_addr());
     let text = format!(
-        "[server]\nlisten = \"{proxy}\"\naccess_log = false\n[admin]\nlisten = \"{admin}\"\n\
-         [pools.default]\n[[pools.default.backends]]\naddr = \"{file_backend}\"\n\
-         [cluster]\netcd = {}\nname = \"{name}\"\nprefix = \"/headroom/test\"\nlease_ttl = \"2s\"\n",
+        "[cluster]\netcd = {}\nname = \"{name}\"\nprefix = \"/headroom/test\"\nlease_ttl = \"2s\"\n\
+         [server]\nlisten = \"{proxy}\"\naccess_log = false\n[admin]\nlisten = \"{admin}\"\n\
+         [[pools.default.backends]]\naddr = \"{file_backend}\"\n[pools.default]\n{pool}\n",
         etcd.endpoints_toml()
     );
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -220,4 +225,143 @@ async fn replicas_serve_through_etcd_going_away_and_rejoin_when_it_returns() {
     let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", a.admin)).await.1).into_owned();
     assert_eq!(metric_value(&page, "headroom_cluster_connected"), 1.0);
     assert!(serving(a.admin, added.addr).await && serving(b.admin, added.addr).await);
+}
+
+/// A provider in POSIX sh: logs each request to `calls.log` and answers `scale_up` with the
+/// addresses in `free` (one per line), as many as asked.
+const PROVIDER: &str = r#"#!/bin/sh
+dir="$(dirname "$0")"
+req="$(cat)"
+printf '%s\n' "$req" >> "$dir/calls.log"
+case "$req" in
+  *'"action":"scale_down"'*) exit 0 ;;
+esac
+count="$(printf '%s' "$req" | sed -n 's/.*"count":\([0-9]*\).*/\1/p')"
+out=""
+i=0
+while [ "$i" -lt "$count" ]; do
+  addr="$(sed -n "$((i+1))p" "$dir/free")"
+  [ -z "$addr" ] && break
+  out="$out${out:+,}{\"addr\":\"$addr\"}"
+  i=$((i+1))
+done
+printf '{"backends":[%s]}\n' "$out"
+"#;
+
+/// The provider's calls so far.
+fn calls(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let log = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
+    log.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A backend that answers after 300 ms.
+async fn slow() -> TestBackend {
+    TestBackend::start(|_req| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        hyper::Response::new(full("slow"))
+    })
+    .await
+}
+
+/// `n` clients sending GETs back to back through `proxy` until `stop`; returns the failures.
+fn clients(
+    proxy: SocketAddr,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut failed = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = http::Request::get(format!("http://{proxy}/")).body(full(bytes::Bytes::new())).unwrap();
+                    match client().request(req).await {
+                        Ok(r) if r.status() == 200 => {
+                            use http_body_util::BodyExt;
+                            let _ = r.into_body().collect().await;
+                        }
+                        _ => failed += 1,
+                    }
+                }
+                failed
+            }));
+        }
+        let mut failed = 0;
+        for t in tasks {
+            failed += t.await.unwrap();
+        }
+        failed
+    })
+}
+
+/// The group's autoscaler: each replica's queue (2) stays below the threshold (4); their sum (6)
+/// crosses it. Only the leader calls the provider, once, for the summed demand; the backends it
+/// registers serve on every replica. Then the leader is killed: another leads within
+/// lease_ttl + 1 s, carries the cooldown over (no second call), and the others lose no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_scale_again() {
+    let etcd = EtcdCluster::start(3).await;
+    let backend = slow().await;
+    let fresh: Vec<TestBackend> = futures_util::future::join_all((0..8).map(|_| TestBackend::ok())).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("provider.sh"), PROVIDER).unwrap();
+    let free: String = fresh.iter().map(|b| format!("{}\n", b.addr)).collect();
+    std::fs::write(dir.path().join("free"), free).unwrap();
+    let pool = format!(
+        "max_inflight_per_backend = 1\nqueue = {{ max_depth = 100, timeout = \"20s\" }}\n\
+         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 12\ntarget_inflight_per_backend = 1\n\
+         scale_up_queue_depth = 4\nscale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"\n\
+         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
+        dir.path().join("provider.sh").display()
+    );
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(replica_with(&etcd, name, backend.addr, &pool).await);
+    }
+    let leader = |r: &Replica| {
+        let admin = r.admin;
+        async move { admin_call(admin, Method::GET, "/api/cluster", "").await.1["leader"].as_str().map(str::to_string) }
+    };
+    poll_until(T, "a leader elected", || async { leader(&replicas[0]).await.is_some() }).await;
+
+    let stops: Vec<_> = (0..3).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).collect();
+    let mut loads: Vec<_> =
+        replicas.iter().zip(&stops).map(|(r, stop)| Some(clients(r.proxy, 3, stop.clone()))).collect();
+    poll_until(T, "the scale-up call", || async { !calls(dir.path()).is_empty() }).await;
+    let first = calls(dir.path());
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["action"], "scale_up");
+    // 3 in flight + 6 queued over the group, one request per backend: 9 backends, 1 there.
+    assert_eq!(first[0]["count"], 8, "{}", first[0]);
+    assert!(first[0]["current"]["queue_depth"].as_u64().unwrap() >= 4, "{}", first[0]);
+    for r in &replicas {
+        poll_until(T, "the new backends on every replica", || async { backends_of(r.admin).await.len() == 9 }).await;
+    }
+
+    // The leader is killed (SIGKILL: its lease has to run out); the group goes on.
+    let name = leader(&replicas[0]).await.unwrap();
+    let idx = ["a", "b", "c"].iter().position(|n| *n == name).unwrap();
+    let mut killed = replicas.remove(idx);
+    stops[idx].store(true, std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    killed._proc.0.kill().unwrap();
+    let _ = killed._proc.0.wait();
+    let _ = loads[idx].take().unwrap().await;
+    poll_until(Duration::from_secs(10), "another leader", || async {
+        leader(&replicas[0]).await.is_some_and(|l| l != name)
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("new leader {:?} after {took:?}", leader(&replicas[0]).await);
+    assert!(took <= Duration::from_secs(3) + Duration::from_millis(500), "{took:?} (lease_ttl 2 s + 1 s)");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(calls(dir.path()).len(), 1, "the new leader called the provider again: {:?}", calls(dir.path()));
+    for stop in &stops {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    for l in loads.into_iter().flatten() {
+        assert_eq!(l.await.unwrap(), 0, "requests failed on a surviving replica");
+    }
 }

@@ -222,7 +222,7 @@ async fn register(control: &Control, pool: &str, req: Request<Incoming>) -> Resp
     }
     let cfg = crate::config::BackendConfig { addr, weight, max_inflight, backup: reg.backup.unwrap_or(false) };
     let add = crate::control::status::BackendChange::Add { backend: cfg, persist: true };
-    match control.change_backend_from_api(pool, add).await {
+    match control.change_backend_shared(pool, add).await {
         Ok(()) => {
             let state = state_of(control, pool, addr).unwrap_or("healthy");
             let body = json!({ "pool": pool, "addr": addr.to_string(), "weight": weight, "state": state });
@@ -259,7 +259,7 @@ async fn deregister(control: &Control, path: &str) -> Response<Body> {
         Ok(p) => p,
         Err((status, message)) => return json_error(status, message),
     };
-    match control.change_backend_from_api(pool, crate::control::status::BackendChange::Remove(addr)).await {
+    match control.change_backend_shared(pool, crate::control::status::BackendChange::Remove(addr)).await {
         Ok(()) => respond(
             StatusCode::OK,
             "application/json",

@@ -1,22 +1,25 @@
 //! Several replicas acting as one gateway, through etcd (`[cluster]`). This module owns this
 //! replica's membership (a key under its lease, renewed every third of the TTL), the shared
-//! registry of runtime backends (`registry`: written to etcd by whichever replica's API is asked,
-//! applied by every replica from a watch), and what `GET /api/cluster`, `/healthz` and
-//! `headroom_cluster_connected` say about the group.
+//! registry of runtime backends (`registry`: written to etcd by whichever replica's API or
+//! provider is asked, applied by every replica from a watch), the election of the one replica
+//! that runs the group's autoscalers on the summed demand (`lead`), and what `GET /api/cluster`,
+//! `/healthz` and `headroom_cluster_connected` say about the group.
 //!
 //! It never decides anything by itself that needs agreement: etcd does (leases, revisions).
 //! When etcd cannot be reached, every replica keeps serving with the backends it last had
 //! ("fail static") and comes back by itself when etcd does. Health checks and ejection stay per
 //! replica.
 //!
-//! Keys, under `prefix`: `members/<name>` (this replica, under its lease) and
-//! `backends/<pool>/<addr>` (one runtime backend each).
+//! Keys, under `prefix`: `members/<name>` (this replica, under its lease),
+//! `backends/<pool>/<addr>` (one runtime backend each), `leader` (the election),
+//! `demand/<pool>/<name>` (under the lease) and `autoscale/<pool>` (the leader's memory).
 
+mod lead;
 mod registry;
 
 use crate::config::ClusterConfig;
 use crate::control::status::{BackendChange, ChangeError};
-use crate::control::{Control, Group};
+use crate::control::{Control, Group, ScaleMemory};
 use crate::etcd::{Etcd, EtcdError};
 use crate::telemetry;
 use arc_swap::ArcSwap;
@@ -64,6 +67,7 @@ pub struct Cluster {
     registry_revision: AtomicI64,
     registry_size: AtomicI64,
     view: ArcSwap<View>,
+    lead: lead::Lead,
 }
 
 impl Cluster {
@@ -94,6 +98,7 @@ impl Cluster {
             registry_revision: AtomicI64::new(0),
             registry_size: AtomicI64::new(0),
             view: ArcSwap::from_pointee(View::default()),
+            lead: lead::Lead::default(),
         }))
     }
 
@@ -104,7 +109,10 @@ impl Cluster {
             _ = stop => {}
             _ = self.membership() => {}
             _ = registry::follow(&self) => {}
+            _ = lead::elect(&self) => {}
+            _ = lead::exchange(&self) => {}
         }
+        self.lead.leads.store(false, Ordering::Relaxed);
         let lease = self.lease.swap(0, Ordering::Relaxed);
         if lease != 0 {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.etcd.revoke(lease)).await;
@@ -132,7 +140,10 @@ impl Cluster {
             loop {
                 match self.etcd.keep_alive(lease).await {
                     Ok(ttl) if ttl > 0 => match self.read_members().await {
-                        Ok(()) => self.succeeded(&self.members_ok),
+                        Ok(()) => {
+                            self.succeeded(&self.members_ok);
+                            lead::read_leader(self).await;
+                        }
                         Err(e) => self.failed(&self.members_ok, "membership", &e),
                     },
                     Ok(_) => break,
@@ -196,9 +207,10 @@ impl Cluster {
     async fn change_shared(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
         match change {
             BackendChange::Add { backend, .. } => registry::add(self, pool, backend).await,
+            BackendChange::AddMany { backends, .. } => registry::add_many(self, pool, backends).await,
             BackendChange::Remove(addr) => registry::remove(self, pool, addr).await,
-            // Drain state and batches from providers stay per replica for now.
-            other => self.control.change_backend(pool, other).await,
+            // Drain state stays per replica.
+            other @ BackendChange::Undrain(_) => self.control.change_backend(pool, other).await,
         }
     }
 }
@@ -223,7 +235,8 @@ impl Group for Cluster {
             "connected": self.connected(),
             "lease": self.lease.load(Ordering::Relaxed).to_string(),
             "members": view.members,
-            "leader": null,
+            "leader": **self.lead.leader.load(),
+            "leads": self.leads(),
             "registry": {
                 "revision": self.registry_revision.load(Ordering::Relaxed),
                 "backends": self.registry_size.load(Ordering::Relaxed),
@@ -235,5 +248,21 @@ impl Group for Cluster {
 
     fn connected(&self) -> bool {
         self.members_ok.load(Ordering::Relaxed) && self.registry_ok.load(Ordering::Relaxed)
+    }
+
+    fn leads(&self) -> bool {
+        self.lead.leads.load(Ordering::Relaxed) && self.connected()
+    }
+
+    fn demand(&self, pool: &str, queue: u32, inflight: u32) -> (u32, u32) {
+        self.lead.demand(pool, (queue, inflight))
+    }
+
+    fn scale_memory(&self, pool: &str) -> Option<ScaleMemory> {
+        self.lead.memory(pool)
+    }
+
+    fn record_scale(&self, pool: &str, memory: ScaleMemory) {
+        self.lead.record(pool, memory);
     }
 }

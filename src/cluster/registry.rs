@@ -169,22 +169,28 @@ pub(super) async fn add(c: &Cluster, pool: &str, b: BackendConfig) -> Result<(),
     if p.backends.iter().any(|x| x.addr == b.addr) {
         return Err(ChangeError::Conflict(format!("pool {pool:?} already has backend {}", b.addr)));
     }
-    let record = Record {
-        pool: pool.to_string(),
-        addr: b.addr,
-        weight: b.weight,
-        max_inflight: b.max_inflight,
-        backup: b.backup,
-        added_by: c.cfg.name.clone(),
-        added_at: crate::clock::unix_now(),
-    };
-    let value = serde_json::to_vec(&record).map_err(|e| ChangeError::Internal(e.to_string()))?;
+    let value = record(c, pool, &b)?;
     c.etcd.put(&key(c, pool, b.addr), &value, 0).await.map_err(unavailable)?;
     match c.control.change_backend(pool, BackendChange::Add { backend: b, persist: false }).await {
         // The watch may have applied it first.
         Ok(()) | Err(ChangeError::Conflict(_)) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Backends a provider returned to the leader's autoscaler: written to etcd, then applied here
+/// in one publish. Those this replica already has are left out.
+pub(super) async fn add_many(c: &Cluster, pool: &str, list: Vec<BackendConfig>) -> Result<(), ChangeError> {
+    let snapshot = c.control.snapshot();
+    let Some(p) = snapshot.pool(pool) else { return Err(ChangeError::NotFound(format!("no pool {pool:?}"))) };
+    let have: HashSet<SocketAddr> = p.backends.iter().map(|b| b.addr).collect();
+    let list: Vec<BackendConfig> = list.into_iter().filter(|b| !have.contains(&b.addr)).collect();
+    for b in &list {
+        let value = record(c, pool, b)?;
+        c.etcd.put(&key(c, pool, b.addr), &value, 0).await.map_err(unavailable)?;
+    }
+    add_here(c, pool, list).await;
+    Ok(())
 }
 
 /// `DELETE /api/pools/{pool}/backends/{addr}` on a replica of a group: deleted from etcd (every
@@ -200,6 +206,20 @@ pub(super) async fn remove(c: &Cluster, pool: &str, addr: SocketAddr) -> Result<
         Ok(()) | Err(ChangeError::NotFound(_)) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The stored record of backend `b` of `pool`, added by this replica now.
+fn record(c: &Cluster, pool: &str, b: &BackendConfig) -> Result<Vec<u8>, ChangeError> {
+    let record = Record {
+        pool: pool.to_string(),
+        addr: b.addr,
+        weight: b.weight,
+        max_inflight: b.max_inflight,
+        backup: b.backup,
+        added_by: c.cfg.name.clone(),
+        added_at: crate::clock::unix_now(),
+    };
+    serde_json::to_vec(&record).map_err(|e| ChangeError::Internal(e.to_string()))
 }
 
 fn unavailable(e: EtcdError) -> ChangeError {

@@ -49,6 +49,28 @@ pub trait Group: Send + Sync {
     fn document(&self) -> serde_json::Value;
     /// Whether the shared store is reachable (else this replica serves on what it last had).
     fn connected(&self) -> bool;
+    /// Whether this replica runs the group's autoscalers: it was elected, and still reaches the
+    /// store (no provider call without the lease).
+    fn leads(&self) -> bool;
+    /// Takes this replica's demand for `pool` (requests queued, in flight) to publish; answers
+    /// the other live replicas' summed demand for it, as last read.
+    fn demand(&self, pool: &str, queue: u32, inflight: u32) -> (u32, u32);
+    /// What the leader before this one recorded of `pool`'s autoscaler.
+    fn scale_memory(&self, pool: &str) -> Option<ScaleMemory>;
+    /// Records `pool`'s autoscaler state for a leader after this one.
+    fn record_scale(&self, pool: &str, memory: ScaleMemory);
+}
+
+/// What a group's autoscaler hands over to the next leader: its cooldowns and the backends it
+/// has asked for that have not arrived (so a failover neither scales twice nor forgets).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScaleMemory {
+    /// Unix seconds of the last scale up and scale down carried out.
+    pub last_up: Option<f64>,
+    pub last_down: Option<f64>,
+    /// Backends asked for by calls that have not finished, and since when (Unix seconds).
+    pub asking: u32,
+    pub asking_since: Option<f64>,
 }
 
 impl Control {
@@ -103,9 +125,10 @@ impl Control {
         self.group.get()
     }
 
-    /// A change asked for through the admin API: made for the whole group when there is one
-    /// (the registry then lives in the shared store instead of the state file), else here.
-    pub async fn change_backend_from_api(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
+    /// A change asked for through the admin API or by a provider: made for the whole group when
+    /// there is one (the registry then lives in the shared store instead of the state file), else
+    /// here.
+    pub async fn change_backend_shared(&self, pool: &str, change: BackendChange) -> Result<(), ChangeError> {
         match self.group.get() {
             Some(g) => g.change(pool, change).await,
             None => self.change_backend(pool, change).await,

@@ -15,7 +15,7 @@ use super::events::ScaleEvent;
 use super::policy::{Decision, Observation, Policy};
 use super::provider::{Action, Current, HookRequest};
 use crate::config::AutoscaleConfig;
-use crate::control::Control;
+use crate::control::{Control, Group, ScaleMemory};
 use crate::pool::{Backend, BackendState, Pool};
 use crate::telemetry;
 use std::collections::{HashMap, HashSet};
@@ -81,8 +81,12 @@ struct Scaler {
     tracked: HashMap<SocketAddr, Tracked>,
     /// Backends being drained for release, or replaced.
     releasing: HashSet<SocketAddr>,
-    /// Backends asked for by calls still running (scale_up and replace).
+    /// Backends asked for by calls still running (scale_up and replace), and since when.
     asking: u32,
+    asking_since: Option<Instant>,
+    /// In a group of replicas: whether this replica ran the pool's autoscaler at the last look
+    /// (only the group's leader does; the others publish their demand).
+    leading: bool,
     /// Backends a provider said would register themselves: (asked at, how many).
     awaiting: Vec<(Instant, u32)>,
     /// Provider calls (and drains before them) running; aborted when the autoscaler stops.
@@ -98,6 +102,8 @@ impl Scaler {
             tracked: HashMap::new(),
             releasing: HashSet::new(),
             asking: 0,
+            asking_since: None,
+            leading: false,
             awaiting: Vec::new(),
             calls: tokio::task::JoinSet::new(),
         }
@@ -119,7 +125,23 @@ impl Scaler {
             keep
         });
         self.tracked.retain(|addr, _| pool.backends.iter().any(|b| b.addr == *addr));
-        let (obs, verdicts) = self.observe(&pool, &cfg, &file, now);
+        let group = self.control.group().cloned();
+        if let Some(g) = &group {
+            if g.leads() && !self.leading {
+                self.take_over(&**g, &cfg, now);
+            }
+            self.leading = g.leads();
+        }
+        let (mut obs, verdicts) = self.observe(&pool, &cfg, &file, now);
+        if let Some(g) = &group {
+            // The group scales on the sum of every replica's demand, by its leader alone.
+            let (queue, inflight) = g.demand(&self.name, obs.queue_depth, obs.inflight);
+            if !self.leading {
+                return true;
+            }
+            obs.queue_depth = obs.queue_depth.saturating_add(queue);
+            obs.inflight = obs.inflight.saturating_add(inflight);
+        }
         telemetry::desired_backends(&pool.config.name, Policy::desired(&cfg, &obs));
         for (addr, verdict) in verdicts {
             let (action, reason) = match verdict {
@@ -127,7 +149,7 @@ impl Scaler {
                     (Action::ScaleDown, format!("not healthy within provision_timeout ({:?})", cfg.provision_timeout))
                 }
                 Verdict::Replace => {
-                    self.asking += 1;
+                    self.ask(1, now);
                     let after = cfg.replace_unhealthy_after;
                     (Action::Replace, format!("unhealthy for {after:?} (replace_unhealthy_after)"))
                 }
@@ -136,6 +158,45 @@ impl Scaler {
         }
         self.act(&pool, &cfg, &file, obs, now, done);
         true
+    }
+
+    fn ask(&mut self, n: u32, now: Instant) {
+        if self.asking == 0 {
+            self.asking_since = Some(now);
+        }
+        self.asking = self.asking.saturating_add(n);
+        self.remember(now);
+    }
+
+    /// This replica was elected to lead its group: takes over the previous leader's cooldowns,
+    /// and counts the backends it had asked for as on their way (until `provision_timeout`).
+    fn take_over(&mut self, group: &dyn Group, cfg: &AutoscaleConfig, now: Instant) {
+        let Some(m) = group.scale_memory(&self.name) else { return };
+        let unix = crate::clock::unix_now();
+        let ago = |t: Option<f64>| t.and_then(|t| Duration::try_from_secs_f64((unix - t).max(0.0)).ok());
+        self.policy.carry_over(ago(m.last_up), ago(m.last_down), now);
+        let since = ago(m.asking_since).and_then(|d| now.checked_sub(d));
+        if let Some(since) = since.filter(|s| m.asking > 0 && now.duration_since(*s) < cfg.provision_timeout) {
+            self.awaiting.push((since, m.asking));
+        }
+        tracing::info!(pool = %self.name, carried = ?m, "leading the group's autoscaler for this pool");
+    }
+
+    /// Records, for a leader after this one, what it must carry over.
+    fn remember(&self, now: Instant) {
+        let Some(g) = self.control.group().filter(|_| self.leading) else { return };
+        let unix = crate::clock::unix_now();
+        let at = |ago: Option<Duration>| ago.map(|d| unix - d.as_secs_f64());
+        let (up, down) = self.policy.since_last(now);
+        g.record_scale(
+            &self.name,
+            ScaleMemory {
+                last_up: at(up),
+                last_down: at(down),
+                asking: self.asking,
+                asking_since: at(self.asking_since.map(|s| now.saturating_duration_since(s))),
+            },
+        );
     }
 
     /// Counts the pool's backends by state (what the policy sees) and judges each dynamic one.
@@ -230,7 +291,7 @@ impl Scaler {
             Decision::Hold => {}
             Decision::Up { count, reason } => {
                 tracing::info!(pool = %pool.config.name, count, %reason, "scaling up");
-                self.asking += count;
+                self.ask(count, now);
                 let req = self.request(Action::ScaleUp, count, vec![], obs, reason);
                 self.calls.spawn(calls::scale_up(self.control.clone(), req, done.clone()));
             }
@@ -239,6 +300,7 @@ impl Scaler {
                 if !victims.is_empty() {
                     tracing::info!(pool = %pool.config.name, count = victims.len(), %reason, "scaling down");
                     self.policy.acted(false, now);
+                    self.remember(now);
                 }
                 for addr in victims {
                     self.release(pool, Action::ScaleDown, addr, reason.clone(), obs, done);
@@ -316,6 +378,9 @@ impl Scaler {
             .map_or(Duration::from_secs(1), |a| a.provider.retry_backoff);
         if matches!(done.action, Action::ScaleUp | Action::Replace) {
             self.asking = self.asking.saturating_sub(done.count);
+            if self.asking == 0 {
+                self.asking_since = None;
+            }
         }
         for addr in &done.released {
             self.releasing.remove(addr);
@@ -356,6 +421,7 @@ impl Scaler {
                 }
             }
         }
+        self.remember(now);
         let outcome = if done.result.is_ok() { "ok" } else { "error" };
         telemetry::scale_event(&self.name, done.action.as_str(), outcome);
         let backends = done.added.iter().chain(&done.released).map(ToString::to_string).collect();

@@ -101,7 +101,7 @@ async fn register(control: &Arc<Control>, req: &HookRequest, backends: Vec<Backe
         return Vec::new();
     }
     let addrs: Vec<SocketAddr> = wanted.iter().map(|b| b.addr).collect();
-    if let Err(e) = control.change_backend(pool, BackendChange::AddMany { backends: wanted, persist }).await {
+    if let Err(e) = control.change_backend_shared(pool, BackendChange::AddMany { backends: wanted, persist }).await {
         tracing::warn!(pool, error = %e, "cannot register the new backends");
         return Vec::new();
     }
@@ -136,7 +136,7 @@ pub(super) async fn release(
     done: mpsc::UnboundedSender<Done>,
 ) {
     let started = Instant::now();
-    match control.change_backend(&req.pool, BackendChange::Remove(addr)).await {
+    match control.change_backend_shared(&req.pool, BackendChange::Remove(addr)).await {
         Ok(()) | Err(ChangeError::NotFound(_) | ChangeError::Invalid(_)) => {}
         Err(ChangeError::Conflict(e) | ChangeError::Internal(e) | ChangeError::Unavailable(e)) => {
             let _ = done.send(Done {

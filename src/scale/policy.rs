@@ -144,6 +144,22 @@ impl Policy {
         self.retry_at = None;
     }
 
+    /// How long ago the last scale up and scale down were carried out (what a next leader of a
+    /// group carries over).
+    pub fn since_last(&self, now: Instant) -> (Option<Duration>, Option<Duration>) {
+        (
+            self.last_up.map(|t| now.saturating_duration_since(t)),
+            self.last_down.map(|t| now.saturating_duration_since(t)),
+        )
+    }
+
+    /// Takes over the cooldowns of a previous leader: its last actions were `up_ago` and
+    /// `down_ago` before `now`.
+    pub fn carry_over(&mut self, up_ago: Option<Duration>, down_ago: Option<Duration>, now: Instant) {
+        self.last_up = up_ago.and_then(|d| now.checked_sub(d)).or(self.last_up);
+        self.last_down = down_ago.and_then(|d| now.checked_sub(d)).or(self.last_down);
+    }
+
     /// A provider call failed: wait `backoff × 2^(failures - 1)` before the next one.
     pub fn failed(&mut self, backoff: Duration, now: Instant) -> Duration {
         self.failures = self.failures.saturating_add(1);
@@ -185,6 +201,20 @@ mod tests {
 
     fn secs(t0: Instant, s: u64) -> Instant {
         t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_cooldown_carried_over_to_a_new_leader_holds_it_back() {
+        let (c, t0) = (cfg(), Instant::now() + Duration::from_secs(100));
+        let mut old = Policy::default();
+        old.acted(true, t0);
+        let (up, down) = old.since_last(secs(t0, 10));
+        assert_eq!((up, down), (Some(Duration::from_secs(10)), None));
+        let mut new = Policy::default();
+        new.carry_over(up, down, secs(t0, 10));
+        // Twice the threshold would scale at once, but the previous leader scaled 10 s ago.
+        assert_eq!(new.decide(&c, &obs(1, 0, 8, 2), secs(t0, 10)), Decision::Hold);
+        assert!(matches!(new.decide(&c, &obs(1, 0, 8, 2), secs(t0, 30)), Decision::Up { .. }));
     }
 
     #[test]
