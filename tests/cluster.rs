@@ -365,3 +365,145 @@ async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_sc
         assert_eq!(l.await.unwrap(), 0, "requests failed on a surviving replica");
     }
 }
+
+/// `n` clients sending completions back to back through `proxy` until `stop`, counting each
+/// answered one in `done`: (ok, failed).
+fn completions(
+    proxy: SocketAddr,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (stop, done) = (stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0u64, 0u64);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let req = http::Request::post(format!("http://{proxy}/v1/completions"))
+                            .header("content-type", "application/json")
+                            .body(full(r#"{"model": "m", "prompt": "hi"}"#))
+                            .unwrap();
+                        match client().request(req).await {
+                            Ok(r) if r.status() == 200 => {
+                                use http_body_util::BodyExt;
+                                let _ = r.into_body().collect().await;
+                                ok += 1;
+                                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            _ => failed += 1,
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        let mut sum = (0, 0);
+        for t in tasks {
+            let (o, f) = t.await.unwrap();
+            sum = (sum.0 + o, sum.1 + f);
+        }
+        sum
+    })
+}
+
+/// What the mock engine itself counts as in its hands: running + waiting.
+async fn engine_count(engine: SocketAddr) -> u64 {
+    let page = String::from_utf8_lossy(&get(&format!("http://{engine}/metrics")).await.1).into_owned();
+    (metric_value(&page, "vllm:num_requests_running") + metric_value(&page, "vllm:num_requests_waiting")) as u64
+}
+
+/// Completions done through `proxies` by 40 clients split 32 / 6 / 2 (or all through one) over
+/// `window`, with the engine's own count sampled every 50 ms: (completions, highest count).
+async fn measure(proxies: &[SocketAddr], split: &[usize], engine: SocketAddr, window: Duration) -> (u64, u64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let loads: Vec<_> =
+        proxies.iter().zip(split).map(|(p, n)| completions(*p, *n, stop.clone(), done.clone())).collect();
+    // The shares follow the load within a few exchange periods; the engine's count is watched
+    // from the start, the completions counted after it.
+    let t = Instant::now();
+    let mut highest = 0;
+    while t.elapsed() < Duration::from_secs(2) {
+        highest = highest.max(engine_count(engine).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start_count = done.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    let (mut sum, mut n) = (0, 0);
+    while t.elapsed() < window {
+        let count = engine_count(engine).await;
+        highest = highest.max(count);
+        (sum, n) = (sum + count, n + 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("engine count over the window: mean {:.1}, highest {highest}", sum as f64 / n.max(1) as f64);
+    let done = done.load(std::sync::atomic::Ordering::Relaxed) - start_count;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in loads {
+        let (_, failed) = l.await.unwrap();
+        assert_eq!(failed, 0);
+    }
+    (done, highest)
+}
+
+/// A backend's `max_inflight` is the group's budget: under an uneven load (80 / 15 / 5% of the
+/// clients on three replicas) the engine never holds more than its capacity, and the group serves
+/// at least 90% of what one replica with the whole capacity serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_a_backends_capacity_instead_of_multiplying_it() {
+    let etcd = EtcdCluster::start(3).await;
+    let engine = free_addr();
+    let args = ["--capacity", "64", "--ttft", "250ms", "--tokens", "3", "--token-interval", "10ms"];
+    let _mock = spawn(&[&["mock-backend", "--listen", &engine.to_string()][..], &args[..]].concat());
+    wait_listening(engine).await;
+    let pool = "max_inflight_per_backend = 20\nqueue = { max_depth = 200, timeout = \"20s\" }\n";
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(replica_with(&etcd, name, engine, pool).await);
+    }
+    // Every replica holds a share, and the shares sum to the capacity.
+    poll_until(T, "shares applied on every replica", || async {
+        let mut sum = 0;
+        for r in &replicas {
+            let (_, v) = admin_call(r.admin, Method::GET, "/api/pools", "").await;
+            match v["pools"][0]["backends"][0]["share"].as_u64() {
+                Some(s) => sum += s,
+                None => return false,
+            }
+        }
+        sum == 20
+    })
+    .await;
+    let proxies: Vec<SocketAddr> = replicas.iter().map(|r| r.proxy).collect();
+    let admins: Vec<SocketAddr> = replicas.iter().map(|r| r.admin).collect();
+    // The shares as the load runs: sampled every 100 ms from 2.5 s on.
+    let sampling = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut seen = Vec::new();
+        for _ in 0..30 {
+            let mut shares = Vec::new();
+            for a in &admins {
+                let (_, v) = admin_call(*a, Method::GET, "/api/pools", "").await;
+                shares.push(v["pools"][0]["backends"][0]["share"].as_u64().unwrap_or(0));
+            }
+            seen.push(shares);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    });
+    let (group, highest) = measure(&proxies, &[32, 6, 2], engine, Duration::from_secs(4)).await;
+    let shares = sampling.await.unwrap();
+    drop(replicas);
+
+    // One replica alone, with the whole capacity, under the same 40 clients.
+    let alone = Headroom::start(&config(&[(engine, 1)], pool, "access_log = false")).await;
+    let (single, _) = measure(&[alone.addr], &[40], engine, Duration::from_secs(4)).await;
+    eprintln!(
+        "shares while loaded {:?}; engine count at most {highest} (capacity 20); completions: group {group}, one replica {single}",
+        shares.iter().collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(highest <= 20, "the engine held {highest} requests: more than the capacity of 20");
+    assert!(group as f64 >= 0.9 * single as f64, "group {group} vs one replica {single}");
+}

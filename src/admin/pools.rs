@@ -40,6 +40,7 @@ pub fn pools_json(control: &Control) -> serde_json::Value {
                         "in_flight": b.in_flight(),
                         "max_inflight": b.max_inflight(),
                         "effective_max_inflight": b.effective_max_inflight(),
+                        "share": b.share(),
                         "slow_start_percent": b.ramp() / 10,
                         "state": b.state().as_str(),
                         "requests": b.requests(),

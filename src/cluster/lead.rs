@@ -1,13 +1,14 @@
 //! One autoscaler for the group: the replicas elect a leader with etcd's election API (a
 //! campaign on this replica's lease, so leadership ends with the lease), every replica publishes
-//! its per-pool demand under its lease (`demand/<pool>/<name>`), and only the leader runs the
+//! its demand per pool under its lease (`demand/<name>`), and only the leader runs the
 //! autoscalers, on the sum. The leader records each pool's cooldowns and pending asks
-//! (`autoscale/<pool>`), which the next leader reads when it takes over.
+//! (`autoscale/<pool>`), which the next leader reads when it takes over, and weighs the replicas
+//! for the capacity they share (`shares/<pool>`, see `shares`).
 
-use super::{Cluster, RETRY};
+use super::{shares, Cluster, RETRY};
 use crate::control::ScaleMemory;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ pub(super) struct Lead {
     memory: ArcSwap<HashMap<String, ScaleMemory>>,
     /// Memory changed since it was last written.
     dirty: AtomicBool,
+    /// The capacity weights this replica published as leader, per pool.
+    weights: ArcSwap<HashMap<String, shares::Weights>>,
 }
 
 impl Lead {
@@ -58,52 +61,122 @@ impl Lead {
     }
 }
 
-/// How often demand is published and read: a quarter of the shortest `scale_up_window` of the
-/// autoscaled pools (1 s without any), within 50 ms..=5 s.
+/// How often demand is published and read: every 200 ms, or a quarter of the shortest
+/// `scale_up_window` of the autoscaled pools when that is sooner (at most every 50 ms). The
+/// capacity shares follow the demand at this pace.
 fn every(c: &Cluster) -> Duration {
     let snap = c.control.snapshot();
     let shortest = snap.pools.iter().filter_map(|p| p.config.autoscale.as_ref()).map(|a| a.scale_up_window / 4).min();
-    shortest.unwrap_or(Duration::from_secs(1)).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    shortest.unwrap_or(PERIOD).clamp(Duration::from_millis(50), PERIOD)
 }
 
+/// The longest time between two demand exchanges.
+const PERIOD: Duration = Duration::from_millis(200);
+
 /// Publishes this replica's demand and reads the others', every [`every`]; the leader also
-/// writes its autoscalers' memory when it changed.
+/// writes its autoscalers' memory when it changed, and the capacity weights when they moved.
 pub(super) async fn exchange(c: &Cluster) {
+    let mut applied = shares::Applied::default();
     loop {
-        tokio::time::sleep(every(c)).await;
+        let period = every(c);
+        tokio::time::sleep(period).await;
         let lease = c.lease.load(Ordering::Relaxed);
         if lease == 0 {
             continue;
         }
-        if let Err(e) = exchange_once(c, lease).await {
+        if let Err(e) = exchange_once(c, lease, &mut applied, period).await {
             tracing::debug!(error = %e, "demand exchange failed");
         }
     }
 }
 
-async fn exchange_once(c: &Cluster, lease: i64) -> Result<(), crate::etcd::EtcdError> {
-    for (pool, (queue, inflight)) in c.lead.own.load().iter() {
-        let value = serde_json::json!({ "queue": queue, "inflight": inflight }).to_string();
-        c.etcd.put(&c.key(&format!("demand/{pool}/{}", c.cfg.name)), value.as_bytes(), lease).await?;
-    }
+/// This replica's demand per pool: what its autoscalers gave, else the pool's own queue and
+/// in-flight count.
+fn own_demand(c: &Cluster) -> BTreeMap<String, Demand> {
+    let given = c.lead.own.load();
+    let snap = c.control.snapshot();
+    snap.pools
+        .iter()
+        .map(|p| {
+            let d = given.get(&p.config.name).copied();
+            let queue = u32::try_from(p.queue.depth()).unwrap_or(u32::MAX);
+            (p.config.name.clone(), d.unwrap_or((queue, u32::try_from(p.in_flight()).unwrap_or(u32::MAX))))
+        })
+        .collect()
+}
+
+async fn exchange_once(
+    c: &Cluster,
+    lease: i64,
+    applied: &mut shares::Applied,
+    period: Duration,
+) -> Result<(), crate::etcd::EtcdError> {
+    let mine = own_demand(c);
+    let value = serde_json::to_vec(&mine).unwrap_or_default();
+    c.etcd.put(&c.key(&format!("demand/{}", c.cfg.name)), &value, lease).await?;
     let prefix = c.key("demand/");
     let (kvs, _) = c.etcd.get_prefix(&prefix).await?;
-    let mut others: HashMap<String, Demand> = HashMap::new();
+    // Pool → replica → demand, this replica's included.
+    let mut by_pool: BTreeMap<String, BTreeMap<String, Demand>> = BTreeMap::new();
     for kv in kvs {
-        let Some((pool, name)) = kv.key.strip_prefix(&prefix).and_then(|r| r.rsplit_once('/')) else { continue };
-        if name == c.cfg.name {
-            continue;
+        let Some(name) = kv.key.strip_prefix(&prefix) else { continue };
+        let Ok(pools) = serde_json::from_slice::<BTreeMap<String, Demand>>(&kv.value) else { continue };
+        for (pool, d) in pools {
+            by_pool.entry(pool).or_default().insert(name.to_string(), d);
         }
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&kv.value) else { continue };
-        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0).min(u32::MAX as u64) as u32;
-        let sum = others.entry(pool.to_string()).or_default();
-        *sum = (sum.0.saturating_add(n("queue")), sum.1.saturating_add(n("inflight")));
     }
+    let others: HashMap<String, Demand> = by_pool
+        .iter()
+        .map(|(pool, m)| {
+            let sum = m
+                .iter()
+                .filter(|(n, _)| **n != c.cfg.name)
+                .fold((0u32, 0u32), |a, (_, d)| (a.0.saturating_add(d.0), a.1.saturating_add(d.1)));
+            (pool.clone(), sum)
+        })
+        .collect();
     c.lead.others.store(Arc::new(others));
-    if c.lead.leads.load(Ordering::Relaxed) && c.lead.dirty.swap(false, Ordering::Relaxed) {
+    if c.lead.leads.load(Ordering::Relaxed) {
+        lead_once(c, &by_pool).await?;
+    }
+    let (kvs, _) = c.etcd.get_prefix(&c.key("shares/")).await?;
+    let published: BTreeMap<String, shares::Weights> = kvs
+        .iter()
+        .filter_map(|kv| Some((kv.key.rsplit('/').next()?.to_string(), serde_json::from_slice(&kv.value).ok()?)))
+        .collect();
+    applied.apply(c, published, period * 2, std::time::Instant::now());
+    Ok(())
+}
+
+/// The leader's part of an exchange: the autoscalers' memory, and each pool's capacity weights
+/// when they moved enough to matter.
+async fn lead_once(
+    c: &Cluster,
+    by_pool: &BTreeMap<String, BTreeMap<String, Demand>>,
+) -> Result<(), crate::etcd::EtcdError> {
+    if c.lead.dirty.swap(false, Ordering::Relaxed) {
         for (pool, m) in c.lead.memory.load().iter() {
             let value = serde_json::to_vec(m).unwrap_or_default();
             c.etcd.put(&c.key(&format!("autoscale/{pool}")), &value, 0).await?;
+        }
+    }
+    let members: Vec<String> = c.view.load().members.iter().map(|m| m.name.clone()).collect();
+    if members.is_empty() {
+        return Ok(());
+    }
+    let empty = BTreeMap::new();
+    for pool in c.control.snapshot().pools.iter().map(|p| &p.config.name) {
+        let w = shares::weigh(&members, by_pool.get(pool).unwrap_or(&empty));
+        let last = c.lead.weights.load().get(pool).cloned();
+        if last.as_ref().is_none_or(|l| shares::worth_publishing(l, &w)) {
+            tracing::debug!(pool, weights = ?w.weights, "capacity weights published");
+            let value = serde_json::to_vec(&w).unwrap_or_default();
+            c.etcd.put(&c.key(&format!("shares/{pool}")), &value, 0).await?;
+            c.lead.weights.rcu(|m| {
+                let mut m = HashMap::clone(m);
+                m.insert(pool.clone(), w.clone());
+                m
+            });
         }
     }
     Ok(())

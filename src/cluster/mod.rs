@@ -12,10 +12,12 @@
 //!
 //! Keys, under `prefix`: `members/<name>` (this replica, under its lease),
 //! `backends/<pool>/<addr>` (one runtime backend each), `leader` (the election),
-//! `demand/<pool>/<name>` (under the lease) and `autoscale/<pool>` (the leader's memory).
+//! `demand/<name>` (under the lease), `autoscale/<pool>` (the leader's memory) and
+//! `shares/<pool>` (the capacity weights).
 
 mod lead;
 mod registry;
+mod shares;
 
 use crate::config::ClusterConfig;
 use crate::control::status::{BackendChange, ChangeError};

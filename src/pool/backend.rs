@@ -16,44 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 
-/// Lifecycle state of a backend. Only `Healthy` takes new requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum BackendState {
-    Healthy = 0,
-    /// Takes no new requests; in-flight ones finish.
-    Draining = 1,
-    /// New, waiting for its first passing health check (when the pool gates new backends).
-    Starting = 2,
-    /// Failed `unhealthy_threshold` active checks in a row.
-    Unhealthy = 3,
-    /// Taken out by passive ejection until a time.
-    Ejected = 4,
-}
-
-impl BackendState {
-    pub const ALL: [BackendState; 5] = [Self::Healthy, Self::Starting, Self::Unhealthy, Self::Ejected, Self::Draining];
-
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Healthy,
-            2 => Self::Starting,
-            3 => Self::Unhealthy,
-            4 => Self::Ejected,
-            _ => Self::Draining,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Healthy => "healthy",
-            Self::Draining => "draining",
-            Self::Starting => "starting",
-            Self::Unhealthy => "unhealthy",
-            Self::Ejected => "ejected",
-        }
-    }
-}
+pub use super::lifecycle::BackendState;
 
 /// The longest pause a backend's `Retry-After` can ask for.
 pub const MAX_SATURATION: std::time::Duration = std::time::Duration::from_secs(300);
@@ -83,6 +46,8 @@ struct Hot {
     state: AtomicU8,
     /// Until when (`now_ms`) the backend asked, by `Retry-After`, not to be sent more; 0: never.
     saturated_until_ms: AtomicU64,
+    /// This replica's share of `max_inflight` in a group of replicas (`u32::MAX`: all of it).
+    share: AtomicU32,
 }
 
 /// One upstream server.
@@ -142,6 +107,7 @@ impl Backend {
             hot: Hot {
                 in_flight: AtomicU32::new(0),
                 max_inflight: AtomicU32::new(cfg.max_inflight.max(1)),
+                share: AtomicU32::new(u32::MAX),
                 weight: AtomicU32::new(cfg.weight.max(1)),
                 ramp: AtomicU32::new(FULL_RAMP),
                 state: AtomicU8::new(BackendState::Healthy as u8),
@@ -271,7 +237,7 @@ impl Backend {
         let in_flight = self.hot.in_flight.load(Ordering::Relaxed);
         let ramp = self.hot.ramp.load(Ordering::Relaxed);
         if self.hot.state.load(Ordering::Relaxed) != BackendState::Healthy as u8
-            || in_flight >= ramped(self.hot.max_inflight.load(Ordering::Relaxed), ramp)
+            || in_flight >= self.cap_at(ramp)
             || self.is_saturated()
         {
             return None;
@@ -286,7 +252,30 @@ impl Backend {
 
     /// Capacity right now, after slow start.
     pub fn effective_max_inflight(&self) -> u32 {
-        ramped(self.max_inflight(), self.ramp())
+        self.cap_at(self.ramp())
+    }
+
+    /// Capacity at slow-start `ramp`, within this replica's share in a group (a share may be 0:
+    /// this replica sends nothing until it is given some).
+    #[inline]
+    fn cap_at(&self, ramp: u32) -> u32 {
+        ramped(self.hot.max_inflight.load(Ordering::Relaxed), ramp).min(self.hot.share.load(Ordering::Relaxed))
+    }
+
+    /// `max_inflight`, or this replica's share of it in a group when that is less.
+    #[inline]
+    pub fn capacity(&self) -> u32 {
+        self.hot.max_inflight.load(Ordering::Relaxed).min(self.hot.share.load(Ordering::Relaxed))
+    }
+
+    /// This replica's share of the capacity in a group (`None`: all of it).
+    pub fn share(&self) -> Option<u32> {
+        Some(self.hot.share.load(Ordering::Relaxed)).filter(|&s| s != u32::MAX)
+    }
+
+    /// Limits this replica to `share` requests in flight at once (`None`: the whole capacity).
+    pub fn set_share(&self, share: Option<u32>) {
+        self.hot.share.store(share.map_or(u32::MAX, |s| s.min(u32::MAX - 1)), Ordering::Relaxed);
     }
 
     /// Begins a slow-start ramp at 10% if the pool has one.

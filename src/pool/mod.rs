@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod balance;
 pub mod engine;
+mod lifecycle;
 pub mod prefix;
 pub mod queue;
 mod state;
@@ -178,10 +179,7 @@ impl Pool {
     /// Whether some backend of the tier in use has a free slot right now.
     pub fn has_capacity(&self) -> bool {
         if self.config.panic_threshold > 0.0 && self.in_panic() {
-            return self
-                .backends
-                .iter()
-                .any(|b| b.state() != BackendState::Draining && b.in_flight() < b.max_inflight());
+            return self.backends.iter().any(|b| b.state() != BackendState::Draining && b.in_flight() < b.capacity());
         }
         let backups = self.has_backups && self.using_backups();
         self.backends.iter().any(|b| b.is_eligible() && (!self.has_backups || b.is_backup() == backups))
@@ -297,6 +295,11 @@ pub async fn admit(
                 if !worth_waiting(current) {
                     ticket.used = true;
                     return Err(Rejection::NoBackend);
+                }
+                // A wake-up that always comes at once would never let the timeout fire.
+                if Instant::now() >= deadline {
+                    ticket.used = true;
+                    return Err(Rejection::QueueTimeout);
                 }
                 ticket.requeue_front();
                 // The slot that woke us went to someone else; if another is free, go again.
