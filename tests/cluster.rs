@@ -103,6 +103,23 @@ async fn a_backend_registered_on_one_replica_serves_on_all_and_a_late_replica_se
         assert!(reaches(r.proxy, added.addr, 10).await, "requests through {} reach the registered backend", r.proxy);
     }
 
+    // Drained through A: every replica stops sending it requests; undrained through B: back
+    // everywhere.
+    let state_on = |admin: SocketAddr| async move {
+        backends_of(admin).await.into_iter().find(|(a, _)| *a == added.addr.to_string()).map(|(_, s)| s)
+    };
+    let path = format!("/api/pools/default/backends/{}", added.addr);
+    assert_eq!(admin_call(a.admin, Method::POST, &format!("{path}/drain"), "").await.0, 200);
+    poll_until(Duration::from_secs(2), "B and C drain it too", || async {
+        state_on(b.admin).await.as_deref() == Some("draining") && state_on(c.admin).await.as_deref() == Some("draining")
+    })
+    .await;
+    assert_eq!(admin_call(b.admin, Method::POST, &format!("{path}/undrain"), "").await.0, 200);
+    poll_until(Duration::from_secs(2), "A and C undrain it too", || async {
+        state_on(a.admin).await.as_deref() == Some("healthy") && state_on(c.admin).await.as_deref() == Some("healthy")
+    })
+    .await;
+
     // Deleted through C: every replica drains it.
     let (status, _) =
         admin_call(c.admin, Method::DELETE, &format!("/api/pools/default/backends/{}", added.addr), "").await;
@@ -204,6 +221,8 @@ async fn replicas_serve_through_etcd_going_away_and_rejoin_when_it_returns() {
         assert!(String::from_utf8_lossy(&health.1).contains("etcd unreachable"));
         let page = String::from_utf8_lossy(&get(&format!("http://{}/metrics", r.admin)).await.1).into_owned();
         assert_eq!(metric_value(&page, "headroom_cluster_connected"), 0.0);
+        let status = String::from_utf8_lossy(&get(&format!("http://{}/", r.admin)).await.1).into_owned();
+        assert!(status.contains("etcd unreachable; serving with the last known backends"), "the status page says so");
     }
     assert_eq!(failed, 0, "requests failed while etcd was away");
     // A registration needs etcd: refused, nothing changed.
@@ -282,7 +301,17 @@ fn clients(
                             use http_body_util::BodyExt;
                             let _ = r.into_body().collect().await;
                         }
-                        _ => failed += 1,
+                        Ok(r) => {
+                            use http_body_util::BodyExt;
+                            let status = r.status();
+                            let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            eprintln!("a request through {proxy} got {status}: {}", String::from_utf8_lossy(&body));
+                            failed += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("a request through {proxy} failed: {e:?}");
+                            failed += 1;
+                        }
                     }
                 }
                 failed

@@ -89,7 +89,9 @@ async fn handle(req: Request<Incoming>, control: Arc<Control>, prom: Option<Prom
         (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/undrain") => {
             undrain(&control, path).await
         }
-        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => drain(&control, path),
+        (&Method::POST, path) if path.starts_with("/api/pools/") && path.ends_with("/drain") => {
+            drain(&control, path).await
+        }
         (&Method::GET, path) if path.starts_with("/api/pools/") && path.ends_with("/history") => pool_document(
             &control,
             path,
@@ -276,6 +278,11 @@ async fn undrain(control: &Control, path: &str) -> Response<Body> {
         Ok(p) => p,
         Err((status, message)) => return json_error(status, message),
     };
+    if let Some(g) = control.group() {
+        if let Err(e) = g.set_drained(pool, addr, false).await {
+            return change_error(e);
+        }
+    }
     match control.change_backend(pool, crate::control::status::BackendChange::Undrain(addr)).await {
         Ok(()) => {
             let state = state_of(control, pool, addr).unwrap_or("removed");
@@ -288,7 +295,7 @@ async fn undrain(control: &Control, path: &str) -> Response<Body> {
 
 /// `POST /api/pools/{pool}/backends/{addr}/drain`: the backend takes no new requests; in-flight
 /// ones finish. Answers with its state and how many requests are left.
-fn drain(control: &Control, path: &str) -> Response<Body> {
+async fn drain(control: &Control, path: &str) -> Response<Body> {
     let parts: Vec<&str> = path.trim_start_matches("/api/pools/").split('/').collect();
     let [pool_name, "backends", addr, "drain"] = parts.as_slice() else {
         return respond(StatusCode::NOT_FOUND, "application/json", r#"{"error":"not found"}"#);
@@ -302,6 +309,12 @@ fn drain(control: &Control, path: &str) -> Response<Body> {
         let body = json!({ "error": format!("pool {pool_name:?} has no backend {addr:?}") });
         return respond(StatusCode::NOT_FOUND, "application/json", body.to_string());
     };
+    if let Some(g) = control.group() {
+        // For every replica of the group: written to etcd first, or not at all.
+        if let Err(e) = g.set_drained(pool_name, backend.addr, true).await {
+            return change_error(e);
+        }
+    }
     backend.set_state(crate::pool::BackendState::Draining);
     tracing::info!(pool = %pool_name, backend = %addr, in_flight = backend.in_flight(), "draining backend");
     let body = json!({

@@ -73,7 +73,23 @@ pub fn page(control: &Control) -> String {
             "</tbody></table></div><div class=\"charts\"></div><h3>scale events</h3><div class=\"events\"></div></section>\n",
         );
     }
-    TEMPLATE.replacen("{{POOLS}}", &pools, 1).replacen("{{UPDATED}}", "", 1)
+    TEMPLATE.replacen("{{POOLS}}", &pools, 1).replacen("{{UPDATED}}", "", 1).replacen(
+        "{{CLUSTER}}",
+        &cluster_line(control),
+        1,
+    )
+}
+
+/// The group this replica acts with, as the page's header says it (as `clusterLine` does live).
+fn cluster_line(control: &Control) -> String {
+    let Some(g) = control.group() else { return String::new() };
+    let d = g.document();
+    let name = esc(d["name"].as_str().unwrap_or(""));
+    if !g.connected() {
+        return format!("cluster {name}: etcd unreachable; serving with the last known backends, not scaling");
+    }
+    let members = d["members"].as_array().map_or(0, Vec::len);
+    format!("cluster {name}: {members} replicas, leader {}", esc(d["leader"].as_str().unwrap_or("none")))
 }
 
 #[cfg(test)]

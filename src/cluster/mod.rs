@@ -12,8 +12,8 @@
 //!
 //! Keys, under `prefix`: `members/<name>` (this replica, under its lease),
 //! `backends/<pool>/<addr>` (one runtime backend each), `leader` (the election),
-//! `demand/<name>` (under the lease), `autoscale/<pool>` (the leader's memory) and
-//! `shares/<pool>` (the capacity weights).
+//! `drained/<pool>/<addr>` (drained on every replica), `demand/<name>` (under the lease),
+//! `autoscale/<pool>` (the leader's memory) and `shares/<pool>` (the capacity weights).
 
 mod lead;
 mod registry;
@@ -111,6 +111,7 @@ impl Cluster {
             _ = stop => {}
             _ = self.membership() => {}
             _ = registry::follow(&self) => {}
+            _ = registry::follow_drains(&self) => {}
             _ = lead::elect(&self) => {}
             _ = lead::exchange(&self) => {}
         }
@@ -224,6 +225,15 @@ impl Group for Cluster {
         change: BackendChange,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ChangeError>> + Send + 'a>> {
         Box::pin(self.change_shared(pool, change))
+    }
+
+    fn set_drained<'a>(
+        &'a self,
+        pool: &'a str,
+        addr: std::net::SocketAddr,
+        drained: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ChangeError>> + Send + 'a>> {
+        Box::pin(registry::set_drained(self, pool, addr, drained))
     }
 
     fn document(&self) -> serde_json::Value {

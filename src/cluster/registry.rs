@@ -225,3 +225,84 @@ fn record(c: &Cluster, pool: &str, b: &BackendConfig) -> Result<Vec<u8>, ChangeE
 fn unavailable(e: EtcdError) -> ChangeError {
     ChangeError::Unavailable(format!("the cluster's store (etcd) cannot be reached, so nothing was changed: {e}"))
 }
+
+/// `POST .../drain` or `.../undrain` on a replica of a group: the mark is written to (or removed
+/// from) etcd, and every replica applies it from [`follow_drains`].
+pub(super) async fn set_drained(c: &Cluster, pool: &str, addr: SocketAddr, drained: bool) -> Result<(), ChangeError> {
+    let k = c.key(&format!("drained/{pool}/{addr}"));
+    match drained {
+        true => c.etcd.put(&k, c.cfg.name.as_bytes(), 0).await.map(drop).map_err(unavailable),
+        false => c.etcd.delete(&k).await.map(drop).map_err(unavailable),
+    }
+}
+
+/// Follows the group's drain marks: a marked backend this replica has is drained; one whose mark
+/// goes is put back in service.
+pub(super) async fn follow_drains(c: &Cluster) {
+    let mut marked: HashSet<(String, SocketAddr)> = HashSet::new();
+    loop {
+        if let Err(e) = drains_then_watch(c, &mut marked).await {
+            c.failed(&c.registry_ok, "drains", &e);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+async fn drains_then_watch(c: &Cluster, marked: &mut HashSet<(String, SocketAddr)>) -> Result<(), EtcdError> {
+    let prefix = c.key("drained/");
+    let parse = |key: &str| -> Option<(String, SocketAddr)> {
+        let (pool, addr) = key.strip_prefix(&prefix)?.rsplit_once('/')?;
+        Some((pool.to_string(), addr.parse().ok()?))
+    };
+    let (kvs, revision) = c.etcd.get_prefix(&prefix).await?;
+    let now: HashSet<(String, SocketAddr)> = kvs.iter().filter_map(|kv| parse(&kv.key)).collect();
+    for (pool, addr) in marked.difference(&now) {
+        undrain_here(c, pool, *addr).await;
+    }
+    for (pool, addr) in &now {
+        drain_here(c, pool, *addr);
+    }
+    *marked = now;
+    let mut watch = c.etcd.watch(&prefix, revision + 1).await?;
+    loop {
+        match watch.next().await? {
+            None => return Err(EtcdError::Unreachable("the drains' watch ended".into())),
+            Some(WatchMessage::Compacted(_)) => return Ok(()),
+            Some(WatchMessage::Quiet) => {}
+            Some(WatchMessage::Events(events, _)) => {
+                for e in events {
+                    match e {
+                        Event::Put(kv) => {
+                            if let Some((pool, addr)) = parse(&kv.key) {
+                                drain_here(c, &pool, addr);
+                                marked.insert((pool, addr));
+                            }
+                        }
+                        Event::Delete { key, .. } => {
+                            if let Some((pool, addr)) = parse(&key) {
+                                if marked.remove(&(pool.clone(), addr)) {
+                                    undrain_here(c, &pool, addr).await;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn drain_here(c: &Cluster, pool: &str, addr: SocketAddr) {
+    let snapshot = c.control.snapshot();
+    let Some(b) = snapshot.pool(pool).and_then(|p| p.backends.iter().find(|b| b.addr == addr)) else { return };
+    if b.state() != crate::pool::BackendState::Draining {
+        b.set_state(crate::pool::BackendState::Draining);
+        tracing::info!(pool, backend = %addr, in_flight = b.in_flight(), "draining backend (for the cluster)");
+    }
+}
+
+async fn undrain_here(c: &Cluster, pool: &str, addr: SocketAddr) {
+    if let Err(e) = c.control.change_backend(pool, BackendChange::Undrain(addr)).await {
+        tracing::debug!(pool, backend = %addr, error = %e, "undrain for the cluster not applied");
+    }
+}

@@ -99,11 +99,19 @@ impl Applied {
                 continue;
             };
             let values: Vec<u64> = w.weights.values().copied().collect();
+            let mut raised = false;
             for b in pool.backends.iter() {
                 let mine = split(b.max_inflight(), &values, start(&b.label))[me];
                 let now_share = b.share().unwrap_or(u32::MAX);
                 if mine <= now_share || settled {
+                    raised |= mine > now_share;
                     b.set_share(Some(mine));
+                }
+            }
+            // Capacity that appears without a request ending wakes nobody by itself.
+            if raised {
+                for _ in 0..pool.free_slots().min(pool.queue.depth()) {
+                    pool.queue.wake_one();
                 }
             }
         }

@@ -45,6 +45,13 @@ pub trait Group: Send + Sync {
         pool: &'a str,
         change: BackendChange,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ChangeError>> + Send + 'a>>;
+    /// Drains `addr` of `pool` on every replica (`drained`), or puts it back in service.
+    fn set_drained<'a>(
+        &'a self,
+        pool: &'a str,
+        addr: SocketAddr,
+        drained: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ChangeError>> + Send + 'a>>;
     /// `GET /api/cluster`.
     fn document(&self) -> serde_json::Value;
     /// Whether the shared store is reachable (else this replica serves on what it last had).
