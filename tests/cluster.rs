@@ -26,9 +26,19 @@ async fn replica(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr) -> Re
 
 /// Like [`replica`], with `pool` added to the pool's table (keys, then sub-tables).
 async fn replica_with(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr, pool: &str) -> Replica {
+    let r = start_replica(etcd, name, file_backend, pool, "").await;
+    poll_until(T, "replica connected to etcd", || async {
+        admin_call(r.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+    })
+    .await;
+    r
+}
+
+/// Starts a replica (`cluster` added to its `[cluster]` table) without waiting for etcd.
+async fn start_replica(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr, pool: &str, cluster: &str) -> Replica {
     let (proxy, admin) = (free_addr(), free_addr());
     let text = format!(
-        "[cluster]\netcd = {}\nname = \"{name}\"\nprefix = \"/headroom/test\"\nlease_ttl = \"2s\"\n\
+        "[cluster]\netcd = {}\nname = \"{name}\"\nprefix = \"/headroom/test\"\nlease_ttl = \"2s\"\n{cluster}\n\
          [server]\nlisten = \"{proxy}\"\naccess_log = false\n[admin]\nlisten = \"{admin}\"\n\
          [[pools.default.backends]]\naddr = \"{file_backend}\"\n[pools.default]\n{pool}\n",
         etcd.endpoints_toml()
@@ -37,12 +47,7 @@ async fn replica_with(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr, 
     std::fs::write(file.path(), text).unwrap();
     let p = spawn(&["--config", file.path().to_str().unwrap()]);
     wait_listening(admin).await;
-    let r = Replica { proxy, admin, _proc: p, _file: file };
-    poll_until(T, "replica connected to etcd", || async {
-        admin_call(r.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
-    })
-    .await;
-    r
+    Replica { proxy, admin, _proc: p, _file: file }
 }
 
 async fn backends_of(admin: SocketAddr) -> Vec<(String, String)> {
@@ -535,4 +540,58 @@ async fn replicas_share_a_backends_capacity_instead_of_multiplying_it() {
     );
     assert!(highest <= 20, "the engine held {highest} requests: more than the capacity of 20");
     assert!(group as f64 >= 0.9 * single as f64, "group {group} vs one replica {single}");
+}
+
+/// POSTs `body` to etcd's JSON gateway at `path` (the test's own set-up calls).
+async fn etcd_call(etcd: &EtcdCluster, path: &str, body: &str) -> serde_json::Value {
+    let req =
+        http::Request::post(format!("http://{}{path}", etcd.members[0].client)).body(full(body.to_string())).unwrap();
+    let r = client().request(req).await.unwrap();
+    use http_body_util::BodyExt;
+    serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+/// etcd with authentication on: a replica with the right user and password (from the
+/// environment variable `password_env` names) joins and registers; one with a wrong password
+/// stays out and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_signs_in_to_an_etcd_that_requires_a_user() {
+    let etcd = EtcdCluster::start(1).await;
+    etcd_call(&etcd, "/v3/auth/user/add", r#"{"name": "root", "password": "s3cret-pw"}"#).await;
+    etcd_call(&etcd, "/v3/auth/role/add", r#"{"name": "root"}"#).await;
+    etcd_call(&etcd, "/v3/auth/user/grant", r#"{"user": "root", "role": "root"}"#).await;
+    etcd_call(&etcd, "/v3/auth/enable", "{}").await;
+    // Without a token etcd now refuses.
+    let refused = etcd_call(&etcd, "/v3/kv/range", r#"{"key": "Zm9v"}"#).await;
+    assert!(refused["error"].as_str().is_some(), "{refused}");
+    // Read by each child process from its environment when it loads its config.
+    std::env::set_var("HEADROOM_TEST_ETCD_PASSWORD", "s3cret-pw");
+    std::env::set_var("HEADROOM_TEST_ETCD_WRONG", "not-it");
+    let backend = TestBackend::ok().await;
+    let good = start_replica(
+        &etcd,
+        "a",
+        backend.addr,
+        "",
+        "username = \"root\"\npassword_env = \"HEADROOM_TEST_ETCD_PASSWORD\"",
+    )
+    .await;
+    poll_until(T, "the replica with the password connected", || async {
+        admin_call(good.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+    })
+    .await;
+    let added = dead_addr().await;
+    let (status, body) =
+        admin_call(good.admin, Method::POST, "/api/pools/default/backends", &format!("{{\"addr\": \"{added}\"}}"))
+            .await;
+    assert_eq!(status, 201, "{body}");
+    let bad =
+        start_replica(&etcd, "b", backend.addr, "", "username = \"root\"\npassword_env = \"HEADROOM_TEST_ETCD_WRONG\"")
+            .await;
+    poll_until(T, "the replica with a wrong password reports why", || async {
+        let v = admin_call(bad.admin, Method::GET, "/api/cluster", "").await.1;
+        v["connected"] == false && v["last_error"].as_str().is_some_and(|e| e.contains("authentication failed"))
+    })
+    .await;
+    assert!(!backends_of(bad.admin).await.iter().any(|(a, _)| *a == added.to_string()));
 }
