@@ -595,3 +595,32 @@ async fn a_replica_signs_in_to_an_etcd_that_requires_a_user() {
     .await;
     assert!(!backends_of(bad.admin).await.iter().any(|(a, _)| *a == added.to_string()));
 }
+
+/// etcd serving TLS on its client port: a replica given the CA (`ca_file`) joins over https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joins_an_etcd_that_speaks_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_headroom"))
+        .args(["gen-cert", "--out", certs.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (cert, key) = (certs.path().join("dev.crt"), certs.path().join("dev.key"));
+    let etcd = EtcdCluster::start_with(1, Some((cert.clone(), key))).await;
+    let backend = TestBackend::ok().await;
+    let ca = format!("ca_file = \"{}\"", cert.display());
+    let r = start_replica(&etcd, "a", backend.addr, "", &ca).await;
+    poll_until(T, "the replica connected over TLS", || async {
+        admin_call(r.admin, Method::GET, "/api/cluster", "").await.1["connected"] == true
+    })
+    .await;
+    let (_, v) = admin_call(r.admin, Method::GET, "/api/cluster", "").await;
+    assert!(v["etcd"][0].as_str().unwrap().starts_with("https://"), "{v}");
+    // Without the CA, the certificate is not trusted: no connection.
+    let other = start_replica(&etcd, "b", backend.addr, "", "").await;
+    poll_until(T, "the replica without the CA reports the untrusted certificate", || async {
+        let v = admin_call(other.admin, Method::GET, "/api/cluster", "").await.1;
+        v["connected"] == false && v["last_error"].as_str().is_some_and(|e| e.contains("certificate"))
+    })
+    .await;
+}

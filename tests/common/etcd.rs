@@ -17,12 +17,19 @@ pub struct Member {
 pub struct EtcdCluster {
     pub members: Vec<Member>,
     token: String,
+    /// Certificate and key its client port serves TLS with, if any.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub async fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, None).await
+    }
+
+    /// Starts `n` members serving TLS on their client ports with `tls` (certificate, key).
+    pub async fn start_with(n: usize, tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> EtcdCluster {
         super::ensure_test_tool("etcd-server", || Command::new("etcd").arg("--version").output().is_ok());
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
@@ -35,7 +42,7 @@ impl EtcdCluster {
             })
             .collect();
         let token = format!("headroom-test-{}", std::process::id());
-        let mut c = EtcdCluster { members, token, _dir: dir };
+        let mut c = EtcdCluster { members, token, tls, _dir: dir };
         for i in 0..n {
             c.start_member(i);
         }
@@ -52,11 +59,16 @@ impl EtcdCluster {
     /// Starts member `i` (again, on its data directory, after `stop_member`).
     pub fn start_member(&mut self, i: usize) {
         let initial = self.initial_cluster();
+        let scheme = self.scheme();
+        let mut cmd = Command::new("etcd");
+        if let Some((cert, key)) = &self.tls {
+            cmd.args(["--cert-file", cert.to_str().unwrap(), "--key-file", key.to_str().unwrap()]);
+        }
         let m = &mut self.members[i];
-        let child = Command::new("etcd")
+        let child = cmd
             .args(["--name", &m.name, "--data-dir", m.dir.to_str().unwrap()])
-            .args(["--listen-client-urls", &format!("http://{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://{}", m.client)])
+            .args(["--advertise-client-urls", &format!("{scheme}://{}", m.client)])
             .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
             .args(["--initial-advertise-peer-urls", &format!("http://{}", m.peer)])
             .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
@@ -78,8 +90,19 @@ impl EtcdCluster {
         }
     }
 
-    /// Waits until member `i` says it is healthy (it has a leader).
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Waits until member `i` says it is healthy (it has a leader); over TLS, until it listens.
     pub async fn wait_healthy(&self, i: usize) {
+        if self.tls.is_some() {
+            return super::wait_listening(self.members[i].client).await;
+        }
         let url = format!("http://{}/health", self.members[i].client);
         super::poll_until(Duration::from_secs(30), "etcd member healthy", || {
             let url = url.clone();
@@ -100,7 +123,7 @@ impl EtcdCluster {
 
     /// The `etcd = [...]` value for a replica's `[cluster]`.
     pub fn endpoints_toml(&self) -> String {
-        let list: Vec<String> = self.members.iter().map(|m| format!("\"http://{}\"", m.client)).collect();
+        let list: Vec<String> = self.members.iter().map(|m| format!("\"{}://{}\"", self.scheme(), m.client)).collect();
         format!("[{}]", list.join(", "))
     }
 }
