@@ -54,33 +54,14 @@ for _ in range(n):
 PY
 }
 
-# Opens $hold_conns connections ($hold: idle, or one-byte), says "ready" on stdout, and holds them
-# until killed.
-cat > "$dir/hold.py" <<'PY'
-import socket, sys, time
-port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-for _ in range(600):
-    try:
-        socket.create_connection(("127.0.0.1", port)).close(); break
-    except OSError:
-        time.sleep(0.1)
-socks = []
-for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    if mode == "one-byte":
-        s.send(b"P")
-    socks.append(s)
-print("ready", flush=True)
-time.sleep(3600)
-PY
-
 # Runs headroom under callgrind for $1 requests; prints its total instruction count.
 measure() {
   local out="$dir/cg.$1" holder=""
   valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$dir/headroom.toml" >/dev/null 2>&1 &
   local pid=$!
   if [ -n "$hold" ]; then
-    coproc HOLDER { exec python3 "$dir/hold.py" "$proxy" "$hold_conns" "$hold"; }
+    # Holds $hold_conns connections ($hold: idle or one-byte) and says "ready" once they are open.
+    coproc HOLDER { exec python3 "$repo/benches/hold-conns.py" "$proxy" "$hold_conns" "$hold"; }
     holder=$HOLDER_PID
     read -r _ <&"${HOLDER[0]}"
   fi

@@ -33,17 +33,6 @@ max_inflight_per_backend = 256
 [[pools.default.backends]]
 addr = "127.0.0.1:$backend"
 T
-cat > "$dir/hold.py" <<'P'
-import socket, sys, time
-port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-socks = []
-for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    if mode == "one-byte":
-        s.send(b"P")
-    socks.append(s)
-time.sleep(12)
-P
 "$HEADROOM_BIN" mock-backend --listen "127.0.0.1:$backend" --capacity 256 --ttft 0ms --token-interval 0ms --tokens 1 >/dev/null 2>&1 &
 taskset -c 0 "$HEADROOM_BIN" --config "$dir/headroom.toml" >/dev/null 2>&1 &
 hr=$!
@@ -53,7 +42,7 @@ cpu() { awk -v t="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / t
 : > "$dir/rounds"
 for _ in $(seq "$ROUNDS"); do
   for mode in idle one-byte; do
-    python3 "$dir/hold.py" "$proxy" "$CONNS" "$mode" &
+    python3 benches/hold-conns.py "$proxy" "$CONNS" "$mode" 12 >/dev/null &
     hold=$!
     sleep 4
     c0=$(cpu)
