@@ -116,3 +116,45 @@ fn the_systemd_unit_verifies_and_reloads_with_sighup() {
     assert!(out.status.success(), "systemd-analyze verify: {said}");
     assert!(!said.contains("headroom.service:"), "systemd-analyze found problems: {said}");
 }
+
+#[test]
+fn the_replicas_example_runs_three_headroom_replicas_on_a_three_member_etcd() {
+    let yaml = std::fs::read_to_string("deploy/kubernetes-replicas.yaml").unwrap();
+    let toml = configmap_toml(&yaml);
+    let local = toml.replace("vllm.inference.svc.cluster.local:8000", "localhost:8000");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("headroom.toml");
+    std::fs::write(&file, &local).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .arg("check")
+        .env("HEADROOM_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::env::set_var("HEADROOM_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef");
+    let config = Config::parse(&local, Path::new(".")).unwrap_or_else(|e| panic!("{e}\n{local}"));
+    let cluster = config.cluster.expect("the example's config has a [cluster] section");
+    // One endpoint per etcd member of the StatefulSet, each by its stable DNS name.
+    assert_eq!(cluster.etcd.len(), 3);
+    for i in 0..3 {
+        assert_eq!(cluster.etcd[i].authority, format!("headroom-etcd-{i}.headroom-etcd:2379"));
+        assert!(yaml.contains(&format!("headroom-etcd-{i}=http://headroom-etcd-{i}.headroom-etcd:2380")));
+    }
+    let docs: Vec<&str> = yaml.split("\n---\n").collect();
+    let doc = |kind: &str, name: &str| {
+        *docs
+            .iter()
+            .find(|d| d.contains(&format!("kind: {kind}")) && d.contains(&format!("name: {name}\n")))
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    assert!(doc("StatefulSet", "headroom-etcd").contains("replicas: 3"));
+    assert!(doc("StatefulSet", "headroom-etcd").contains("--auto-compaction-retention"), "etcd compacts its history");
+    let group = doc("Deployment", "headroom-group");
+    assert!(group.contains("replicas: 3") && group.contains("configMap: { name: headroom-group }"));
+    assert!(group.contains("secretKeyRef: { name: headroom-admin, key: token }"));
+    // Only the replicas reach etcd's client port.
+    let policy = doc("NetworkPolicy", "headroom-etcd");
+    assert!(policy.contains("matchLabels: { app: headroom-group }") && policy.contains("port: 2379"), "{policy}");
+}

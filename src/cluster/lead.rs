@@ -77,6 +77,9 @@ const PERIOD: Duration = Duration::from_millis(200);
 /// writes its autoscalers' memory when it changed, and the capacity weights when they moved.
 pub(super) async fn exchange(c: &Cluster) {
     let mut applied = shares::Applied::default();
+    // What was last written, under which lease: an unchanged demand is not written again (each
+    // write is a revision etcd keeps until it compacts).
+    let mut last: Option<(i64, Vec<u8>)> = None;
     loop {
         let period = every(c);
         tokio::time::sleep(period).await;
@@ -84,7 +87,7 @@ pub(super) async fn exchange(c: &Cluster) {
         if lease == 0 {
             continue;
         }
-        if let Err(e) = exchange_once(c, lease, &mut applied, period).await {
+        if let Err(e) = exchange_once(c, lease, &mut last, &mut applied, period).await {
             tracing::debug!(error = %e, "demand exchange failed");
         }
     }
@@ -108,12 +111,16 @@ fn own_demand(c: &Cluster) -> BTreeMap<String, Demand> {
 async fn exchange_once(
     c: &Cluster,
     lease: i64,
+    last: &mut Option<(i64, Vec<u8>)>,
     applied: &mut shares::Applied,
     period: Duration,
 ) -> Result<(), crate::etcd::EtcdError> {
     let mine = own_demand(c);
     let value = serde_json::to_vec(&mine).unwrap_or_default();
-    c.etcd.put(&c.key(&format!("demand/{}", c.cfg.name)), &value, lease).await?;
+    if last.as_ref().is_none_or(|(l, v)| *l != lease || *v != value) {
+        c.etcd.put(&c.key(&format!("demand/{}", c.cfg.name)), &value, lease).await?;
+        *last = Some((lease, value));
+    }
     let prefix = c.key("demand/");
     let (kvs, _) = c.etcd.get_prefix(&prefix).await?;
     // Pool → replica → demand, this replica's included.
