@@ -624,3 +624,73 @@ async fn a_replica_joins_an_etcd_that_speaks_tls() {
     })
     .await;
 }
+
+/// With every etcd member stopped for 30 s of load that would scale the pool, the replicas serve
+/// every request and nobody calls the provider (no lease, no leader); when etcd returns they
+/// reconnect, elect a leader, and scaling resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_nobody_scales_and_every_request_is_served_then_scaling_resumes() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let backend = slow().await;
+    let extra = TestBackend::ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("provider.sh"), PROVIDER).unwrap();
+    std::fs::write(dir.path().join("free"), format!("{}\n", extra.addr)).unwrap();
+    // Capacity 4 for two replicas: each keeps a share of at least one through etcd's absence.
+    let pool = format!(
+        "max_inflight_per_backend = 4\nqueue = {{ max_depth = 100, timeout = \"60s\" }}\n\
+         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 3\ntarget_inflight_per_backend = 4\n\
+         scale_up_queue_depth = 2\nscale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"\n\
+         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
+        dir.path().join("provider.sh").display()
+    );
+    let a = replica_with(&etcd, "a", backend.addr, &pool).await;
+    let b = replica_with(&etcd, "b", backend.addr, &pool).await;
+    poll_until(T, "shares on both replicas", || async {
+        let mut sum = 0;
+        for r in [&a, &b] {
+            match admin_call(r.admin, Method::GET, "/api/pools", "").await.1["pools"][0]["backends"][0]["share"]
+                .as_u64()
+            {
+                Some(s) if s > 0 => sum += s,
+                _ => return false,
+            }
+        }
+        sum == 4
+    })
+    .await;
+    for i in 0..3 {
+        etcd.stop_member(i);
+    }
+    poll_until(T, "both replicas see etcd gone", || async {
+        admin_call(a.admin, Method::GET, "/api/cluster", "").await.1["connected"] == false
+            && admin_call(b.admin, Method::GET, "/api/cluster", "").await.1["connected"] == false
+    })
+    .await;
+    // 8 clients on each replica against 2 slots each: the queues stay far above the threshold.
+    let stops: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).collect();
+    let loads: Vec<_> = [&a, &b].iter().zip(&stops).map(|(r, s)| clients(r.proxy, 8, s.clone())).collect();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for s in &stops {
+        s.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    for l in loads {
+        assert_eq!(l.await.unwrap(), 0, "requests failed while etcd was away");
+    }
+    assert!(calls(dir.path()).is_empty(), "a provider call without etcd: {:?}", calls(dir.path()));
+
+    // etcd back, load again: a leader is elected and scales.
+    for i in 0..3 {
+        etcd.start_member(i);
+    }
+    let stops: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).collect();
+    let loads: Vec<_> = [&a, &b].iter().zip(&stops).map(|(r, s)| clients(r.proxy, 8, s.clone())).collect();
+    poll_until(T, "a scale-up once etcd is back", || async { !calls(dir.path()).is_empty() }).await;
+    assert_eq!(calls(dir.path())[0]["action"], "scale_up");
+    for s in &stops {
+        s.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    for l in loads {
+        assert_eq!(l.await.unwrap(), 0);
+    }
+}
