@@ -33,6 +33,9 @@ pub(super) struct Lead {
     dirty: AtomicBool,
     /// The capacity weights this replica published as leader, per pool.
     weights: ArcSwap<HashMap<String, shares::Weights>>,
+    /// Wakes the exchange at once when the memory changed (a scale-up asked for is written
+    /// before the provider is likely to answer, so a failover right after it knows).
+    changed: tokio::sync::Notify,
 }
 
 impl Lead {
@@ -58,6 +61,7 @@ impl Lead {
             m
         });
         self.dirty.store(true, Ordering::Relaxed);
+        self.changed.notify_one();
     }
 }
 
@@ -82,7 +86,10 @@ pub(super) async fn exchange(c: &Cluster) {
     let mut last: Option<(i64, Vec<u8>)> = None;
     loop {
         let period = every(c);
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = c.lead.changed.notified() => {}
+        }
         let lease = c.lease.load(Ordering::Relaxed);
         if lease == 0 {
             continue;
