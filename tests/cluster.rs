@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
 
+/// One test of this file at a time: each runs a 3-member etcd and several replicas, and side by
+/// side on a 2-core machine they starve each other's start-up.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Replica {
     proxy: SocketAddr,
     admin: SocketAddr,
@@ -45,8 +49,13 @@ async fn start_replica(etcd: &EtcdCluster, name: &str, file_backend: SocketAddr,
     );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), text).unwrap();
-    let p = spawn(&["--config", file.path().to_str().unwrap()]);
-    wait_listening(admin).await;
+    let mut p = spawn(&["--config", file.path().to_str().unwrap()]);
+    let deadline = Instant::now() + T;
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(p.0.try_wait().unwrap().is_none(), "the replica exited at start (a port taken meanwhile?)");
+        assert!(Instant::now() < deadline, "the replica did not listen within {T:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Replica { proxy, admin, _proc: p, _file: file }
 }
 
@@ -81,6 +90,7 @@ async fn reaches(proxy: SocketAddr, addr: SocketAddr, n: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_registered_on_one_replica_serves_on_all_and_a_late_replica_sees_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let etcd = EtcdCluster::start(3).await;
     let (file_backend, added) = (TestBackend::ok().await, TestBackend::ok().await);
     let a = replica(&etcd, "a", file_backend.addr).await;
@@ -151,6 +161,7 @@ async fn a_backend_registered_on_one_replica_serves_on_all_and_a_late_replica_se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_registrations_reach_every_replica_within_a_second_at_p99() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let etcd = EtcdCluster::start(3).await;
     let file_backend = TestBackend::ok().await;
     let a = replica(&etcd, "a", file_backend.addr).await;
@@ -179,6 +190,7 @@ async fn a_hundred_registrations_reach_every_replica_within_a_second_at_p99() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_serve_through_etcd_going_away_and_rejoin_when_it_returns() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut etcd = EtcdCluster::start(3).await;
     let (file_backend, added) = (TestBackend::ok().await, TestBackend::ok().await);
     let a = replica(&etcd, "a", file_backend.addr).await;
@@ -336,6 +348,7 @@ fn clients(
 /// lease_ttl + 1 s, carries the cooldown over (no second call), and the others lose no request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_scale_again() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let etcd = EtcdCluster::start(3).await;
     let backend = slow().await;
     let fresh: Vec<TestBackend> = futures_util::future::join_all((0..8).map(|_| TestBackend::ok())).await;
@@ -367,8 +380,11 @@ async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_sc
     let first = calls(dir.path());
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0]["action"], "scale_up");
-    // 3 in flight + 6 queued over the group, one request per backend: 9 backends, 1 there.
-    assert_eq!(first[0]["count"], 8, "{}", first[0]);
+    // 3 in flight + 6 queued over the group, one request per backend: 9 backends, 1 there, so 8
+    // (a client between two requests may make it one or two fewer); one replica's own demand
+    // (3) would ask for 2 at most.
+    let count = first[0]["count"].as_u64().unwrap();
+    assert!((6..=8).contains(&count), "{}", first[0]);
     assert!(first[0]["current"]["queue_depth"].as_u64().unwrap() >= 4, "{}", first[0]);
     for r in &replicas {
         poll_until(T, "the new backends on every replica", || async { backends_of(r.admin).await.len() == 9 }).await;
@@ -487,6 +503,7 @@ async fn measure(proxies: &[SocketAddr], split: &[usize], engine: SocketAddr, wi
 /// at least 90% of what one replica with the whole capacity serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_a_backends_capacity_instead_of_multiplying_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let etcd = EtcdCluster::start(3).await;
     let engine = free_addr();
     let args = ["--capacity", "64", "--ttft", "250ms", "--tokens", "3", "--token-interval", "10ms"];
@@ -556,6 +573,7 @@ async fn etcd_call(etcd: &EtcdCluster, path: &str, body: &str) -> serde_json::Va
 /// stays out and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_signs_in_to_an_etcd_that_requires_a_user() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let etcd = EtcdCluster::start(1).await;
     etcd_call(&etcd, "/v3/auth/user/add", r#"{"name": "root", "password": "s3cret-pw"}"#).await;
     etcd_call(&etcd, "/v3/auth/role/add", r#"{"name": "root"}"#).await;
@@ -599,6 +617,7 @@ async fn a_replica_signs_in_to_an_etcd_that_requires_a_user() {
 /// etcd serving TLS on its client port: a replica given the CA (`ca_file`) joins over https.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_joins_an_etcd_that_speaks_tls() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let certs = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_headroom"))
         .args(["gen-cert", "--out", certs.path().to_str().unwrap()])
@@ -630,6 +649,7 @@ async fn a_replica_joins_an_etcd_that_speaks_tls() {
 /// reconnect, elect a leader, and scaling resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_nobody_scales_and_every_request_is_served_then_scaling_resumes() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut etcd = EtcdCluster::start(3).await;
     let backend = slow().await;
     let extra = TestBackend::ok().await;
