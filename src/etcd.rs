@@ -135,12 +135,18 @@ impl Etcd {
     /// One unary call; with a user configured, authenticates first, and again once if etcd says
     /// the token expired.
     async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        self.call_within(path, body, Some(CALL_TIMEOUT)).await
+    }
+
+    /// [`Etcd::call`] with a time limit per endpoint tried (`None`: a call that waits for
+    /// something to happen, such as an election).
+    async fn call_within(&self, path: &str, body: Value, limit: Option<Duration>) -> Result<Value, EtcdError> {
         if self.auth.is_some() && self.token.load().is_none() {
             self.authenticate().await?;
         }
         let mut again = self.auth.is_some();
         loop {
-            let v = self.call_once(path, &body).await?;
+            let v = self.call_once(path, &body, limit).await?;
             match status_of(&v) {
                 Some(e) if again && is_auth_error(&e) => {
                     again = false;
@@ -152,14 +158,15 @@ impl Etcd {
         }
     }
 
-    /// Each endpoint in turn (from the last that answered) until one answers; its reply.
-    async fn call_once(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    /// Each endpoint in turn (from the last that answered) until one answers within `limit`;
+    /// its reply.
+    async fn call_once(&self, path: &str, body: &Value, limit: Option<Duration>) -> Result<Value, EtcdError> {
         let mut last = String::from("no endpoint");
         let start = self.next.load(Ordering::Relaxed);
         for i in 0..self.endpoints.len() {
             let at = (start + i) % self.endpoints.len();
             let ep = &self.endpoints[at];
-            let reply = tokio::time::timeout(CALL_TIMEOUT, async {
+            let reply = async {
                 let resp = self.post(ep, path, body).await?;
                 let bytes = http_body_util::Limited::new(resp.into_body(), MAX_REPLY)
                     .collect()
@@ -167,15 +174,19 @@ impl Etcd {
                     .map_err(|e| format!("{ep}: {e}"))?
                     .to_bytes();
                 serde_json::from_slice::<Value>(&bytes).map_err(|e| format!("{ep}: {e}"))
-            })
-            .await;
+            };
+            let reply = match limit {
+                Some(limit) => tokio::time::timeout(limit, reply)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("{ep}: no answer in {limit:?}"))),
+                None => reply.await,
+            };
             match reply {
-                Ok(Ok(v)) => {
+                Ok(v) => {
                     self.next.store(at, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Ok(Err(e)) => last = e,
-                Err(_) => last = format!("{ep}: no answer in {CALL_TIMEOUT:?}"),
+                Err(e) => last = e,
             }
         }
         Err(EtcdError::Unreachable(last))
@@ -185,7 +196,9 @@ impl Etcd {
     pub async fn authenticate(&self) -> Result<(), EtcdError> {
         let Some((user, password)) = &self.auth else { return Ok(()) };
         self.token.store(None);
-        let v = self.call_once("/v3/auth/authenticate", &json!({"name": user, "password": password})).await?;
+        let v = self
+            .call_once("/v3/auth/authenticate", &json!({"name": user, "password": password}), Some(CALL_TIMEOUT))
+            .await?;
         if let Some(e) = status_of(&v) {
             return Err(e);
         }
@@ -261,40 +274,12 @@ impl Etcd {
     }
 
     /// Campaigns in election `name` with `lease`, offering `value`: returns once this replica
-    /// leads (the election key, for [`Etcd::resign`]). No timeout: it waits for the current leader
-    /// to go. Ends with an error if `lease` ends first.
-    pub async fn campaign(&self, name: &str, lease: i64, value: &[u8]) -> Result<Value, EtcdError> {
+    /// leads. No timeout: it waits for the current leader to go. Ends with an error if `lease`
+    /// ends first; leadership ends with the lease (there is no resigning).
+    pub async fn campaign(&self, name: &str, lease: i64, value: &[u8]) -> Result<(), EtcdError> {
         let body = json!({"name": b64(name.as_bytes()), "lease": lease.to_string(), "value": b64(value)});
-        let mut last = String::from("no endpoint");
-        for i in 0..self.endpoints.len() {
-            let at = (self.next.load(Ordering::Relaxed) + i) % self.endpoints.len();
-            let ep = &self.endpoints[at];
-            let resp = match self.post(ep, "/v3/election/campaign", &body).await {
-                Ok(r) => r,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let bytes = match http_body_util::Limited::new(resp.into_body(), MAX_REPLY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    last = format!("{ep}: {e}");
-                    continue;
-                }
-            };
-            let v: Value = serde_json::from_slice(&bytes).map_err(|e| EtcdError::BadReply(e.to_string()))?;
-            if let Some(e) = status_of(&v) {
-                return Err(e);
-            }
-            return v.get("leader").cloned().ok_or_else(|| EtcdError::BadReply("campaign: no leader key".into()));
-        }
-        Err(EtcdError::Unreachable(last))
-    }
-
-    /// Gives up leadership held under `leader` (what [`Etcd::campaign`] returned).
-    pub async fn resign(&self, leader: &Value) -> Result<(), EtcdError> {
-        self.call("/v3/election/resign", json!({"leader": leader})).await.map(drop)
+        let v = self.call_within("/v3/election/campaign", body, None).await?;
+        v.get("leader").map(drop).ok_or_else(|| EtcdError::BadReply("campaign: no leader key".into()))
     }
 
     /// Watches every key under `prefix` from `from_revision` on.

@@ -160,8 +160,7 @@ pub async fn run_with(
     }
     tasks.spawn(reloader.run(reload_rx, stop_rx.clone()));
     if let Some(cfg) = cluster_config {
-        let admin =
-            listeners.admin.local_addr().map_err(|source| RunError::Bind { addr: cfg_admin(&control), source })?;
+        let admin = listeners.admin.local_addr().unwrap_or(control.snapshot().config.admin.listen);
         let group = cluster::Cluster::new(cfg, control.clone(), admin, &configured)?;
         control.set_group(group.clone());
         tasks.spawn(group.run(reload::until_set(stop_rx.clone())));
@@ -189,10 +188,6 @@ pub async fn run_with(
         return Err(RunError::DrainCut(gateway.snapshot().config.server.shutdown_timeout));
     }
     Ok(())
-}
-
-fn cfg_admin(control: &control::Control) -> std::net::SocketAddr {
-    control.snapshot().config.admin.listen
 }
 
 /// Starts workers `1..workers`, each a thread with its own single-threaded runtime accepting on

@@ -284,10 +284,32 @@ done
 printf '{"backends":[%s]}\n' "$out"
 "#;
 
-/// The provider's calls so far.
-fn calls(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    let log = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
-    log.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+/// The provider script in a directory of its own, offering the addresses in its `free` file.
+struct Provider {
+    dir: tempfile::TempDir,
+}
+
+impl Provider {
+    fn new(free: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("provider.sh"), PROVIDER).unwrap();
+        std::fs::write(dir.path().join("free"), free.iter().map(|a| format!("{a}\n")).collect::<String>()).unwrap();
+        Provider { dir }
+    }
+
+    /// A pool's keys (`pool`), its `[autoscale]` table (`autoscale`) and this provider.
+    fn pool(&self, pool: &str, autoscale: &str) -> String {
+        format!(
+            "{pool}\n[pools.default.autoscale]\n{autoscale}\n[pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
+            self.dir.path().join("provider.sh").display()
+        )
+    }
+
+    /// The calls so far.
+    fn calls(&self) -> Vec<serde_json::Value> {
+        let log = std::fs::read_to_string(self.dir.path().join("calls.log")).unwrap_or_default();
+        log.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
 }
 
 /// A backend that answers after 300 ms.
@@ -352,16 +374,11 @@ async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_sc
     let etcd = EtcdCluster::start(3).await;
     let backend = slow().await;
     let fresh: Vec<TestBackend> = futures_util::future::join_all((0..8).map(|_| TestBackend::ok())).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("provider.sh"), PROVIDER).unwrap();
-    let free: String = fresh.iter().map(|b| format!("{}\n", b.addr)).collect();
-    std::fs::write(dir.path().join("free"), free).unwrap();
-    let pool = format!(
-        "max_inflight_per_backend = 1\nqueue = {{ max_depth = 100, timeout = \"20s\" }}\n\
-         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 12\ntarget_inflight_per_backend = 1\n\
-         scale_up_queue_depth = 4\nscale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"\n\
-         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
-        dir.path().join("provider.sh").display()
+    let provider = Provider::new(&fresh.iter().map(|b| b.addr).collect::<Vec<_>>());
+    let pool = provider.pool(
+        "max_inflight_per_backend = 1\nqueue = { max_depth = 100, timeout = \"20s\" }",
+        "min_backends = 1\nmax_backends = 12\ntarget_inflight_per_backend = 1\nscale_up_queue_depth = 4\n\
+         scale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"",
     );
     let mut replicas = Vec::new();
     for name in ["a", "b", "c"] {
@@ -376,8 +393,8 @@ async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_sc
     let stops: Vec<_> = (0..3).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).collect();
     let mut loads: Vec<_> =
         replicas.iter().zip(&stops).map(|(r, stop)| Some(clients(r.proxy, 3, stop.clone()))).collect();
-    poll_until(T, "the scale-up call", || async { !calls(dir.path()).is_empty() }).await;
-    let first = calls(dir.path());
+    poll_until(T, "the scale-up call", || async { !provider.calls().is_empty() }).await;
+    let first = provider.calls();
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0]["action"], "scale_up");
     // 3 in flight + 6 queued over the group, one request per backend: 9 backends, 1 there, so 8
@@ -407,7 +424,7 @@ async fn the_group_scales_once_on_its_summed_demand_and_a_new_leader_does_not_sc
     eprintln!("new leader {:?} after {took:?}", leader(&replicas[0]).await);
     assert!(took <= Duration::from_secs(3) + Duration::from_millis(500), "{took:?} (lease_ttl 2 s + 1 s)");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(calls(dir.path()).len(), 1, "the new leader called the provider again: {:?}", calls(dir.path()));
+    assert_eq!(provider.calls().len(), 1, "the new leader called the provider again: {:?}", provider.calls());
     for stop in &stops {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -653,16 +670,12 @@ async fn without_etcd_nobody_scales_and_every_request_is_served_then_scaling_res
     let mut etcd = EtcdCluster::start(3).await;
     let backend = slow().await;
     let extra = TestBackend::ok().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("provider.sh"), PROVIDER).unwrap();
-    std::fs::write(dir.path().join("free"), format!("{}\n", extra.addr)).unwrap();
+    let provider = Provider::new(&[extra.addr]);
     // Capacity 4 for two replicas: each keeps a share of at least one through etcd's absence.
-    let pool = format!(
-        "max_inflight_per_backend = 4\nqueue = {{ max_depth = 100, timeout = \"60s\" }}\n\
-         [pools.default.autoscale]\nmin_backends = 1\nmax_backends = 3\ntarget_inflight_per_backend = 4\n\
-         scale_up_queue_depth = 2\nscale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"\n\
-         [pools.default.autoscale.provider]\nkind = \"command\"\ncommand = [\"sh\", \"{}\"]\n",
-        dir.path().join("provider.sh").display()
+    let pool = provider.pool(
+        "max_inflight_per_backend = 4\nqueue = { max_depth = 100, timeout = \"60s\" }",
+        "min_backends = 1\nmax_backends = 3\ntarget_inflight_per_backend = 4\nscale_up_queue_depth = 2\n\
+         scale_up_window = \"400ms\"\nscale_down_window = \"600s\"\ncooldown = \"60s\"",
     );
     let a = replica_with(&etcd, "a", backend.addr, &pool).await;
     let b = replica_with(&etcd, "b", backend.addr, &pool).await;
@@ -697,7 +710,7 @@ async fn without_etcd_nobody_scales_and_every_request_is_served_then_scaling_res
     for l in loads {
         assert_eq!(l.await.unwrap(), 0, "requests failed while etcd was away");
     }
-    assert!(calls(dir.path()).is_empty(), "a provider call without etcd: {:?}", calls(dir.path()));
+    assert!(provider.calls().is_empty(), "a provider call without etcd: {:?}", provider.calls());
 
     // etcd back, load again: a leader is elected and scales.
     for i in 0..3 {
@@ -705,8 +718,8 @@ async fn without_etcd_nobody_scales_and_every_request_is_served_then_scaling_res
     }
     let stops: Vec<_> = (0..2).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))).collect();
     let loads: Vec<_> = [&a, &b].iter().zip(&stops).map(|(r, s)| clients(r.proxy, 8, s.clone())).collect();
-    poll_until(T, "a scale-up once etcd is back", || async { !calls(dir.path()).is_empty() }).await;
-    assert_eq!(calls(dir.path())[0]["action"], "scale_up");
+    poll_until(T, "a scale-up once etcd is back", || async { !provider.calls().is_empty() }).await;
+    assert_eq!(provider.calls()[0]["action"], "scale_up");
     for s in &stops {
         s.store(true, std::sync::atomic::Ordering::Relaxed);
     }

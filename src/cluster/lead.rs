@@ -41,11 +41,7 @@ pub(super) struct Lead {
 impl Lead {
     pub fn demand(&self, pool: &str, mine: Demand) -> Demand {
         if self.own.load().get(pool) != Some(&mine) {
-            self.own.rcu(|m| {
-                let mut m = HashMap::clone(m);
-                m.insert(pool.to_string(), mine);
-                m
-            });
+            insert(&self.own, pool, mine);
         }
         self.others.load().get(pool).copied().unwrap_or((0, 0))
     }
@@ -55,14 +51,19 @@ impl Lead {
     }
 
     pub fn record(&self, pool: &str, memory: ScaleMemory) {
-        self.memory.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.insert(pool.to_string(), memory.clone());
-            m
-        });
+        insert(&self.memory, pool, memory);
         self.dirty.store(true, Ordering::Relaxed);
         self.changed.notify_one();
     }
+}
+
+/// Sets `pool`'s entry of a shared map (a copy with it, swapped in).
+fn insert<V: Clone>(map: &ArcSwap<HashMap<String, V>>, pool: &str, value: V) {
+    map.rcu(|m| {
+        let mut m = HashMap::clone(m);
+        m.insert(pool.to_string(), value.clone());
+        m
+    });
 }
 
 /// How often demand is published and read: every 200 ms, or a quarter of the shortest
@@ -128,15 +129,12 @@ async fn exchange_once(
         c.etcd.put(&c.key(&format!("demand/{}", c.cfg.name)), &value, lease).await?;
         *last = Some((lease, value));
     }
-    let prefix = c.key("demand/");
-    let (kvs, _) = c.etcd.get_prefix(&prefix).await?;
-    // Pool → replica → demand, this replica's included.
+    // Replica → pool → demand, turned into pool → replica → demand (this replica's included).
+    let by_replica: Vec<(String, BTreeMap<String, Demand>)> = read_each(c, "demand/").await?;
     let mut by_pool: BTreeMap<String, BTreeMap<String, Demand>> = BTreeMap::new();
-    for kv in kvs {
-        let Some(name) = kv.key.strip_prefix(&prefix) else { continue };
-        let Ok(pools) = serde_json::from_slice::<BTreeMap<String, Demand>>(&kv.value) else { continue };
+    for (name, pools) in by_replica {
         for (pool, d) in pools {
-            by_pool.entry(pool).or_default().insert(name.to_string(), d);
+            by_pool.entry(pool).or_default().insert(name.clone(), d);
         }
     }
     let others: HashMap<String, Demand> = by_pool
@@ -153,11 +151,7 @@ async fn exchange_once(
     if c.lead.leads.load(Ordering::Relaxed) {
         lead_once(c, &by_pool).await?;
     }
-    let (kvs, _) = c.etcd.get_prefix(&c.key("shares/")).await?;
-    let published: BTreeMap<String, shares::Weights> = kvs
-        .iter()
-        .filter_map(|kv| Some((kv.key.rsplit('/').next()?.to_string(), serde_json::from_slice(&kv.value).ok()?)))
-        .collect();
+    let published: BTreeMap<String, shares::Weights> = read_each(c, "shares/").await?;
     applied.apply(c, published, period * 2, std::time::Instant::now());
     Ok(())
 }
@@ -186,11 +180,7 @@ async fn lead_once(
             tracing::debug!(pool, weights = ?w.weights, "capacity weights published");
             let value = serde_json::to_vec(&w).unwrap_or_default();
             c.etcd.put(&c.key(&format!("shares/{pool}")), &value, 0).await?;
-            c.lead.weights.rcu(|m| {
-                let mut m = HashMap::clone(m);
-                m.insert(pool.clone(), w.clone());
-                m
-            });
+            insert(&c.lead.weights, pool, w);
         }
     }
     Ok(())
@@ -227,15 +217,24 @@ pub(super) async fn elect(c: &Cluster) {
 
 /// Reads what the previous leader recorded of each pool's autoscaler.
 async fn take_over(c: &Cluster) -> Result<(), crate::etcd::EtcdError> {
-    let prefix = c.key("autoscale/");
-    let (kvs, _) = c.etcd.get_prefix(&prefix).await?;
-    let memory: HashMap<String, ScaleMemory> = kvs
-        .iter()
-        .filter_map(|kv| Some((kv.key.strip_prefix(&prefix)?.to_string(), serde_json::from_slice(&kv.value).ok()?)))
-        .collect();
+    let memory: HashMap<String, ScaleMemory> = read_each(c, "autoscale/").await?;
     c.lead.memory.store(Arc::new(memory));
     c.lead.dirty.store(false, Ordering::Relaxed);
     Ok(())
+}
+
+/// The JSON values under `rest` (of the group's prefix), by the rest of their keys; values that do
+/// not read as `V` are left out.
+async fn read_each<V: serde::de::DeserializeOwned, M: FromIterator<(String, V)>>(
+    c: &Cluster,
+    rest: &str,
+) -> Result<M, crate::etcd::EtcdError> {
+    let prefix = c.key(rest);
+    let (kvs, _) = c.etcd.get_prefix(&prefix).await?;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| Some((kv.key.strip_prefix(&prefix)?.to_string(), serde_json::from_slice(&kv.value).ok()?)))
+        .collect())
 }
 
 /// Returns when this replica no longer leads: its lease changed, or the election names another.

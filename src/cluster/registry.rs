@@ -30,79 +30,105 @@ struct Record {
 
 type Applied = HashMap<(String, SocketAddr), BackendConfig>;
 
-/// Follows the registry for as long as this replica runs.
-pub(super) async fn follow(c: &Cluster) {
-    let mut applied = Applied::new();
+/// What follows the keys under one prefix of the group: the whole set as read, then each change.
+trait Follower {
+    /// Every key under the prefix, as read.
+    async fn sync(&mut self, c: &Cluster, kvs: Vec<Kv>);
+    /// One change the watch saw.
+    async fn changed(&mut self, c: &Cluster, event: Event);
+    /// Everything up to `revision` is applied.
+    fn settled(&mut self, _c: &Cluster, _revision: i64) {}
+}
+
+/// Follows the keys under `rest` (of the group's prefix) for as long as this replica runs: the
+/// whole set, then a watch from the revision it was read at; everything again after etcd
+/// compacted past the watch, or (after a pause) after an error.
+async fn follow_keys(c: &Cluster, rest: &str, f: &mut impl Follower) {
+    let prefix = c.key(rest);
     loop {
-        if let Err(e) = sync_then_watch(c, &mut applied).await {
-            c.failed(&c.registry_ok, "registry", &e);
+        if let Err(e) = read_then_watch(c, &prefix, f).await {
+            c.failed(&c.registry_ok, rest.trim_end_matches('/'), &e);
             tokio::time::sleep(RETRY).await;
         }
     }
 }
 
-fn prefix(c: &Cluster) -> String {
-    c.key("backends/")
+async fn read_then_watch(c: &Cluster, prefix: &str, f: &mut impl Follower) -> Result<(), EtcdError> {
+    let (kvs, revision) = c.etcd.get_prefix(prefix).await?;
+    f.sync(c, kvs).await;
+    f.settled(c, revision);
+    c.succeeded(&c.registry_ok);
+    let mut watch = c.etcd.watch(prefix, revision + 1).await?;
+    loop {
+        match watch.next().await? {
+            None => return Err(EtcdError::Unreachable(format!("the watch of {prefix} ended"))),
+            Some(WatchMessage::Compacted(_)) => return Ok(()),
+            Some(WatchMessage::Quiet) => {}
+            Some(WatchMessage::Events(events, revision)) => {
+                for e in events {
+                    f.changed(c, e).await;
+                }
+                f.settled(c, revision);
+                c.succeeded(&c.registry_ok);
+            }
+        }
+    }
+}
+
+/// Follows the registry for as long as this replica runs.
+pub(super) async fn follow(c: &Cluster) {
+    follow_keys(c, "backends/", &mut Backends::default()).await;
 }
 
 fn key(c: &Cluster, pool: &str, addr: SocketAddr) -> String {
     c.key(&format!("backends/{pool}/{addr}"))
 }
 
-/// Reads the whole registry, applies what changed since `applied`, then applies the watch's
-/// changes until it ends (an error) or etcd compacted past it (`Ok`: read everything again).
-async fn sync_then_watch(c: &Cluster, applied: &mut Applied) -> Result<(), EtcdError> {
-    let (kvs, revision) = c.etcd.get_prefix(&prefix(c)).await?;
-    let wanted: Applied = kvs.iter().filter_map(|kv| decode(c, kv)).collect();
-    let gone: Vec<(String, SocketAddr)> = applied.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
-    for (pool, addr) in gone {
-        remove_here(c, &pool, addr).await;
+/// The registry's backends this replica applied.
+#[derive(Default)]
+struct Backends {
+    applied: Applied,
+}
+
+impl Follower for Backends {
+    /// Applies the difference between what was applied and what the registry holds.
+    async fn sync(&mut self, c: &Cluster, kvs: Vec<Kv>) {
+        let wanted: Applied = kvs.iter().filter_map(|kv| decode(c, kv)).collect();
+        let gone: Vec<(String, SocketAddr)> =
+            self.applied.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for (pool, addr) in gone {
+            remove_here(c, &pool, addr).await;
+        }
+        let mut new: HashMap<String, Vec<BackendConfig>> = HashMap::new();
+        for ((pool, _), b) in wanted.iter().filter(|(k, _)| !self.applied.contains_key(*k)) {
+            new.entry(pool.clone()).or_default().push(b.clone());
+        }
+        for (pool, list) in new {
+            add_here(c, &pool, list).await;
+        }
+        self.applied = wanted;
     }
-    let mut new: HashMap<String, Vec<BackendConfig>> = HashMap::new();
-    for ((pool, _), b) in wanted.iter().filter(|(k, _)| !applied.contains_key(*k)) {
-        new.entry(pool.clone()).or_default().push(b.clone());
-    }
-    for (pool, list) in new {
-        add_here(c, &pool, list).await;
-    }
-    *applied = wanted;
-    settled(c, revision, applied);
-    let mut watch = c.etcd.watch(&prefix(c), revision + 1).await?;
-    loop {
-        match watch.next().await? {
-            None => return Err(EtcdError::Unreachable("the registry's watch ended".into())),
-            Some(WatchMessage::Compacted(_)) => return Ok(()),
-            Some(WatchMessage::Quiet) => {}
-            Some(WatchMessage::Events(events, revision)) => {
-                for e in events {
-                    apply(c, applied, e).await;
+
+    async fn changed(&mut self, c: &Cluster, event: Event) {
+        match event {
+            Event::Put(kv) => {
+                let Some((k, b)) = decode(c, &kv) else { return };
+                if self.applied.insert(k.clone(), b.clone()).is_none() {
+                    add_here(c, &k.0, vec![b]).await;
                 }
-                settled(c, revision, applied);
+            }
+            Event::Delete { key, .. } => {
+                let Some(k) = parse_key(&c.key("backends/"), &key) else { return };
+                if self.applied.remove(&k).is_some() {
+                    remove_here(c, &k.0, k.1).await;
+                }
             }
         }
     }
-}
 
-fn settled(c: &Cluster, revision: i64, applied: &Applied) {
-    c.registry_revision.store(revision, Ordering::Relaxed);
-    c.registry_size.store(applied.len() as i64, Ordering::Relaxed);
-    c.succeeded(&c.registry_ok);
-}
-
-async fn apply(c: &Cluster, applied: &mut Applied, event: Event) {
-    match event {
-        Event::Put(kv) => {
-            let Some((k, b)) = decode(c, &kv) else { return };
-            if applied.insert(k.clone(), b.clone()).is_none() {
-                add_here(c, &k.0, vec![b]).await;
-            }
-        }
-        Event::Delete { key, .. } => {
-            let Some(k) = parse_key(c, &key) else { return };
-            if applied.remove(&k).is_some() {
-                remove_here(c, &k.0, k.1).await;
-            }
-        }
+    fn settled(&mut self, c: &Cluster, revision: i64) {
+        c.registry_revision.store(revision, Ordering::Relaxed);
+        c.registry_size.store(self.applied.len() as i64, Ordering::Relaxed);
     }
 }
 
@@ -126,9 +152,9 @@ fn decode(c: &Cluster, kv: &Kv) -> Option<((String, SocketAddr), BackendConfig)>
     Some(((r.pool, r.addr), b))
 }
 
-fn parse_key(c: &Cluster, key: &str) -> Option<(String, SocketAddr)> {
-    let rest = key.strip_prefix(&prefix(c))?;
-    let (pool, addr) = rest.rsplit_once('/')?;
+/// The pool and address a key `<prefix><pool>/<addr>` names.
+fn parse_key(prefix: &str, key: &str) -> Option<(String, SocketAddr)> {
+    let (pool, addr) = key.strip_prefix(prefix)?.rsplit_once('/')?;
     Some((pool.to_string(), addr.parse().ok()?))
 }
 
@@ -239,52 +265,41 @@ pub(super) async fn set_drained(c: &Cluster, pool: &str, addr: SocketAddr, drain
 /// Follows the group's drain marks: a marked backend this replica has is drained; one whose mark
 /// goes is put back in service.
 pub(super) async fn follow_drains(c: &Cluster) {
-    let mut marked: HashSet<(String, SocketAddr)> = HashSet::new();
-    loop {
-        if let Err(e) = drains_then_watch(c, &mut marked).await {
-            c.failed(&c.registry_ok, "drains", &e);
-            tokio::time::sleep(RETRY).await;
-        }
-    }
+    follow_keys(c, "drained/", &mut Drains::default()).await;
 }
 
-async fn drains_then_watch(c: &Cluster, marked: &mut HashSet<(String, SocketAddr)>) -> Result<(), EtcdError> {
-    let prefix = c.key("drained/");
-    let parse = |key: &str| -> Option<(String, SocketAddr)> {
-        let (pool, addr) = key.strip_prefix(&prefix)?.rsplit_once('/')?;
-        Some((pool.to_string(), addr.parse().ok()?))
-    };
-    let (kvs, revision) = c.etcd.get_prefix(&prefix).await?;
-    let now: HashSet<(String, SocketAddr)> = kvs.iter().filter_map(|kv| parse(&kv.key)).collect();
-    for (pool, addr) in marked.difference(&now) {
-        undrain_here(c, pool, *addr).await;
+/// The drain marks this replica applied.
+#[derive(Default)]
+struct Drains {
+    marked: HashSet<(String, SocketAddr)>,
+}
+
+impl Follower for Drains {
+    async fn sync(&mut self, c: &Cluster, kvs: Vec<Kv>) {
+        let prefix = c.key("drained/");
+        let now: HashSet<(String, SocketAddr)> = kvs.iter().filter_map(|kv| parse_key(&prefix, &kv.key)).collect();
+        for (pool, addr) in self.marked.difference(&now) {
+            undrain_here(c, pool, *addr).await;
+        }
+        for (pool, addr) in &now {
+            drain_here(c, pool, *addr);
+        }
+        self.marked = now;
     }
-    for (pool, addr) in &now {
-        drain_here(c, pool, *addr);
-    }
-    *marked = now;
-    let mut watch = c.etcd.watch(&prefix, revision + 1).await?;
-    loop {
-        match watch.next().await? {
-            None => return Err(EtcdError::Unreachable("the drains' watch ended".into())),
-            Some(WatchMessage::Compacted(_)) => return Ok(()),
-            Some(WatchMessage::Quiet) => {}
-            Some(WatchMessage::Events(events, _)) => {
-                for e in events {
-                    match e {
-                        Event::Put(kv) => {
-                            if let Some((pool, addr)) = parse(&kv.key) {
-                                drain_here(c, &pool, addr);
-                                marked.insert((pool, addr));
-                            }
-                        }
-                        Event::Delete { key, .. } => {
-                            if let Some((pool, addr)) = parse(&key) {
-                                if marked.remove(&(pool.clone(), addr)) {
-                                    undrain_here(c, &pool, addr).await;
-                                }
-                            }
-                        }
+
+    async fn changed(&mut self, c: &Cluster, event: Event) {
+        let prefix = c.key("drained/");
+        match event {
+            Event::Put(kv) => {
+                if let Some((pool, addr)) = parse_key(&prefix, &kv.key) {
+                    drain_here(c, &pool, addr);
+                    self.marked.insert((pool, addr));
+                }
+            }
+            Event::Delete { key, .. } => {
+                if let Some((pool, addr)) = parse_key(&prefix, &key) {
+                    if self.marked.remove(&(pool.clone(), addr)) {
+                        undrain_here(c, &pool, addr).await;
                     }
                 }
             }
