@@ -1,61 +1,89 @@
 #!/usr/bin/env bash
-# User-space instructions headroom executes per proxied request, counted by callgrind: steady
-# whatever else the machine does, so two builds compare to the instruction (before/after a
-# hot-path change). One worker, one keep-alive client connection, GET /v1/models answered by the
-# built-in mock backend (which runs outside valgrind). Two runs, of N1 and N2 requests; the
-# difference of their totals divided by N2 - N1 leaves start-up and shutdown out.
+# User-space instructions a proxy executes per proxied request, and per streamed event, counted
+# by callgrind: steady whatever else the machine does, so two builds compare to the instruction
+# (before/after a hot-path change), and headroom compares with nginx and HAProxy behind the same
+# backend (PEERS). One worker, one keep-alive client connection, the built-in mock backend
+# (outside valgrind). Each proxy serves WARMUP requests first; then the counters are zeroed
+# (callgrind_control -z), N requests are sent and the counters dumped, so start-up, one-time
+# initialisation and shutdown are left out.
 #
-# Needs valgrind and python3. Env: HEADROOM_BIN (default: the release build, rebuilt first),
-# N1 (500), N2 (2500); HOLD=idle or HOLD=one-byte keeps HOLD_CONNS (5000) other connections
-# open through each run, silent or stopped after the first byte of the h2 preface (what they
-# cost the requests, to the instruction).
-# MODE=stream counts per streamed event instead: each request is a streamed chat completion of
-# EVENTS (32) tokens, EVENT_GAP (10ms) apart, and the figure is divided by the SSE events each
+# MODE=fast: GET /v1/models (a small JSON answer). MODE=stream: streamed chat completions of
+# EVENTS (32) tokens, EVENT_GAP (10ms) apart; per event = per response / the SSE events each
 # response carried (the tokens, the last chunk and [DONE]).
+#
+# Needs valgrind and python3 (nginx and haproxy for PEERS). Env: HEADROOM_BIN (default: the
+# release build, rebuilt first), N (fast: 2000, stream: 30), WARMUP (fast: 200, stream: 3),
+# PEERS ("" or e.g. "nginx haproxy": nginx with proxy_buffering off, HAProxy with
+# option http-no-delay so that it streams), HOLD=idle or HOLD=one-byte keeps HOLD_CONNS (5000)
+# other connections open to headroom through its run, silent or stopped after the first byte
+# of the h2 preface (what they cost the requests, to the instruction).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-$repo/target/release/headroom}
-n1=${N1:-500} n2=${N2:-2500}
-hold=${HOLD:-} hold_conns=${HOLD_CONNS:-5000}
 mode=${MODE:-fast} events=${EVENTS:-32} gap=${EVENT_GAP:-10ms}
+if [ "$mode" = stream ]; then n=${N:-30} warmup=${WARMUP:-3}; else n=${N:-2000} warmup=${WARMUP:-200}; fi
+peers=${PEERS:-}
+hold=${HOLD:-} hold_conns=${HOLD_CONNS:-5000}
 [ -z "$hold" ] || ulimit -n $((hold_conns + 4096))
-command -v valgrind >/dev/null || { echo "missing: valgrind (apt-get install valgrind)" >&2; exit 1; }
+for tool in valgrind callgrind_control python3 $peers; do
+  command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install valgrind $peers)" >&2; exit 1; }
+done
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 dir=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-backend=$(free_port) proxy=$(free_port) admin=$(free_port)
+backend=$(free_port)
 if [ "$mode" = stream ]; then
   "$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 --ttft 0ms --tokens "$events" --token-interval "$gap" >/dev/null 2>&1 &
 else
   "$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 >/dev/null 2>&1 &
 fi
 pids+=($!)
-cat > "$dir/headroom.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$proxy"]
-workers = 1
-access_log = false
-[admin]
-listen = "127.0.0.1:$admin"
-[pools.default]
-[[pools.default.backends]]
-addr = "127.0.0.1:$backend"
-EOF
 
-# Sends $1 requests on one keep-alive connection, each answered 200: GETs of /v1/models, or
-# (MODE=stream) streamed chat completions; writes the SSE events per response to $dir/events.
+# Writes proxy $1's config for listening port $2 (admin port $3 for headroom); prints its command.
+configure() {
+  case $1 in
+    headroom)
+      printf '[server]\nlisten = ["127.0.0.1:%s"]\nworkers = 1\naccess_log = false\n[admin]\nlisten = "127.0.0.1:%s"\n' "$2" "$3" > "$dir/headroom.toml"
+      printf '[pools.default]\n[[pools.default.backends]]\naddr = "127.0.0.1:%s"\n' "$backend" >> "$dir/headroom.toml"
+      echo "$bin --config $dir/headroom.toml" ;;
+    nginx)
+      mkdir -p "$dir/tmp"
+      cat > "$dir/nginx.conf" <<EOF
+daemon off; master_process off; worker_processes 1; pid $dir/nginx.pid; error_log $dir/nginx.err warn;
+events { worker_connections 1024; }
+http { access_log off; client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp;
+  uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp; keepalive_requests 10000000;
+  upstream be { server 127.0.0.1:$backend; keepalive 16; }
+  server { listen 127.0.0.1:$2; location / { proxy_pass http://be; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_buffering off; } } }
+EOF
+      echo "nginx -c $dir/nginx.conf" ;;
+    haproxy)
+      printf 'global\n  nbthread 1\ndefaults\n  mode http\n  option http-keep-alive\n  option http-no-delay\n  http-reuse always\n' > "$dir/haproxy.cfg"
+      printf '  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\nfrontend fe\n  bind 127.0.0.1:%s\n' "$2" >> "$dir/haproxy.cfg"
+      printf '  default_backend be\nbackend be\n  server b0 127.0.0.1:%s\n' "$backend" >> "$dir/haproxy.cfg"
+      echo "haproxy -db -f $dir/haproxy.cfg" ;;
+    *) echo "unknown proxy: $1" >&2; exit 1 ;;
+  esac
+}
+
+# Sends $2 requests on one keep-alive connection to port $1, each answered 200: GETs of
+# /v1/models, or (MODE=stream) streamed chat completions; prints the SSE events per response.
 send() {
-  python3 - "$proxy" "$1" "$mode" "$dir/events" <<'PY'
+  python3 - "$1" "$2" "$mode" <<'PY'
 import http.client, sys, time
-port, n, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 for _ in range(600):
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60); c.connect(); break
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120); c.connect()
+        c.request("GET", "/v1/models"); r = c.getresponse(); r.read()
+        if r.status == 200: break
     except OSError:
-        time.sleep(0.1)
+        pass
+    time.sleep(0.1)
 body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
 events = 0
 for _ in range(n):
@@ -67,32 +95,39 @@ for _ in range(n):
     data = r.read()
     assert r.status == 200, r.status
     events = data.count(b"data:")
-open(out, "w").write(str(events))
+print(events)
 PY
 }
 
-# Runs headroom under callgrind for $1 requests; prints its total instruction count.
+# Runs proxy $1 under callgrind; prints the instructions of its N measured requests and the
+# events per response.
 measure() {
-  local out="$dir/cg.$1" holder=""
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$dir/headroom.toml" >/dev/null 2>&1 &
-  local pid=$!
-  if [ -n "$hold" ]; then
+  local port admin out="$dir/cg.$1" holder="" pid events total
+  port=$(free_port) admin=$(free_port)
+  # shellcheck disable=SC2046
+  valgrind --tool=callgrind --callgrind-out-file="$out" $(configure "$1" "$port" "$admin") >/dev/null 2>&1 &
+  pid=$!
+  if [ -n "$hold" ] && [ "$1" = headroom ]; then
+    send "$port" 1 >/dev/null
     # Holds $hold_conns connections ($hold: idle or one-byte) and says "ready" once they are open.
-    coproc HOLDER { exec python3 "$repo/benches/hold-conns.py" "$proxy" "$hold_conns" "$hold"; }
+    coproc HOLDER { exec python3 "$repo/benches/hold-conns.py" "$port" "$hold_conns" "$hold"; }
     holder=$HOLDER_PID
     read -r _ <&"${HOLDER[0]}"
   fi
-  send "$1"
+  send "$port" "$warmup" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  events=$(send "$port" "$n")
+  callgrind_control -d "$pid" >/dev/null 2>&1
   [ -z "$holder" ] || kill "$holder" 2>/dev/null || true
   kill -TERM "$pid"
   wait "$pid" || true
-  grep -m1 '^summary:' "$out" | awk '{print $2}'
+  total=$(grep -m1 '^summary:' "$out.1" | awk '{print $2}')
+  echo "$total $events"
 }
-a=$(measure "$n1")
-b=$(measure "$n2")
-echo "instructions: $a for $n1 requests, $b for $n2${hold:+ ($hold_conns $hold connections held open)}"
-echo "per request: $(( (b - a) / (n2 - n1) ))"
-if [ "$mode" = stream ]; then
-  per_response=$(cat "$dir/events")
-  echo "per streamed event: $(( (b - a) / (n2 - n1) / per_response )) ($per_response events per response, $gap apart)"
-fi
+
+for p in headroom $peers; do
+  read -r total per_response <<<"$(measure "$p")"
+  line="$p: $total instructions for $n requests${hold:+ ($hold_conns $hold connections held open)}; per request: $((total / n))"
+  [ "$mode" = stream ] && line+="; per streamed event: $((total / n / per_response)) ($per_response events per response, $gap apart)"
+  echo "$line"
+done

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# System calls each proxy makes per proxied request and per streamed event, headroom beside
+# nginx and HAProxy (one worker each, same backends, same load), counted by `strace -c -f`
+# attached to the whole proxy process over a fixed number of requests. Counts, unlike
+# seconds, do not move with the neighbours' load, so they say where the kernel time goes.
+#
+# Workloads (backends: one nginx worker serving four ports, with the echo module for `stream`):
+# - fast: GET /fast, a ~130-byte JSON answer (peerbench's `fast`);
+# - stream: POST /stream, an SSE answer of STREAM_CHUNKS (32) events STREAM_GAP (0.01 s) apart,
+#   each flushed, then `data: [DONE]` (peerbench's `stream`); per event = per response / 33.
+# Rows: headroom as the peers run (no access log, no health checks), headroom with its default
+# features on (access log, to a file, and active health checks every 2 s), nginx, HAProxy, and
+# HAProxy with `option http-no-delay`. Without that option HAProxy sends a response's data with
+# MSG_MORE while more is due, so the kernel holds small events back (up to 200 ms, or until the
+# response ends): it makes fewer segments per response, but it does not stream. The time to the
+# first byte (h2load's mean and max over the requests) shows which proxies deliver each event
+# when it comes.
+#
+# Needs nginx (with libnginx-mod-http-echo), haproxy, h2load (nghttp2-client), strace and a
+# release build. Env: REQUESTS (fast: 20000; stream: 2000), CONNS (fast: 64; stream: 256),
+# WORKLOADS ("fast stream"), PROXIES ("headroom headroom-default nginx haproxy"),
+# STREAM_CHUNKS, STREAM_GAP, HEADROOM_BIN (the release build), TOP (6 calls listed per row).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin=${HEADROOM_BIN:-$repo/target/release/headroom}
+workloads=${WORKLOADS:-fast stream}
+proxies=${PROXIES:-headroom headroom-default nginx haproxy haproxy-no-delay}
+chunks=${STREAM_CHUNKS:-32} gap=${STREAM_GAP:-0.01} top=${TOP:-6}
+echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
+for tool in nginx haproxy h2load strace taskset; do
+  command -v "$tool" >/dev/null || {
+    echo "missing: $tool (apt-get install nginx-light libnginx-mod-http-echo haproxy nghttp2-client strace)" >&2
+    exit 1
+  }
+done
+[ -f "$echo_so" ] || { echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2; exit 1; }
+[ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+mkdir -p "$dir/tmp"
+ports=(18701 18702 18703 18704)
+temp="client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
+stream_body=""
+for ((i = 1; i <= chunks; i++)); do
+  stream_body+="echo 'data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok$i \"}}]}'; echo ''; echo_flush; "
+  ((i < chunks)) && stream_body+="echo_sleep $gap; "
+done
+{
+  echo "load_module $echo_so; daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 65536;"
+  echo "pid $dir/b.pid; error_log $dir/b.err warn; events { worker_connections 16384; }"
+  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s; $temp"
+  for p in "${ports[@]}"; do
+    echo "  server { listen 127.0.0.1:$p backlog=4096; location = /health { return 200 ok; }"
+    echo "    location = /fast { default_type application/json; return 200 '{\"id\":\"cmpl-fast\",\"object\":\"text_completion\",\"model\":\"bench\",\"choices\":[{\"index\":0,\"text\":\"ok\",\"finish_reason\":\"stop\"}]}\n'; }"
+    echo "    location = /stream { default_type text/event-stream; echo_read_request_body; $stream_body echo 'data: [DONE]'; echo ''; } }"
+  done
+  echo "}"
+} > "$dir/backends.conf"
+{
+  echo "daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 65536;"
+  echo "pid $dir/n.pid; error_log $dir/n.err warn; events { worker_connections 16384; }"
+  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s; $temp"
+  echo "  upstream be { least_conn; keepalive 1024; keepalive_requests 10000000;"
+  for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=3 fail_timeout=10s;"; done
+  echo "  }"
+  echo "  server { listen 127.0.0.1:18711 backlog=4096;"
+  echo "    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  echo "    location = /stream { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; } }"
+  echo "}"
+} > "$dir/nginx.conf"
+{
+  printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
+  printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout http-keep-alive 120s\n'
+  printf 'frontend fe\n  bind 127.0.0.1:18712 backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n'
+  printf '  option httpchk GET /health\n'
+  for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s check inter 2s\n' "$i" "${ports[$i]}"; done
+} > "$dir/haproxy.cfg"
+sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18712/18717/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
+# $1: port, $2: admin port, $3: extra [server] lines, $4: extra [pools.default] lines
+headroom_config() {
+  printf '[server]\nlisten = ["127.0.0.1:%s"]\nworkers = 1\n%b' "$1" "$3"
+  printf '[admin]\nlisten = "127.0.0.1:%s"\n[pools.default]\nmax_inflight_per_backend = 100000\n%b' "$2" "$4"
+  for p in "${ports[@]}"; do printf '[[pools.default.backends]]\naddr = "127.0.0.1:%s"\n' "$p"; done
+}
+headroom_config 18713 18714 'access_log = false\n' '' > "$dir/headroom.toml"
+headroom_config 18715 18716 'access_log = true\n' \
+  '[pools.default.health]\npath = "/health"\ninterval = "2s"\n' > "$dir/headroom-default.toml"
+"$bin" check --config "$dir/headroom-default.toml" >/dev/null
+echo '{"model":"bench","messages":[{"role":"user","content":"Say something."}],"stream":true}' > "$dir/body.json"
+
+taskset -c 1 nginx -c "$dir/backends.conf" >/dev/null 2>&1 & pids+=($!)
+
+# Starts proxy $1 on CPU 0; prints "pid port".
+start() {
+  local port
+  case $1 in
+    headroom) port=18713; RUST_LOG=warn taskset -c 0 "$bin" --config "$dir/headroom.toml" >"$dir/proxy.log" 2>&1 & ;;
+    headroom-default) port=18715; RUST_LOG=warn taskset -c 0 "$bin" --config "$dir/headroom-default.toml" >"$dir/proxy.log" 2>&1 & ;;
+    nginx) port=18711; taskset -c 0 nginx -c "$dir/nginx.conf" >"$dir/proxy.log" 2>&1 & ;;
+    haproxy) port=18712; taskset -c 0 haproxy -db -f "$dir/haproxy.cfg" >"$dir/proxy.log" 2>&1 & ;;
+    haproxy-no-delay) port=18717; taskset -c 0 haproxy -db -f "$dir/haproxy-no-delay.cfg" >"$dir/proxy.log" 2>&1 & ;;
+  esac
+  local pid=$!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/fast" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$port/fast" >/dev/null || { echo "$1 did not answer; its log:" >&2; cat "$dir/proxy.log" >&2; exit 1; }
+  echo "$pid $port"
+}
+# $1 workload, $2 port, $3 requests, $4 connections: a fixed-count load; fails unless all 2xx.
+# Leaves h2load's report in $dir/h2load.
+load() {
+  local args=(--h1 -n "$3" -c "$4" -t 1)
+  [ "$1" = stream ] && args+=(-d "$dir/body.json" -H 'content-type: application/json')
+  local out
+  out=$(taskset -c 1 h2load "${args[@]}" "http://127.0.0.1:$2/$1")
+  echo "$out" > "$dir/h2load"
+  grep -q "status codes: $3 2xx" <<<"$out" || { echo "load on port $2 did not get $3 2xx answers:" >&2; echo "$out" >&2; return 1; }
+}
+
+events=$((chunks + 1))
+printf '| workload | proxy | syscalls per request | per event | first byte mean / max | top calls per request |\n'
+printf '|---|---|---:|---:|---:|---|\n'
+for w in $workloads; do
+  if [ "$w" = fast ]; then n=${REQUESTS:-20000} c=${CONNS:-64}; else n=${REQUESTS:-2000} c=${CONNS:-256}; fi
+  for p in $proxies; do
+    read -r pid port <<<"$(start "$p")"
+    load "$w" "$port" $((n / 4)) "$c"
+    tids=$(ls "/proc/$pid/task" | sed 's/^/-p /' | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    strace -c -f -o "$dir/strace.$p.$w" $tids 2>/dev/null &
+    local_strace=$!
+    sleep 0.5
+    load "$w" "$port" "$n" "$c"
+    kill -INT "$local_strace"; wait "$local_strace" 2>/dev/null || true
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    ttfb=$(awk '/time to 1st byte/ {print $7 " / " $6}' "$dir/h2load")
+    awk -v n="$n" -v w="$w" -v p="$p" -v ev="$events" -v top="$top" -v ttfb="$ttfb" '
+      $1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" { c[$NF] = $4 }
+      END {
+        t = 0; for (k in c) t += c[k]
+        line = ""
+        for (i = 0; i < top; i++) {
+          best = ""; for (k in c) if (best == "" || c[k] > c[best]) best = k
+          if (best == "") break
+          line = line sprintf("%s %.2f, ", best, c[best] / n); delete c[best]
+        }
+        per_event = (w == "stream") ? sprintf("%.3f", t / n / ev) : "-"
+        printf "| %s | %s | %.2f | %s | %s | %s |\n", w, p, t / n, per_event, ttfb, substr(line, 1, length(line) - 2)
+      }' "$dir/strace.$p.$w"
+  done
+done
