@@ -194,3 +194,32 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_the_slot() {
     let _ = tokio::time::timeout(T, s.read_to_end(&mut got)).await.expect("connection left open");
     assert!(got.len() < size, "the whole body arrived: {} bytes", got.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_keep_a_stream_alive_past_its_idle_timeout_and_silence_cuts_it_off() {
+    let (backend, mut streams) = streaming_backend().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "stream_idle_timeout = \"400ms\"", "")).await;
+    let resp =
+        client().request(Request::get(hr.url("/v1/chat/completions")).body(full(Bytes::new())).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = streams.recv().await.unwrap();
+    let mut body = resp.into_body();
+    // Eight events 150 ms apart: 1.2 s in all, three times the idle timeout, never 400 ms apart.
+    let started = std::time::Instant::now();
+    for i in 0..8 {
+        events.send(Bytes::from(format!("data: {i}\n\n"))).await.unwrap();
+        let frame = tokio::time::timeout(T, body.frame()).await.expect("event").unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), format!("data: {i}\n\n"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    // Then the backend goes quiet, its stream still open: the response is cut off (no last
+    // chunk: the client sees a broken body, not a complete one) after the idle timeout.
+    let quiet = std::time::Instant::now();
+    let end = tokio::time::timeout(T, body.collect()).await.expect("cut off");
+    assert!(end.is_err(), "a stream cut off must not look complete");
+    let waited = quiet.elapsed();
+    assert!(waited >= Duration::from_millis(200), "cut off {waited:?} after the last event (it was 150 ms old)");
+    poll_until(T, "slot released after the idle timeout", || async { hr.in_flight().await[0].1 == 0 }).await;
+    drop(events);
+}

@@ -38,13 +38,32 @@ pub enum Step {
 
 /// Appends `data` as one chunk (nothing for empty data: an empty chunk would end the body).
 pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    use std::io::Write as _;
     if data.is_empty() {
         return;
     }
-    let _ = write!(out, "{:x}\r\n", data.len());
+    out.reserve(data.len() + 20);
+    put_hex(out, data.len() as u64);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in lower-case hex, without leading zeros (one pass, no formatter: this runs for
+/// every streamed event).
+fn put_hex(out: &mut Vec<u8>, n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 16];
+    let mut at = text.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        text[at] = DIGITS[(rest & 0xf) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&text[at..]);
 }
 
 /// One step of chunked decoding over the buffered bytes, from state `chunk`. Returns what it
@@ -56,7 +75,7 @@ pub fn step(chunk: &mut Chunk, buf: &[u8]) -> Result<(Step, usize), Malformed> {
         let rest = &buf[at..];
         match *chunk {
             Chunk::Size => {
-                let Some(nl) = memchr(b'\n', rest) else {
+                let Some(nl) = find_newline(rest) else {
                     return if rest.len() > MAX_CHUNK_LINE {
                         Err(Malformed("chunk-size line too long"))
                     } else {
@@ -94,6 +113,18 @@ pub fn step(chunk: &mut Chunk, buf: &[u8]) -> Result<(Step, usize), Malformed> {
                 }
             },
         }
+    }
+}
+
+/// Where the first LF in `bytes` is. A chunk-size line is a few bytes: a plain loop finds its
+/// end sooner than the vectorised search would get started; longer lines go to `memchr`.
+#[inline]
+fn find_newline(bytes: &[u8]) -> Option<usize> {
+    let head = &bytes[..bytes.len().min(16)];
+    match head.iter().position(|&b| b == b'\n') {
+        Some(at) => Some(at),
+        None if bytes.len() > head.len() => memchr(b'\n', &bytes[head.len()..]).map(|at| at + head.len()),
+        None => None,
     }
 }
 
@@ -140,6 +171,54 @@ fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
     if rest.iter().any(|&b| is_ctl(b)) {
         return Err(Malformed("control character in a chunk extension"));
     }
-    let text = std::str::from_utf8(&line[..digits]).map_err(|_| Malformed("invalid chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| Malformed("invalid chunk size"))
+    // At most 15 hex digits: 60 bits, so this cannot overflow.
+    Ok(line[..digits].iter().fold(0u64, |n, &b| (n << 4) | u64::from(hex_value(b))))
+}
+
+/// The value of an ASCII hex digit (the caller checked it is one).
+fn hex_value(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b.wrapping_sub(b'A').wrapping_add(10) & 0xf,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn chunk_sizes_are_written_as_the_formatter_writes_them(len in 1usize..1 << 20, n in any::<u64>()) {
+            let data = vec![b'x'; len];
+            let mut out = Vec::new();
+            write_chunk(&mut out, &data);
+            prop_assert_eq!(out, [format!("{len:x}\r\n").into_bytes(), data, b"\r\n".to_vec()].concat());
+            let mut hex = Vec::new();
+            put_hex(&mut hex, n);
+            prop_assert_eq!(hex, format!("{n:x}").into_bytes());
+        }
+
+        #[test]
+        fn the_first_newline_is_found_wherever_it_is(bytes in prop::collection::vec(prop::sample::select(vec![b'\n', b'a', b'\r']), 0..64)) {
+            prop_assert_eq!(find_newline(&bytes), memchr(b'\n', &bytes));
+        }
+
+        #[test]
+        fn chunk_size_lines_parse_as_the_standard_library_parses_hex(digits in "[0-9a-fA-F]{1,15}") {
+            let line = format!("{digits}\r");
+            prop_assert_eq!(chunk_size(line.as_bytes()), Ok(u64::from_str_radix(&digits, 16).unwrap()));
+        }
+    }
+
+    #[test]
+    fn an_empty_chunk_is_never_written_and_sixteen_digit_sizes_are_refused() {
+        let mut out = Vec::new();
+        write_chunk(&mut out, b"");
+        assert!(out.is_empty());
+        assert_eq!(chunk_size(b"ffffffffffffffff\r"), Err(Malformed("invalid chunk size")));
+        assert_eq!(chunk_size(b"Ff ; ext=1\r"), Ok(255));
+    }
 }

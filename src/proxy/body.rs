@@ -4,17 +4,16 @@
 //! end), and the connection-activity marker. It finishes on the last frame, not on `None`,
 //! because hyper stops polling a body whose `is_end_stream()` is true.
 
+use crate::clock::IdleTimeout;
 use crate::downstream::ActiveRequest;
 use crate::error::BoxError;
 use crate::pool::InflightGuard;
 use crate::upstream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::time::Sleep;
 
 /// What finishing an upstream response releases.
 pub struct Upstream {
@@ -28,7 +27,7 @@ pub struct Upstream {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream { body: UpstreamBody, done: Option<Upstream>, idle: Option<Pin<Box<Sleep>>> },
+    Upstream { body: UpstreamBody, done: Option<Upstream>, idle: IdleTimeout },
 }
 
 /// The body sent to the client.
@@ -55,7 +54,8 @@ impl ResponseBody {
         if let (true, Some(a)) = (handed, &active) {
             a.conn().frame_handed();
         }
-        ResponseBody { inner: Inner::Upstream { body, done: Some(done), idle: None }, active, handed }
+        let idle = IdleTimeout::new(done.stream_idle_timeout);
+        ResponseBody { inner: Inner::Upstream { body, done: Some(done), idle }, active, handed }
     }
 }
 
@@ -125,11 +125,7 @@ impl Body for ResponseBody {
                         a.conn().frame_handed();
                         this.handed = true;
                     }
-                    if let (false, Some(sleep)) = (body.is_end_stream(), idle) {
-                        if let Some(up) = done {
-                            sleep.as_mut().reset(crate::clock::deadline(up.stream_idle_timeout));
-                        }
-                    }
+                    idle.touch();
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -143,14 +139,11 @@ impl Body for ResponseBody {
                 Poll::Pending => {
                     // The idle timer is created only when a body actually waits, so short
                     // responses that arrive in one read never touch the timer wheel.
-                    let Some(up) = done else { return Poll::Pending };
-                    let timeout = up.stream_idle_timeout;
-                    let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        finish(done, body, End::BackendFailed);
-                        return Poll::Ready(Some(Err(Box::new(StreamIdle(timeout)))));
+                    if done.is_none() || !idle.poll_expired(cx) {
+                        return Poll::Pending;
                     }
-                    Poll::Pending
+                    finish(done, body, End::BackendFailed);
+                    Poll::Ready(Some(Err(Box::new(StreamIdle(idle.after())))))
                 }
             },
         }

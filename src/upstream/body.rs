@@ -6,18 +6,17 @@
 //! [`UpstreamBody`] (a backend's response body: read by this task from an HTTP/1.1 connection,
 //! or a stream of a shared h2 connection). All stream frame by frame; none waits to buffer.
 
+use crate::clock::IdleTimeout;
 use crate::error::{BoxError, ProxyError};
 use crate::http1;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::Sleep;
 
 /// The largest request body kept for a retry. Larger bodies are streamed and not retried.
 pub const KEEP_LIMIT: usize = 64 * 1024;
@@ -108,7 +107,7 @@ pub struct RequestBody {
     limit: u64,
     seen: u64,
     idle_timeout: Duration,
-    idle: Option<Pin<Box<Sleep>>>,
+    idle: IdleTimeout,
     outcome: Option<BodyEnd>,
 }
 
@@ -133,7 +132,7 @@ impl RequestBody {
             limit,
             seen: 0,
             idle_timeout,
-            idle: None,
+            idle: IdleTimeout::new(idle_timeout),
             outcome: outcome.clone(),
         };
         (body, outcome)
@@ -230,7 +229,7 @@ impl RequestBody {
             limit: u64::MAX,
             seen: 0,
             idle_timeout: Duration::MAX,
-            idle: None,
+            idle: IdleTimeout::new(Duration::MAX),
             outcome: None,
         }
     }
@@ -289,9 +288,7 @@ impl Body for RequestBody {
                 if this.inner.as_ref().is_some_and(ClientBody::is_end_stream) {
                     this.finish_keep();
                 }
-                if let Some(sleep) = &mut this.idle {
-                    sleep.as_mut().reset(crate::clock::deadline(this.idle_timeout));
-                }
+                this.idle.touch();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -307,10 +304,8 @@ impl Body for RequestBody {
             }
             Poll::Pending => {
                 // Armed only once the body actually has to wait for the client.
-                let timeout = this.idle_timeout;
-                let sleep = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return this.fail(RequestBodyError::Idle(timeout));
+                if this.idle.poll_expired(cx) {
+                    return this.fail(RequestBodyError::Idle(this.idle_timeout));
                 }
                 Poll::Pending
             }

@@ -3,6 +3,7 @@
 //! (a client that takes no response bytes is cut off) and an eye on a client that goes away.
 
 use super::{Client, Conn, Handler};
+use crate::clock::IdleTimeout;
 use crate::http1::chunked::{write_chunk, LAST_CHUNK};
 use crate::http1::framing::ConnectionTokens;
 use crate::http1::head::put_field;
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use http::header;
 use http::{Method, Response, Version};
 use http_body::Body as _;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -33,7 +34,7 @@ struct Sending {
     flushed: bool,
     /// Armed only when the client stops taking bytes: a client that accepts nothing for
     /// `send_timeout` is cut off, releasing the backend slot its response holds.
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: IdleTimeout,
 }
 
 impl Sending {
@@ -114,8 +115,16 @@ impl<H: Handler> Conn<H> {
         let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
         close |= !no_body && length.is_none() && !chunked;
         let close = encode_head(&mut self.out, &parts, no_body, (length, chunked), close, keep_alive_10);
-        let mut st =
-            Sending { length, chunked, written: 0, sent: 0, done: no_body, clean: true, flushed: true, stalled: None };
+        let mut st = Sending {
+            length,
+            chunked,
+            written: 0,
+            sent: 0,
+            done: no_body,
+            clean: true,
+            flushed: true,
+            stalled: IdleTimeout::new(self.limits.send_timeout),
+        };
         let result = if no_body {
             // Not polled: it goes (releasing what it holds) before the head is written.
             drop(body);
@@ -151,9 +160,7 @@ impl<H: Handler> Conn<H> {
                             self.out.clear();
                             st.written = 0;
                         }
-                        if let Some(timer) = &mut st.stalled {
-                            timer.as_mut().reset(crate::clock::deadline(self.limits.send_timeout));
-                        }
+                        st.stalled.touch();
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -167,14 +174,10 @@ impl<H: Handler> Conn<H> {
                     Poll::Pending => blocked = true,
                 }
             }
-            if blocked {
-                let send_timeout = self.limits.send_timeout;
-                let timer = st.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
-                if timer.as_mut().poll(cx).is_ready() {
-                    tracing::debug!(timeout = ?send_timeout, "client took no response bytes; closing");
-                    self.shared.set_stalled();
-                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
-                }
+            if blocked && st.stalled.poll_expired(cx) {
+                tracing::debug!(timeout = ?st.stalled.after(), "client took no response bytes; closing");
+                self.shared.set_stalled();
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::TimedOut)));
             }
             if st.done && st.written == self.out.len() && st.flushed {
                 return Poll::Ready(Ok(st.clean));
