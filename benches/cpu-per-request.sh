@@ -8,13 +8,25 @@
 # ports with a ~130-byte JSON answer, like peerbench's `fast`) on CPU 1. Each round measures
 # every proxy once (order rotated); the table gives medians and ratios to nginx.
 #
-# Needs nginx, haproxy, wrk and a release build (cargo build --release).
-# Env: ROUNDS (3), DURATION (8 s), CONNS (64), PROXY_CPU (0), LOAD_CPU (1), HEADROOM_BIN (the
-# release build).
+# WORKLOAD=stream measures CPU per streamed event instead: POST /stream answered with
+# STREAM_CHUNKS (32) SSE events STREAM_GAP (0.01 s) apart, each flushed, then [DONE] (the
+# backends need nginx's echo module); per event = per response / (STREAM_CHUNKS + 1). A fourth
+# proxy runs then: HAProxy with `option http-no-delay`. Without it HAProxy sends a response's
+# data with MSG_MORE while more is due, and the kernel holds small events back (up to 200 ms, or
+# to the end of the response): fewer, larger segments and less CPU, but the tokens do not
+# stream (benches/syscalls.sh shows the time to the first byte).
+#
+# Needs nginx, haproxy, wrk and a release build (cargo build --release); for stream,
+# libnginx-mod-http-echo. Env: WORKLOAD (fast), ROUNDS (3), DURATION (8 s), CONNS (fast: 64,
+# stream: 256), PROXY_CPU (0), LOAD_CPU (1), HEADROOM_BIN (the release build), HEADROOM_DEFAULTS
+# (1: headroom with its access log and health checks on, as its default config has them).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-$repo/target/release/headroom}
-rounds=${ROUNDS:-3} duration=${DURATION:-8} conns=${CONNS:-64}
+workload=${WORKLOAD:-fast} rounds=${ROUNDS:-3} duration=${DURATION:-8}
+chunks=${STREAM_CHUNKS:-32} gap=${STREAM_GAP:-0.01}
+if [ "$workload" = stream ]; then conns=${CONNS:-256}; else conns=${CONNS:-64}; fi
+echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
 pcpu=${PROXY_CPU:-0} lcpu=${LOAD_CPU:-1}
 for tool in nginx haproxy wrk taskset; do
   command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install nginx-light haproxy wrk)" >&2; exit 1; }
@@ -23,6 +35,11 @@ done
 # same path; rebuild the release profile (a no-op when it is current) unless a binary was given.
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+if [ "$workload" = stream ] && [ ! -f "$echo_so" ]; then
+  echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2
+  exit 1
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 dir=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
@@ -30,13 +47,22 @@ trap cleanup EXIT
 mkdir -p "$dir/tmp"
 ports=(18601 18602 18603 18604)
 body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"index":0,"text":"ok","finish_reason":"stop"}]}'
+stream_body=""
+for ((i = 1; i <= chunks; i++)); do
+  stream_body+="echo 'data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok$i \"}}]}'; echo ''; echo_flush; "
+  ((i < chunks)) && stream_body+="echo_sleep $gap; "
+done
 {
+  [ "$workload" != stream ] || echo "load_module $echo_so;"
   echo "daemon off; master_process off; worker_processes 1; pid $dir/b.pid; error_log $dir/b.err warn;"
-  echo "events { worker_connections 8192; }"
+  echo "worker_rlimit_nofile 16384; events { worker_connections 8192; }"
   echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;"
   echo "  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
   for p in "${ports[@]}"; do
-    echo "  server { listen 127.0.0.1:$p backlog=4096; location / { default_type application/json; return 200 '$body\n'; } }"
+    echo "  server { listen 127.0.0.1:$p backlog=4096; location / { default_type application/json; return 200 '$body\n'; }"
+    echo "    location = /health { return 200 ok; }"
+    [ "$workload" != stream ] || echo "    location = /stream { default_type text/event-stream; echo_read_request_body; $stream_body echo 'data: [DONE]'; echo ''; }"
+    echo "  }"
   done
   echo "}"
 } > "$dir/backends.conf"
@@ -48,7 +74,8 @@ body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"
   echo "  upstream be { least_conn; keepalive 1024; keepalive_requests 10000000;"
   for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=3 fail_timeout=10s;"; done
   echo "  }"
-  echo "  server { listen 127.0.0.1:18611 backlog=4096; location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  echo "  server { listen 127.0.0.1:18611 backlog=4096; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+  echo "    location / { proxy_pass http://be; } location = /stream { proxy_pass http://be; proxy_buffering off; } }"
   echo "}"
 } > "$dir/nginx.conf"
 {
@@ -57,9 +84,11 @@ body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"
   printf 'frontend fe\n  bind 127.0.0.1:18612 backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n'
   for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
 } > "$dir/haproxy.cfg"
+sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18612/18615/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
 {
-  printf '[server]\nlisten = ["127.0.0.1:18613"]\nworkers = 1\naccess_log = false\n'
+  printf '[server]\nlisten = ["127.0.0.1:18613"]\nworkers = 1\naccess_log = %s\n' "${HEADROOM_DEFAULTS:+true}${HEADROOM_DEFAULTS:-false}"
   printf '[admin]\nlisten = "127.0.0.1:18614"\n[pools.default]\nmax_inflight_per_backend = 100000\n'
+  [ -z "${HEADROOM_DEFAULTS:-}" ] || printf '[pools.default.health]\npath = "/health"\ninterval = "2s"\n'
   for p in "${ports[@]}"; do printf '[[pools.default.backends]]\naddr = "127.0.0.1:%s"\n' "$p"; done
 } > "$dir/headroom.toml"
 
@@ -79,17 +108,28 @@ tck=$(getconf CLK_TCK)
 
 declare -A us rps usr sys
 names=(headroom nginx haproxy)
+[ "$workload" != stream ] || names+=(haproxy-no-delay)
+k_n=${#names[@]}
+path=/fast wrk_args=()
+if [ "$workload" = stream ]; then
+  path=/stream
+  echo '{"model":"bench","messages":[{"role":"user","content":"Say something."}],"stream":true}' > "$dir/body.json"
+  printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nlocal f = io.open("%s", "rb")\nwrk.body = f:read("*a")\nf:close()\n' \
+    "$dir/body.json" > "$dir/post.lua"
+  wrk_args=(-s "$dir/post.lua")
+fi
 for r in $(seq "$rounds"); do
-  for k in $(seq 0 2); do
-    name=${names[$(( (k + r) % 3 ))]}
+  for k in $(seq 0 $((k_n - 1))); do
+    name=${names[$(( (k + r) % k_n ))]}
     case $name in
       headroom) port=18613; pid=$(RUST_LOG=warn start $port "$bin" --config "$dir/headroom.toml") ;;
       nginx) port=18611; pid=$(start $port nginx -c "$dir/nginx.conf") ;;
       haproxy) port=18612; pid=$(start $port haproxy -db -f "$dir/haproxy.cfg") ;;
+      haproxy-no-delay) port=18615; pid=$(start $port haproxy -db -f "$dir/haproxy-no-delay.cfg") ;;
     esac
-    taskset -c "$lcpu" wrk -t1 -c"$conns" -d2s "http://127.0.0.1:$port/fast" >/dev/null
+    taskset -c "$lcpu" wrk "${wrk_args[@]}" -t1 -c"$conns" -d2s "http://127.0.0.1:$port$path" >/dev/null
     read -r u0 s0 <<<"$(cpu_ticks "$pid")"
-    out=$(taskset -c "$lcpu" wrk -t1 -c"$conns" -d"${duration}s" "http://127.0.0.1:$port/fast")
+    out=$(taskset -c "$lcpu" wrk "${wrk_args[@]}" -t1 -c"$conns" -d"${duration}s" --timeout 10s "http://127.0.0.1:$port$path")
     read -r u1 s1 <<<"$(cpu_ticks "$pid")"
     n=$(awk '/requests in/ {print $1}' <<<"$out")
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -107,14 +147,20 @@ for r in $(seq "$rounds"); do
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 n_us=$(median <<<"${us[nginx]}")
+ref=haproxy
+[ "$workload" != stream ] || ref=haproxy-no-delay
+h_us=$(median <<<"${us[$ref]}")
+events=1
+[ "$workload" != stream ] || events=$((chunks + 1))
 echo
-echo "| proxy | req/s (median) | CPU us per request (median) | user us | system us | requests per CPU-second | per-core capacity vs nginx |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "$workload, -c$conns, $rounds rounds of ${duration}s; per event = per response / $events (stream only)"
+echo "| proxy | req/s (median) | CPU us per request (median) | per event | user us | system us | requests per CPU-second | capacity vs nginx | CPU vs $ref |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for name in "${names[@]}"; do
   m=$(median <<<"${us[$name]}")
   q=$(median <<<"${rps[$name]}")
   mu=$(median <<<"${usr[$name]}")
   ms=$(median <<<"${sys[$name]}")
-  awk -v n="$name" -v m="$m" -v q="$q" -v b="$n_us" -v mu="$mu" -v ms="$ms" \
-    'BEGIN {printf "| %s | %.0f | %.2f | %.2f | %.2f | %.0f | %.3f |\n", n, q, m, mu, ms, 1e6 / m, b / m}'
+  awk -v n="$name" -v m="$m" -v q="$q" -v b="$n_us" -v h="$h_us" -v mu="$mu" -v ms="$ms" -v ev="$events" \
+    'BEGIN {printf "| %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.0f | %.3f | %.3f |\n", n, q, m, m / ev, mu, ms, 1e6 / m, b / m, m / h}'
 done

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # System calls each proxy makes per proxied request and per streamed event, headroom beside
-# nginx and HAProxy (one worker each, same backends, same load), counted by `strace -c -f`
-# attached to the whole proxy process over a fixed number of requests. Counts, unlike
-# seconds, do not move with the neighbours' load, so they say where the kernel time goes.
+# nginx and HAProxy (one worker each, same backends, same load), counted by the kernel's
+# syscall tracepoints (`perf stat -e raw_syscalls:sys_enter,syscalls:sys_enter_<call>`: no
+# stop per call, unlike strace, so the proxy batches as it does unobserved) over a fixed number
+# of requests. Counts, unlike seconds, do not move with the neighbours' load, so they say where
+# the kernel time goes.
 #
 # Workloads (backends: one nginx worker serving four ports, with the echo module for `stream`):
 # - fast: GET /fast, a ~130-byte JSON answer (peerbench's `fast`);
@@ -16,7 +18,8 @@
 # first byte (h2load's mean and max over the requests) shows which proxies deliver each event
 # when it comes.
 #
-# Needs nginx (with libnginx-mod-http-echo), haproxy, h2load (nghttp2-client), strace and a
+# Needs nginx (with libnginx-mod-http-echo), haproxy, h2load (nghttp2-client), perf
+# (linux-perf, with access to tracepoints: root or kernel.perf_event_paranoid <= -1) and a
 # release build. Env: REQUESTS (fast: 20000; stream: 2000), CONNS (fast: 64; stream: 256),
 # WORKLOADS ("fast stream"), PROXIES ("headroom headroom-default nginx haproxy"),
 # STREAM_CHUNKS, STREAM_GAP, HEADROOM_BIN (the release build), TOP (6 calls listed per row).
@@ -27,12 +30,17 @@ workloads=${WORKLOADS:-fast stream}
 proxies=${PROXIES:-headroom headroom-default nginx haproxy haproxy-no-delay}
 chunks=${STREAM_CHUNKS:-32} gap=${STREAM_GAP:-0.01} top=${TOP:-6}
 echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
-for tool in nginx haproxy h2load strace taskset; do
+for tool in nginx haproxy h2load perf taskset; do
   command -v "$tool" >/dev/null || {
-    echo "missing: $tool (apt-get install nginx-light libnginx-mod-http-echo haproxy nghttp2-client strace)" >&2
+    echo "missing: $tool (apt-get install nginx-light libnginx-mod-http-echo haproxy nghttp2-client linux-perf)" >&2
     exit 1
   }
 done
+perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1 || { echo "perf cannot read syscall tracepoints here" >&2; exit 1; }
+calls=(recvfrom sendto read write readv writev recvmsg sendmsg epoll_wait epoll_pwait epoll_ctl
+  getsockopt setsockopt accept4 connect close futex clock_gettime brk mmap munmap madvise)
+events="raw_syscalls:sys_enter"
+for c in "${calls[@]}"; do events+=",syscalls:sys_enter_$c"; done
 [ -f "$echo_so" ] || { echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2; exit 1; }
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -119,7 +127,7 @@ load() {
   grep -q "status codes: $3 2xx" <<<"$out" || { echo "load on port $2 did not get $3 2xx answers:" >&2; echo "$out" >&2; return 1; }
 }
 
-events=$((chunks + 1))
+events_per=$((chunks + 1))
 printf '| workload | proxy | syscalls per request | per event | first byte mean / max | top calls per request |\n'
 printf '|---|---|---:|---:|---:|---|\n'
 for w in $workloads; do
@@ -127,27 +135,25 @@ for w in $workloads; do
   for p in $proxies; do
     read -r pid port <<<"$(start "$p")"
     load "$w" "$port" $((n / 4)) "$c"
-    tids=$(ls "/proc/$pid/task" | sed 's/^/-p /' | tr '\n' ' ')
-    # shellcheck disable=SC2086
-    strace -c -f -o "$dir/strace.$p.$w" $tids 2>/dev/null &
-    local_strace=$!
+    perf stat -x, -e "$events" -p "$pid" -o "$dir/perf.$p.$w" 2>/dev/null &
+    counter=$!
     sleep 0.5
     load "$w" "$port" "$n" "$c"
-    kill -INT "$local_strace"; wait "$local_strace" 2>/dev/null || true
+    kill -INT "$counter"; wait "$counter" 2>/dev/null || true
     kill "$pid"; wait "$pid" 2>/dev/null || true
     ttfb=$(awk '/time to 1st byte/ {print $7 " / " $6}' "$dir/h2load")
-    awk -v n="$n" -v w="$w" -v p="$p" -v ev="$events" -v top="$top" -v ttfb="$ttfb" '
-      $1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" { c[$NF] = $4 }
+    awk -F, -v n="$n" -v w="$w" -v p="$p" -v ev="$events_per" -v top="$top" -v ttfb="$ttfb" '
+      $3 == "raw_syscalls:sys_enter" { total = $1 }
+      $3 ~ /^syscalls:sys_enter_/ && $1 ~ /^[0-9]+$/ && $1 > 0 { c[substr($3, 20)] = $1 }
       END {
-        t = 0; for (k in c) t += c[k]
         line = ""
         for (i = 0; i < top; i++) {
           best = ""; for (k in c) if (best == "" || c[k] > c[best]) best = k
           if (best == "") break
           line = line sprintf("%s %.2f, ", best, c[best] / n); delete c[best]
         }
-        per_event = (w == "stream") ? sprintf("%.3f", t / n / ev) : "-"
-        printf "| %s | %s | %.2f | %s | %s | %s |\n", w, p, t / n, per_event, ttfb, substr(line, 1, length(line) - 2)
-      }' "$dir/strace.$p.$w"
+        per_event = (w == "stream") ? sprintf("%.3f", total / n / ev) : "-"
+        printf "| %s | %s | %.2f | %s | %s | %s |\n", w, p, total / n, per_event, ttfb, substr(line, 1, length(line) - 2)
+      }' "$dir/perf.$p.$w"
   done
 done

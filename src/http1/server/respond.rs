@@ -182,10 +182,16 @@ impl<H: Handler> Conn<H> {
             if st.done && st.written == self.out.len() && st.flushed {
                 return Poll::Ready(Ok(st.clean));
             }
-            // Waiting for the body or the socket: notice a client that went away.
+            // Waiting for the body or the socket: notice a client that went away. A stream
+            // waiting for its next event holds no client read buffer meanwhile.
             return match self.read.watch(cx) {
                 Client::Gone => Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionReset))),
-                Client::Present => Poll::Pending,
+                Client::Present => {
+                    if let Some(reader) = self.read.reader.as_mut() {
+                        reader.release_if_empty();
+                    }
+                    Poll::Pending
+                }
             };
         }
     }
