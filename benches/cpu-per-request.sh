@@ -85,8 +85,10 @@ done
   for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
 } > "$dir/haproxy.cfg"
 sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18612/18615/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
+access_log=false
+[ -z "${HEADROOM_DEFAULTS:-}" ] || access_log=true
 {
-  printf '[server]\nlisten = ["127.0.0.1:18613"]\nworkers = 1\naccess_log = %s\n' "${HEADROOM_DEFAULTS:+true}${HEADROOM_DEFAULTS:-false}"
+  printf '[server]\nlisten = ["127.0.0.1:18613"]\nworkers = 1\naccess_log = %s\n' "$access_log"
   printf '[admin]\nlisten = "127.0.0.1:18614"\n[pools.default]\nmax_inflight_per_backend = 100000\n'
   [ -z "${HEADROOM_DEFAULTS:-}" ] || printf '[pools.default.health]\npath = "/health"\ninterval = "2s"\n'
   for p in "${ports[@]}"; do printf '[[pools.default.backends]]\naddr = "127.0.0.1:%s"\n' "$p"; done
