@@ -26,7 +26,8 @@ bin=${HEADROOM_BIN:-$repo/target/release/headroom}
 workload=${WORKLOAD:-fast} rounds=${ROUNDS:-3} duration=${DURATION:-8}
 chunks=${STREAM_CHUNKS:-32} gap=${STREAM_GAP:-0.01}
 if [ "$workload" = stream ]; then conns=${CONNS:-256}; else conns=${CONNS:-64}; fi
-echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
+# shellcheck source=benches/bench-backends.sh
+. "$repo/benches/bench-backends.sh"
 pcpu=${PROXY_CPU:-0} lcpu=${LOAD_CPU:-1}
 for tool in nginx haproxy wrk taskset; do
   command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install nginx-light haproxy wrk)" >&2; exit 1; }
@@ -46,26 +47,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 mkdir -p "$dir/tmp"
 ports=(18601 18602 18603 18604)
-body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"index":0,"text":"ok","finish_reason":"stop"}]}'
-stream_body=""
-for ((i = 1; i <= chunks; i++)); do
-  stream_body+="echo 'data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok$i \"}}]}'; echo ''; echo_flush; "
-  ((i < chunks)) && stream_body+="echo_sleep $gap; "
-done
-{
-  [ "$workload" != stream ] || echo "load_module $echo_so;"
-  echo "daemon off; master_process off; worker_processes 1; pid $dir/b.pid; error_log $dir/b.err warn;"
-  echo "worker_rlimit_nofile 16384; events { worker_connections 8192; }"
-  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;"
-  echo "  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
-  for p in "${ports[@]}"; do
-    echo "  server { listen 127.0.0.1:$p backlog=4096; location / { default_type application/json; return 200 '$body\n'; }"
-    echo "    location = /health { return 200 ok; }"
-    [ "$workload" != stream ] || echo "    location = /stream { default_type text/event-stream; echo_read_request_body; $stream_body echo 'data: [DONE]'; echo ''; }"
-    echo "  }"
-  done
-  echo "}"
-} > "$dir/backends.conf"
+stream=no
+[ "$workload" != stream ] || stream=yes
+backends_conf "$dir" "$stream" "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
 {
   echo "daemon off; master_process off; worker_processes 1; pid $dir/n.pid; error_log $dir/n.err warn;"
   echo "events { worker_connections 8192; }"

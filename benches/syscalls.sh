@@ -29,7 +29,8 @@ bin=${HEADROOM_BIN:-$repo/target/release/headroom}
 workloads=${WORKLOADS:-fast stream}
 proxies=${PROXIES:-headroom headroom-default nginx haproxy haproxy-no-delay}
 chunks=${STREAM_CHUNKS:-32} gap=${STREAM_GAP:-0.01} top=${TOP:-6}
-echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
+# shellcheck source=benches/bench-backends.sh
+. "$repo/benches/bench-backends.sh"
 for tool in nginx haproxy h2load perf taskset; do
   command -v "$tool" >/dev/null || {
     echo "missing: $tool (apt-get install nginx-light libnginx-mod-http-echo haproxy nghttp2-client linux-perf)" >&2
@@ -51,22 +52,7 @@ trap cleanup EXIT
 mkdir -p "$dir/tmp"
 ports=(18701 18702 18703 18704)
 temp="client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
-stream_body=""
-for ((i = 1; i <= chunks; i++)); do
-  stream_body+="echo 'data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok$i \"}}]}'; echo ''; echo_flush; "
-  ((i < chunks)) && stream_body+="echo_sleep $gap; "
-done
-{
-  echo "load_module $echo_so; daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 65536;"
-  echo "pid $dir/b.pid; error_log $dir/b.err warn; events { worker_connections 16384; }"
-  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s; $temp"
-  for p in "${ports[@]}"; do
-    echo "  server { listen 127.0.0.1:$p backlog=4096; location = /health { return 200 ok; }"
-    echo "    location = /fast { default_type application/json; return 200 '{\"id\":\"cmpl-fast\",\"object\":\"text_completion\",\"model\":\"bench\",\"choices\":[{\"index\":0,\"text\":\"ok\",\"finish_reason\":\"stop\"}]}\n'; }"
-    echo "    location = /stream { default_type text/event-stream; echo_read_request_body; $stream_body echo 'data: [DONE]'; echo ''; } }"
-  done
-  echo "}"
-} > "$dir/backends.conf"
+backends_conf "$dir" yes "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
 {
   echo "daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 65536;"
   echo "pid $dir/n.pid; error_log $dir/n.err warn; events { worker_connections 16384; }"
