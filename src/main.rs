@@ -10,10 +10,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod allocator;
+
 // The proxy allocates small, short-lived objects per request (headers, bodies, futures) across
 // threads; mimalloc's per-thread free lists serve that pattern better than the system allocator.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: allocator::Allocator = allocator::Allocator;
 
 /// After a reload or backend change, returns the freed pages of the calling thread's heap to the
 /// system: mimalloc purges lazily, on later allocations, and a reloader that goes quiet would

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const LAYERS: [(&str, u8); 29] = [
+const LAYERS: [(&str, u8); 30] = [
     ("clock", 0),
     ("openai", 0),
     ("prompt", 0),
@@ -43,6 +43,7 @@ const LAYERS: [(&str, u8); 29] = [
     ("tls::gen", 7),
     ("", 8),
     ("main", 8),
+    ("allocator", 8),
     ("load", 9),
     ("mock", 9),
 ];
