@@ -1,8 +1,17 @@
-# Sourced by the peer benchmarks: the nginx config of their backends, one worker serving one
-# server block per port. Each answers GET / and /fast with a ~130-byte JSON body (peerbench's
-# `fast`), /health with 200, and, when `stream` is asked for, POST /stream with STREAM_CHUNKS
-# SSE events STREAM_GAP seconds apart, each flushed, then `data: [DONE]` (nginx's echo module).
-# Usage: backends_conf DIR STREAM(yes|no) CHUNKS GAP PORT... > DIR/backends.conf
+# Sourced by the peer benchmarks (cpu-per-request.sh, syscalls.sh, event-latency.sh): their
+# scratch directory, the nginx config of their backends and HAProxy's configs.
+#
+# bench_start: raises the open-file limit, makes $dir (with tmp/ for nginx) and, at exit, stops
+# every pid in $pids and removes $dir.
+#
+# backends_conf DIR STREAM(yes|no) CHUNKS GAP PORT... > DIR/backends.conf: one nginx worker
+# serving one server block per port. Each answers GET / and /fast with a ~130-byte JSON body
+# (peerbench's `fast`), /health with 200, and, when `stream` is asked for, POST /stream with
+# CHUNKS SSE events GAP seconds apart, each flushed, then `data: [DONE]` (nginx's echo module).
+#
+# haproxy_confs DIR PORT NO_DELAY_PORT CHECKS(yes|no) BACKEND_PORT...: DIR/haproxy.cfg (one
+# thread, leastconn, keep-alive both sides; with CHECKS, `GET /health` every 2 s) and
+# DIR/haproxy-no-delay.cfg, the same with `option http-no-delay` on NO_DELAY_PORT.
 
 echo_so=/usr/lib/nginx/modules/ngx_http_echo_module.so
 fast_body='{"id":"cmpl-fast","object":"text_completion","model":"bench","choices":[{"index":0,"text":"ok","finish_reason":"stop"}]}'
@@ -26,4 +35,27 @@ backends_conf() {
     echo "  }"
   done
   echo "}"
+}
+
+bench_start() {
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  dir=$(mktemp -d)
+  pids=()
+  mkdir -p "$dir/tmp"
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
+}
+
+haproxy_confs() {
+  local dir=$1 port=$2 no_delay_port=$3 checks=$4 i=0 p check=""
+  shift 4
+  [ "$checks" != yes ] || check=" check inter 2s"
+  {
+    printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
+    printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout http-keep-alive 120s\n'
+    printf 'frontend fe\n  bind 127.0.0.1:%s backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n' "$port"
+    [ "$checks" != yes ] || printf '  option httpchk GET /health\n'
+    for p in "$@"; do printf '  server b%d 127.0.0.1:%s%s\n' $((i++)) "$p" "$check"; done
+  } > "$dir/haproxy.cfg"
+  sed "s/^  balance leastconn/&\n  option http-no-delay/; s/127.0.0.1:$port /127.0.0.1:$no_delay_port /" \
+    "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
 }

@@ -40,12 +40,7 @@ if [ "$workload" = stream ] && [ ! -f "$echo_so" ]; then
   echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2
   exit 1
 fi
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-mkdir -p "$dir/tmp"
+bench_start
 ports=(18601 18602 18603 18604)
 stream=no
 [ "$workload" != stream ] || stream=yes
@@ -62,13 +57,7 @@ backends_conf "$dir" "$stream" "$chunks" "$gap" "${ports[@]}" > "$dir/backends.c
   echo "    location / { proxy_pass http://be; } location = /stream { proxy_pass http://be; proxy_buffering off; } }"
   echo "}"
 } > "$dir/nginx.conf"
-{
-  printf 'global\n  nbthread 1\n  maxconn 9900\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
-  printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout http-keep-alive 120s\n'
-  printf 'frontend fe\n  bind 127.0.0.1:18612 backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n'
-  for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
-} > "$dir/haproxy.cfg"
-sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18612/18615/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
+haproxy_confs "$dir" 18612 18615 no "${ports[@]}"
 access_log=false
 [ -z "${HEADROOM_DEFAULTS:-}" ] || access_log=true
 {

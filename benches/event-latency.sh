@@ -23,12 +23,7 @@ for tool in nginx haproxy h2load python3 taskset; do
 done
 [ -f "$echo_so" ] || { echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2; exit 1; }
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-mkdir -p "$dir/tmp"
+bench_start
 ports=(18801 18802 18803 18804)
 backends_conf "$dir" yes "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
 {
@@ -41,13 +36,7 @@ backends_conf "$dir" yes "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
   echo "  server { listen 127.0.0.1:18811; proxy_http_version 1.1; proxy_set_header Connection \"\";"
   echo "    location / { proxy_pass http://be; proxy_buffering off; } } }"
 } > "$dir/nginx.conf"
-{
-  printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
-  printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend fe\n  bind 127.0.0.1:18812\n'
-  printf '  default_backend be\nbackend be\n  balance leastconn\n'
-  for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
-} > "$dir/haproxy.cfg"
-sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18812/18815/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
+haproxy_confs "$dir" 18812 18815 no "${ports[@]}"
 {
   printf '[server]\nlisten = ["127.0.0.1:18813"]\nworkers = 1\naccess_log = false\n[admin]\nlisten = "127.0.0.1:18814"\n'
   printf '[pools.default]\nmax_inflight_per_backend = 100000\n'

@@ -44,19 +44,14 @@ events="raw_syscalls:sys_enter"
 for c in "${calls[@]}"; do events+=",syscalls:sys_enter_$c"; done
 [ -f "$echo_so" ] || { echo "missing: $echo_so (apt-get install libnginx-mod-http-echo)" >&2; exit 1; }
 [ -n "${HEADROOM_BIN:-}" ] || (cd "$repo" && cargo build --release --quiet)
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-dir=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
-trap cleanup EXIT
-mkdir -p "$dir/tmp"
+bench_start
 ports=(18701 18702 18703 18704)
-temp="client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
 backends_conf "$dir" yes "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
 {
   echo "daemon off; master_process off; worker_processes 1; worker_rlimit_nofile 65536;"
   echo "pid $dir/n.pid; error_log $dir/n.err warn; events { worker_connections 16384; }"
-  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s; $temp"
+  echo "http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;"
+  echo "  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
   echo "  upstream be { least_conn; keepalive 1024; keepalive_requests 10000000;"
   for p in "${ports[@]}"; do echo "    server 127.0.0.1:$p max_fails=3 fail_timeout=10s;"; done
   echo "  }"
@@ -65,14 +60,7 @@ backends_conf "$dir" yes "$chunks" "$gap" "${ports[@]}" > "$dir/backends.conf"
   echo "    location = /stream { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; } }"
   echo "}"
 } > "$dir/nginx.conf"
-{
-  printf 'global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n'
-  printf '  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  timeout http-keep-alive 120s\n'
-  printf 'frontend fe\n  bind 127.0.0.1:18712 backlog 4096\n  default_backend be\nbackend be\n  balance leastconn\n'
-  printf '  option httpchk GET /health\n'
-  for i in "${!ports[@]}"; do printf '  server b%d 127.0.0.1:%s check inter 2s\n' "$i" "${ports[$i]}"; done
-} > "$dir/haproxy.cfg"
-sed 's/^  balance leastconn/&\n  option http-no-delay/; s/18712/18717/' "$dir/haproxy.cfg" > "$dir/haproxy-no-delay.cfg"
+haproxy_confs "$dir" 18712 18717 yes "${ports[@]}"
 # $1: port, $2: admin port, $3: extra [server] lines, $4: extra [pools.default] lines
 headroom_config() {
   printf '[server]\nlisten = ["127.0.0.1:%s"]\nworkers = 1\n%b' "$1" "$3"

@@ -180,7 +180,8 @@ fn hex_value(b: u8) -> u8 {
     match b {
         b'0'..=b'9' => b - b'0',
         b'a'..=b'f' => b - b'a' + 10,
-        _ => b.wrapping_sub(b'A').wrapping_add(10) & 0xf,
+        b'A'..=b'F' => b - b'A' + 10,
+        _ => 0,
     }
 }
 

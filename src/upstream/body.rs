@@ -106,7 +106,7 @@ pub struct RequestBody {
     keep: Option<Keeper>,
     limit: u64,
     seen: u64,
-    idle_timeout: Duration,
+    /// The client's idle timeout on the body (`after()` is its length).
     idle: IdleTimeout,
     outcome: Option<BodyEnd>,
 }
@@ -131,7 +131,6 @@ impl RequestBody {
             keep: None,
             limit,
             seen: 0,
-            idle_timeout,
             idle: IdleTimeout::new(idle_timeout),
             outcome: outcome.clone(),
         };
@@ -144,7 +143,7 @@ impl RequestBody {
     /// is kept and forwarded first. `wait`: wait for it (at most `idle_timeout`; methods whose
     /// requests have no body by custom, GET and the like); otherwise only look.
     pub async fn settle_h2(mut self, wait: bool) -> Self {
-        let idle = self.idle_timeout;
+        let idle = self.idle.after();
         let Some(inner) = self.inner.as_mut().filter(|b| !b.is_end_stream()) else { return self };
         let polled = if wait {
             let next = std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx));
@@ -170,7 +169,7 @@ impl RequestBody {
     /// size); `None` when it is longer, and the rest streams as usual. Fails as forwarding the
     /// body would: larger than `max_request_body`, idle for the idle timeout, or broken.
     pub async fn read_ahead(&mut self, limit: usize) -> Result<Option<Bytes>, BodyFailure> {
-        let idle = self.idle_timeout;
+        let idle = self.idle.after();
         let mut data = Vec::new();
         let mut bytes = 0usize;
         while let Some(inner) = self.inner.as_mut().filter(|b| !b.is_end_stream()) {
@@ -228,7 +227,6 @@ impl RequestBody {
             keep: None,
             limit: u64::MAX,
             seen: 0,
-            idle_timeout: Duration::MAX,
             idle: IdleTimeout::new(Duration::MAX),
             outcome: None,
         }
@@ -305,7 +303,7 @@ impl Body for RequestBody {
             Poll::Pending => {
                 // Armed only once the body actually has to wait for the client.
                 if this.idle.poll_expired(cx) {
-                    return this.fail(RequestBodyError::Idle(this.idle_timeout));
+                    return this.fail(RequestBodyError::Idle(this.idle.after()));
                 }
                 Poll::Pending
             }
