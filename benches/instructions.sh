@@ -16,7 +16,8 @@
 # PEERS ("" or e.g. "nginx haproxy": nginx with proxy_buffering off, HAProxy with
 # option http-no-delay so that it streams), HOLD=idle or HOLD=one-byte keeps HOLD_CONNS (5000)
 # other connections open to headroom through its run, silent or stopped after the first byte
-# of the h2 preface (what they cost the requests, to the instruction).
+# of the h2 preface (what they cost the requests, to the instruction). KEEP=DIR keeps each
+# proxy's dump as DIR/callgrind.PROXY, for callgrind_annotate --inclusive=yes.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-$repo/target/release/headroom}
@@ -122,6 +123,7 @@ measure() {
   kill -TERM "$pid"
   wait "$pid" || true
   total=$(grep -m1 '^summary:' "$out.1" | awk '{print $2}')
+  [ -z "${KEEP:-}" ] || cp "$out.1" "$KEEP/callgrind.$1"
   echo "$total $events"
 }
 

@@ -58,6 +58,34 @@ async fn h2c_clients_and_h2c_backends_work() {
         let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(seen["version"], "HTTP/2.0");
         assert_eq!(seen["uri"], format!("http://{}/up", backend.addr));
+        assert_forwarded_once(&seen, hr.addr);
+    }
+}
+
+/// The headers headroom adds, each once, as a backend that echoes them saw them.
+fn assert_forwarded_once(seen: &serde_json::Value, proxy: std::net::SocketAddr) {
+    let h = &seen["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(h["x-forwarded-proto"], "http", "{seen}");
+    assert_eq!(h["x-forwarded-host"], proxy.to_string(), "{seen}");
+    assert_eq!(h["forwarded"], format!("for=127.0.0.1;proto=http;host=\"{proxy}\""), "{seen}");
+    assert!(h["via"].as_str().is_some_and(|v| v.starts_with("1.1 headroom-") && !v.contains('|')), "{seen}");
+    let id = h["x-request-id"].as_str().unwrap_or("");
+    assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_failed_over_from_an_unreachable_h2c_backend_carries_the_forwarding_headers_once() {
+    let dead = dead_addr().await;
+    let echo = TestBackend::echo().await;
+    // The unreachable backend is nearly always picked first; the echo one answers after failover.
+    let hr = Headroom::start(&config(&[(dead, 1000), (echo.addr, 1)], "protocol = \"h2c\"", "")).await;
+    for _ in 0..3 {
+        let (status, body) = get(&hr.url("/up")).await;
+        assert_eq!(status, 200);
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(seen["version"], "HTTP/2.0");
+        assert_forwarded_once(&seen, hr.addr);
     }
 }
 

@@ -1,7 +1,8 @@
 //! What both head parsers share: where each field sits in a parsed head (read again from the
-//! head once it is split off and frozen), and the field writer.
+//! head once it is split off and frozen), and the field writers: one field from a map, and
+//! [`ExtraFields`], fields a caller adds to a head already in wire form.
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// The `Keep-Alive` field (hop-by-hop: read with `Connection`, never forwarded).
 pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -12,6 +13,61 @@ pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// Header fields added to a request head as it is written, kept in wire form (`name: value`
+/// lines): the encoder copies them in one piece instead of hashing each into the request's map.
+/// Names are lower-case tokens and values hold no CR or LF (the caller builds them from header
+/// values and its own text); a field must not also be in the map.
+#[derive(Debug, Default, Clone)]
+pub struct ExtraFields {
+    lines: Vec<u8>,
+}
+
+impl ExtraFields {
+    pub fn with_capacity(bytes: usize) -> Self {
+        ExtraFields { lines: Vec::with_capacity(bytes) }
+    }
+
+    /// Adds the field `name`, its value the concatenation of `value`.
+    pub fn push(&mut self, name: &HeaderName, value: &[&[u8]]) {
+        self.lines.extend_from_slice(name.as_str().as_bytes());
+        self.lines.extend_from_slice(b": ");
+        for part in value {
+            self.lines.extend_from_slice(part);
+        }
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
+    /// The fields as they go on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Each field as a name and a value (for a request not written by this codec: h2).
+    pub fn fields(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        self.lines.split(|&b| b == b'\n').filter_map(|line| {
+            let line = line.strip_suffix(b"\r")?;
+            let colon = memchr::memchr(b':', line)?;
+            let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+            let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii_start()).ok()?;
+            Some((name, value))
+        })
+    }
+
+    /// Adds the fields to `map`.
+    pub fn add_to(&self, map: &mut HeaderMap) {
+        for (name, value) in self.fields() {
+            map.append(name, value);
+        }
+    }
+
+    /// Takes the fields out of `map` again (what [`Self::add_to`] added).
+    pub fn remove_from(&self, map: &mut HeaderMap) {
+        for (name, _) in self.fields() {
+            map.remove(name);
+        }
+    }
 }
 
 /// A field's name and value, as offsets into its head.
@@ -63,5 +119,26 @@ impl Spans {
         } else {
             &self.heap
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_fields_are_written_as_lines_and_read_back_as_the_same_fields() {
+        let mut extra = ExtraFields::default();
+        extra.push(&HeaderName::from_static("x-forwarded-for"), &[b"10.0.0.1"]);
+        extra.push(&HeaderName::from_static("forwarded"), &[b"for=10.0.0.1", b";host=\"a:1\""]);
+        assert_eq!(extra.as_bytes(), b"x-forwarded-for: 10.0.0.1\r\nforwarded: for=10.0.0.1;host=\"a:1\"\r\n");
+        let mut map = HeaderMap::new();
+        map.insert("host", HeaderValue::from_static("a:1"));
+        extra.add_to(&mut map);
+        assert_eq!(map["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(map["forwarded"], "for=10.0.0.1;host=\"a:1\"");
+        extra.remove_from(&mut map);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["host"], "a:1");
     }
 }

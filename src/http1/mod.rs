@@ -14,7 +14,7 @@ pub mod framing;
 mod head;
 pub mod server;
 
-pub use head::KEEP_ALIVE;
+pub use head::{ExtraFields, KEEP_ALIVE};
 
 use bytes::BytesMut;
 use std::io;

@@ -4,6 +4,7 @@
 //! which hop-by-hop and forwarding headers are present, so the rewrite afterwards touches only
 //! what exists: for most requests that is a few inserts of pre-built values and no removal.
 
+use crate::http1::ExtraFields;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 use std::net::IpAddr;
@@ -169,24 +170,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
     }
 }
 
-/// Appends `value` to a comma-separated header that is present.
-fn append(headers: &mut HeaderMap, name: HeaderName, value: &[u8]) {
+/// Appends `value` (the concatenation of its parts) to a comma-separated header that is present.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &[&[u8]]) {
     let Some(old) = headers.get(&name) else { return };
-    let mut joined = Vec::with_capacity(old.len() + 2 + value.len());
+    let mut joined = Vec::with_capacity(old.len() + 2 + value.iter().map(|p| p.len()).sum::<usize>());
     joined.extend_from_slice(old.as_bytes());
     joined.extend_from_slice(b", ");
-    joined.extend_from_slice(value);
+    for part in value {
+        joined.extend_from_slice(part);
+    }
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, v);
     }
 }
 
-/// Sets `name` to `value`, or appends to it when `present`.
-fn set_or_append(headers: &mut HeaderMap, present: bool, name: HeaderName, value: &HeaderValue) {
+/// Appends `value` to the client's `name` when it sent one (`present`), else adds the field to
+/// `extra`.
+fn set_or_append(headers: &mut HeaderMap, extra: &mut ExtraFields, present: bool, name: HeaderName, value: &[&[u8]]) {
     if present {
-        append(headers, name, value.as_bytes());
+        append(headers, name, value);
     } else {
-        headers.insert(name, value.clone());
+        extra.push(&name, value);
     }
 }
 
@@ -315,31 +319,29 @@ impl Client {
     }
 }
 
-/// Adds X-Forwarded-For/-Proto/-Host, Forwarded and Via to a request going upstream. `host` is
-/// the Host the client asked for (header or :authority), as sent.
+/// Adds X-Forwarded-For/-Proto/-Host, Forwarded and Via to a request going upstream: appended
+/// to the client's field when it sent one, else added to `extra` (which the encoder writes after
+/// the map's fields). `host` is the Host the client asked for (header or :authority), as sent.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
+    extra: &mut ExtraFields,
     scan: &Scan,
     client: &Client,
     host: Option<&HeaderValue>,
     via: &HeaderValue,
 ) {
-    set_or_append(headers, scan.found & XFF != 0, X_FORWARDED_FOR, &client.ip_value);
-    set_or_append(headers, scan.found & XFP != 0, X_FORWARDED_PROTO, &client.proto);
-    // Sized exactly: a full Vec becomes `Bytes` without a second allocation.
-    let host_len = host.map_or(0, |h| h.len() + 8);
-    let mut forwarded = Vec::with_capacity(client.forwarded.len() + host_len);
-    forwarded.extend_from_slice(client.forwarded.as_bytes());
-    if let Some(h) = host {
-        set_or_append(headers, scan.found & XFH != 0, X_FORWARDED_HOST, h);
-        forwarded.extend_from_slice(b";host=\"");
-        forwarded.extend_from_slice(h.as_bytes());
-        forwarded.push(b'"');
+    set_or_append(headers, extra, scan.found & XFF != 0, X_FORWARDED_FOR, &[client.ip_value.as_bytes()]);
+    set_or_append(headers, extra, scan.found & XFP != 0, X_FORWARDED_PROTO, &[client.proto.as_bytes()]);
+    let forwarded = client.forwarded.as_bytes();
+    match host {
+        Some(h) => {
+            set_or_append(headers, extra, scan.found & XFH != 0, X_FORWARDED_HOST, &[h.as_bytes()]);
+            let value: &[&[u8]] = &[forwarded, b";host=\"", h.as_bytes(), b"\""];
+            set_or_append(headers, extra, scan.found & FORWARDED != 0, header::FORWARDED, value);
+        }
+        None => set_or_append(headers, extra, scan.found & FORWARDED != 0, header::FORWARDED, &[forwarded]),
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
-        set_or_append(headers, scan.found & FORWARDED != 0, header::FORWARDED, &v);
-    }
-    set_or_append(headers, scan.found & VIA != 0, header::VIA, via);
+    set_or_append(headers, extra, scan.found & VIA != 0, header::VIA, &[via.as_bytes()]);
 }
 
 /// A `Retry-After` value as a duration from now: delay-seconds or an HTTP-date (RFC 9110
@@ -363,6 +365,16 @@ mod tests {
             h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    /// The map as the backend gets it: the client's fields, then the extra ones.
+    fn forward(h: &mut HeaderMap, s: &Scan, c: &Client, host: Option<&HeaderValue>, via: &HeaderValue) {
+        let mut extra = ExtraFields::default();
+        add_forwarding(h, &mut extra, s, c, host, via);
+        for (name, _) in extra.fields() {
+            assert!(!h.contains_key(&name), "{name} is both in the map and extra");
+        }
+        extra.add_to(h);
     }
 
     #[test]
@@ -403,7 +415,7 @@ mod tests {
         let via = Via::new();
         let c = Client::new("127.0.0.2".parse().unwrap(), "http");
         let host = h.get("host").cloned();
-        add_forwarding(&mut h, &s, &c, host.as_ref(), via.value(Version::HTTP_11));
+        forward(&mut h, &s, &c, host.as_ref(), via.value(Version::HTTP_11));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
         assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http;host=\"a.example\"");
         assert_eq!(h["x-request-id"], "abc");
@@ -464,7 +476,7 @@ mod tests {
         let c = Client::new("127.0.0.1".parse().unwrap(), "http");
         let s = scan(&h);
         let via = Via::new();
-        add_forwarding(&mut h, &s, &c, Some(&HeaderValue::from_static("api.example")), via.value(Version::HTTP_11));
+        forward(&mut h, &s, &c, Some(&HeaderValue::from_static("api.example")), via.value(Version::HTTP_11));
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
@@ -473,7 +485,7 @@ mod tests {
         let c6 = Client::new("::1".parse().unwrap(), "http");
         let mut h6 = HeaderMap::new();
         let s6 = scan(&h6);
-        add_forwarding(&mut h6, &s6, &c6, None, via.value(Version::HTTP_2));
+        forward(&mut h6, &s6, &c6, None, via.value(Version::HTTP_2));
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h6["via"], format!("2 {}", via.token()));
     }

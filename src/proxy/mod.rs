@@ -196,7 +196,7 @@ impl ConnCtx {
             None => pool,
         };
         let is_h1 = parts.version != Version::HTTP_2;
-        request::to_upstream(&mut parts, &scan, &self.client, authority, &self.gateway.via, request_id)?;
+        let extra = request::to_upstream(&mut parts, &scan, &self.client, authority, &self.gateway.via, request_id)?;
         let cfg = &pool.config;
         if !is_h1 && declared.is_none() {
             // Boxed: only h2 requests pay for this future, not every request's.
@@ -226,7 +226,8 @@ impl ConnCtx {
         }
         let resp = loop {
             let sent =
-                tokio::time::timeout(cfg.response_header_timeout, upstream::send(guard.backend(), cfg, req)).await;
+                tokio::time::timeout(cfg.response_header_timeout, upstream::send(guard.backend(), cfg, req, &extra))
+                    .await;
             let (again, next, reason, status) = match attempts.decide(&sent, guard.backend(), cfg) {
                 Decision::Stop => settle!(sent),
                 Decision::Failover => match sent {

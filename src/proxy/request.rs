@@ -7,7 +7,7 @@ use super::headers::{self, Client, Scan, Via, X_REQUEST_ID};
 use crate::config::ServerConfig;
 use crate::error::ProxyError;
 use crate::http1::framing::parse_length;
-use crate::http1::AmbiguousFraming;
+use crate::http1::{AmbiguousFraming, ExtraFields};
 use http::header::{self, HeaderValue};
 use http::{Method, Uri, Version};
 use std::borrow::Cow;
@@ -72,7 +72,8 @@ pub(super) fn bodiless(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS)
 }
 
-/// Rewrites the request as its backend gets it.
+/// Rewrites the request as its backend gets it; the forwarding headers and the request id it
+/// adds (rather than extends) are returned apart, for the encoder to write after the map.
 pub(super) fn to_upstream(
     parts: &mut http::request::Parts,
     scan: &Scan,
@@ -80,16 +81,14 @@ pub(super) fn to_upstream(
     authority: HeaderValue,
     via: &Via,
     request_id: &HeaderValue,
-) -> Result<(), ProxyError> {
-    // Room for the forwarding headers and the request id in one allocation, instead of
-    // regrowing hyper's exactly-sized map on the way.
-    parts.headers.reserve(8);
+) -> Result<ExtraFields, ProxyError> {
     headers::strip_hop_by_hop(&mut parts.headers, scan);
     headers::strip_expect(&mut parts.headers, scan);
     let via = via.value(parts.version);
-    headers::add_forwarding(&mut parts.headers, scan, client, Some(&authority), via);
+    let mut extra = ExtraFields::with_capacity(256 + 2 * authority.len());
+    headers::add_forwarding(&mut parts.headers, &mut extra, scan, client, Some(&authority), via);
     if !scan.has_request_id() {
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        extra.push(&X_REQUEST_ID, &[request_id.as_bytes()]);
     }
     if parts.uri.authority().is_some() {
         parts.headers.insert(header::HOST, authority);
@@ -100,7 +99,7 @@ pub(super) fn to_upstream(
         parts.uri = path.parse::<Uri>().map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     }
     parts.version = Version::HTTP_11;
-    Ok(())
+    Ok(extra)
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub async fn get_status(
         None => h1::Conn::new(connect_io(backend, pool, true).await.ok()?.0),
     };
     let resp = loop {
-        match h1::exchange(conn, req).await {
+        match h1::exchange(conn, req, b"").await {
             Ok(resp) => break resp,
             // A kept connection the backend closed meanwhile: once more, on a fresh one.
             Err(h1::Failed { request: Some(again), stale: true, .. }) => {

@@ -16,6 +16,7 @@ pub use body::{ClientBody, Kept, RequestBody, RequestBodyError, UpstreamBody, KE
 use crate::config::{PoolConfig, Protocol};
 use crate::error::ProxyError;
 use crate::http1::client as h1;
+use crate::http1::ExtraFields;
 use crate::pool::{Attached, Backend};
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
@@ -157,12 +158,14 @@ fn is_refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Sends `req` to `backend` and returns the response; an HTTP/1.1 connection travels inside the
-/// body and goes back to the pool from there.
+/// Sends `req` with the header fields of `extra` added to it to `backend` and returns the
+/// response; an HTTP/1.1 connection travels inside the body and goes back to the pool from
+/// there. A request that comes back unsent comes back without `extra`'s fields.
 pub async fn send(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     req: Request<RequestBody>,
+    extra: &ExtraFields,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let h2 = match pool.protocol {
         Protocol::Http1 => false,
@@ -180,9 +183,9 @@ pub async fn send(
     // Cold paths are boxed so that the common one (a pooled HTTP/1.1 connection) stays a small
     // future: every byte of it is moved on each request.
     if h2 {
-        Box::pin(send_h2(backend, pool, req)).await.map(|r| r.map(UpstreamBody::H2))
+        Box::pin(send_h2(backend, pool, req, extra)).await.map(|r| r.map(UpstreamBody::H2))
     } else {
-        send_h1(backend, pool, req).await.map(|r| r.map(UpstreamBody::H1))
+        send_h1(backend, pool, req, extra.as_bytes()).await.map(|r| r.map(UpstreamBody::H1))
     }
 }
 
@@ -204,6 +207,7 @@ async fn send_h1(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     mut req: Request<RequestBody>,
+    extra: &[u8],
 ) -> Result<Response<h1::Body>, SendError> {
     // A pooled connection can turn out to be closed by the backend at the very moment we use it;
     // the request comes back when that is certain to be safe, and then a fresh connection is used.
@@ -219,7 +223,7 @@ async fn send_h1(
                 }
             }
         };
-        match h1::exchange(conn, req).await {
+        match h1::exchange(conn, req, extra).await {
             Ok(resp) => return Ok(resp),
             Err(failed) => {
                 let error = ProxyError::Upstream(error_chain(&failed.error));
@@ -267,6 +271,7 @@ async fn send_h2(
     backend: &Arc<Backend>,
     pool: &PoolConfig,
     mut req: Request<RequestBody>,
+    extra: &ExtraFields,
 ) -> Result<Response<Incoming>, SendError> {
     // h2 wants the absolute form, naming this backend.
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -276,6 +281,7 @@ async fn send_h2(
         Err(_) => return Err(SendError::sent(ProxyError::BadRequest("invalid request target"))),
     }
     *req.version_mut() = http::Version::HTTP_2;
+    extra.add_to(req.headers_mut());
     let existing = conns(backend).h2.load_full().filter(|s| !s.is_closed());
     let mut sender = match existing {
         Some(s) => (*s).clone(),
@@ -284,14 +290,20 @@ async fn send_h2(
                 conns(backend).h2.store(Some(Arc::new(s.clone())));
                 s
             }
-            Err(e) => return Err(SendError::unsent(e, req)),
+            Err(e) => {
+                extra.remove_from(req.headers_mut());
+                return Err(SendError::unsent(e, req));
+            }
         },
     };
     sender.try_send_request(req).await.map_err(|mut e| {
         let error = ProxyError::Upstream(error_chain(e.error()));
         let refused = is_refused_stream(e.error());
         match e.take_message() {
-            Some(back) => SendError::unsent(error, back),
+            Some(mut back) => {
+                extra.remove_from(back.headers_mut());
+                SendError::unsent(error, back)
+            }
             None => SendError { refused, ..SendError::sent(error) },
         }
     })

@@ -102,15 +102,16 @@ pub struct Failed<B> {
     pub stale: bool,
 }
 
-/// Writes `req` on `conn` and reads the response head. The response body then reads from the
+/// Writes `req` on `conn`, its head followed by `extra` (header fields in wire form, see
+/// [`super::ExtraFields`]), and reads the response head. The response body then reads from the
 /// connection itself and hands it back at its end if it may carry another request.
-pub async fn exchange<B>(mut conn: Conn, req: Request<B>) -> Result<Response<Body>, Failed<B>>
+pub async fn exchange<B>(mut conn: Conn, req: Request<B>, extra: &[u8]) -> Result<Response<Body>, Failed<B>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let (parts, mut body) = req.into_parts();
-    let framing = match write::encode_head(&mut conn.out, &parts, &body) {
+    let framing = match write::encode_head(&mut conn.out, &parts, extra, &body) {
         Ok(f) => f,
         Err(error) => return Err(Failed { error, request: None, stale: false }),
     };

@@ -129,13 +129,13 @@ async fn content_length_response_in_pieces_then_the_connection_is_reused() {
         Step::Write(vec![b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"]),
     ])
     .await;
-    let resp = ok(exchange(conn(addr).await, get("/a?x=1")).await);
+    let resp = ok(exchange(conn(addr).await, get("/a?x=1"), b"").await);
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-a"], "1");
     let (body, mut rest) = collect(resp).await;
     assert_eq!(&body[..], b"hello world");
     let again = rest.take_reusable().expect("a clean keep-alive response leaves the connection reusable");
-    let resp = ok(exchange(again, get("/b")).await);
+    let resp = ok(exchange(again, get("/b"), b"").await);
     assert_eq!(resp.status(), 201);
     let (body, mut rest) = collect(resp).await;
     assert_eq!(&body[..], b"ok");
@@ -159,7 +159,7 @@ async fn chunked_response_with_extensions_and_trailers_ends_with_its_last_data()
         ]),
     ])
     .await;
-    let resp = ok(exchange(conn(addr).await, get("/")).await);
+    let resp = ok(exchange(conn(addr).await, get("/"), b"").await);
     let mut body = resp.into_body();
     let mut got = Vec::new();
     while !body.is_end_stream() {
@@ -177,7 +177,7 @@ async fn chunked_byte_by_byte() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n";
     let pieces: Vec<&'static [u8]> = (0..raw.len()).map(|i| &raw[i..i + 1]).collect();
     let (addr, _task) = backend(vec![Step::Read, Step::Write(pieces)]).await;
-    let resp = ok(exchange(conn(addr).await, get("/")).await);
+    let resp = ok(exchange(conn(addr).await, get("/"), b"").await);
     let (body, mut rest) = collect(resp).await;
     assert_eq!(&body[..], b"abc0123456789abcdef");
     assert!(rest.take_reusable().is_some());
@@ -193,7 +193,7 @@ async fn informational_answers_are_skipped() {
         ]),
     ])
     .await;
-    let resp = ok(exchange(conn(addr).await, get("/")).await);
+    let resp = ok(exchange(conn(addr).await, get("/"), b"").await);
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("link").is_none());
     assert_eq!(&collect(resp).await.0[..], b"x");
@@ -212,13 +212,13 @@ async fn head_204_and_304_have_no_body_whatever_they_declare() {
     .await;
     let mut head = get("/");
     *head.method_mut() = Method::HEAD;
-    let resp = ok(exchange(conn(addr).await, head).await);
+    let resp = ok(exchange(conn(addr).await, head, b"").await);
     assert_eq!(resp.headers()["content-length"], "500", "HEAD keeps the length it would have had");
     let mut body = resp.into_body();
     assert!(body.is_end_stream());
     for status in [204, 304] {
         let c = body.take_reusable().expect("no body read, nothing left over");
-        let resp = ok(exchange(c, get("/")).await);
+        let resp = ok(exchange(c, get("/"), b"").await);
         assert_eq!(resp.status(), status);
         body = resp.into_body();
         assert!(body.is_end_stream());
@@ -234,7 +234,7 @@ async fn transfer_encoding_wins_over_content_length_and_the_connection_is_not_re
         ]),
     ])
     .await;
-    let resp = ok(exchange(conn(addr).await, get("/")).await);
+    let resp = ok(exchange(conn(addr).await, get("/"), b"").await);
     assert!(resp.headers().get("content-length").is_none(), "the conflicting length is not passed on");
     let (body, mut rest) = collect(resp).await;
     assert_eq!(&body[..], b"hello");
@@ -251,7 +251,7 @@ async fn conflicting_or_invalid_lengths_are_refused() {
     ] {
         let raw: &'static [u8] = raw;
         let (addr, _task) = backend(vec![Step::Read, Step::Write(vec![raw])]).await;
-        match exchange(conn(addr).await, get("/")).await {
+        match exchange(conn(addr).await, get("/"), b"").await {
             Err(f) => assert!(matches!(f.error, Error::Malformed(_)), "{}", f.error),
             Ok(_) => panic!("accepted {}", String::from_utf8_lossy(raw)),
         }
@@ -259,14 +259,14 @@ async fn conflicting_or_invalid_lengths_are_refused() {
     // The same length repeated is one length.
     let (addr, _task) =
         backend(vec![Step::Read, Step::Write(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok"])]).await;
-    assert_eq!(&collect(ok(exchange(conn(addr).await, get("/")).await)).await.0[..], b"ok");
+    assert_eq!(&collect(ok(exchange(conn(addr).await, get("/"), b"").await)).await.0[..], b"ok");
 }
 
 #[tokio::test]
 async fn a_body_without_framing_runs_until_close_and_close_is_honoured() {
     let (addr, _task) =
         backend(vec![Step::Read, Step::Write(vec![b"HTTP/1.1 200 OK\r\n\r\nall ", b"of this"]), Step::Close]).await;
-    let (body, mut rest) = collect(ok(exchange(conn(addr).await, get("/")).await)).await;
+    let (body, mut rest) = collect(ok(exchange(conn(addr).await, get("/"), b"").await)).await;
     assert_eq!(&body[..], b"all of this");
     assert!(rest.take_reusable().is_none());
 
@@ -275,12 +275,12 @@ async fn a_body_without_framing_runs_until_close_and_close_is_honoured() {
         Step::Write(vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"]),
     ])
     .await;
-    let (_, mut rest) = collect(ok(exchange(conn(addr).await, get("/")).await)).await;
+    let (_, mut rest) = collect(ok(exchange(conn(addr).await, get("/"), b"").await)).await;
     assert!(rest.take_reusable().is_none(), "Connection: close");
 
     let (addr, _task) =
         backend(vec![Step::Read, Step::Write(vec![b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nx"])]).await;
-    let (_, mut rest) = collect(ok(exchange(conn(addr).await, get("/")).await)).await;
+    let (_, mut rest) = collect(ok(exchange(conn(addr).await, get("/"), b"").await)).await;
     assert!(rest.take_reusable().is_none(), "HTTP/1.0 without keep-alive");
 }
 
@@ -299,7 +299,7 @@ async fn broken_chunks_and_early_close_fail_the_body() {
     ] {
         let raw: &'static [u8] = raw;
         let (addr, _task) = backend(vec![Step::Read, Step::Write(vec![raw])]).await;
-        let mut body = ok(exchange(conn(addr).await, get("/")).await).into_body();
+        let mut body = ok(exchange(conn(addr).await, get("/"), b"").await).into_body();
         let mut failed = false;
         while let Some(frame) = body.frame().await {
             if frame.is_err() {
@@ -316,7 +316,7 @@ async fn broken_chunks_and_early_close_fail_the_body() {
         Step::Close,
     ])
     .await;
-    let mut body = ok(exchange(conn(addr).await, get("/")).await).into_body();
+    let mut body = ok(exchange(conn(addr).await, get("/"), b"").await).into_body();
     assert_eq!(&body.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"short");
     let err = body.frame().await.unwrap().unwrap_err();
     assert!(err.to_string().contains("middle of the response"), "{err}");
@@ -325,7 +325,7 @@ async fn broken_chunks_and_early_close_fail_the_body() {
 #[tokio::test]
 async fn a_closed_connection_or_an_oversized_head_is_an_error() {
     let (addr, _task) = backend(vec![Step::Read, Step::Close]).await;
-    let f = exchange(conn(addr).await, get("/")).await.err().expect("no answer");
+    let f = exchange(conn(addr).await, get("/"), b"").await.err().expect("no answer");
     assert!(matches!(f.error, Error::ClosedBeforeAnswer));
     assert!(!f.stale, "a fresh connection is not stale");
     assert!(f.request.is_none(), "the request was written");
@@ -334,7 +334,7 @@ async fn a_closed_connection_or_an_oversized_head_is_an_error() {
         format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_HEAD)).into_bytes().into_boxed_slice(),
     );
     let (addr, _task) = backend(vec![Step::Read, Step::Write(vec![big])]).await;
-    let f = exchange(conn(addr).await, get("/")).await.err().expect("refused");
+    let f = exchange(conn(addr).await, get("/"), b"").await.err().expect("refused");
     assert!(f.error.to_string().contains("larger than 64 KiB"), "{}", f.error);
 }
 
@@ -343,14 +343,31 @@ async fn a_reused_connection_closed_by_the_backend_gives_an_idempotent_request_b
     let (addr, _task) =
         backend(vec![Step::Read, Step::Write(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]), Step::Close])
             .await;
-    let mut body = ok(exchange(conn(addr).await, get("/")).await).into_body();
+    let mut body = ok(exchange(conn(addr).await, get("/"), b"").await).into_body();
     let mut c = body.take_reusable().unwrap();
     // Give the close time to arrive: a checkout would see it, a send without checkout fails.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!std::future::poll_fn(|cx| Poll::Ready(c.poll_usable(cx))).await, "the close is noticed on checkout");
-    let f = exchange(c, get("/again")).await.err().expect("closed");
+    let f = exchange(c, get("/again"), b"").await.err().expect("closed");
     assert!(f.stale);
     assert_eq!(f.request.expect("GET may go again").uri(), "/again");
+}
+
+#[tokio::test]
+async fn extra_fields_follow_the_request_fields_and_precede_the_framing_header() {
+    let (addr, task) =
+        backend(vec![Step::Read, Step::Write(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"])]).await;
+    let mut post = Request::new(Frames(vec![Bytes::from_static(b"{}")]));
+    *post.method_mut() = Method::POST;
+    *post.uri_mut() = "/v1".parse().unwrap();
+    post.headers_mut().insert(header::HOST, HeaderValue::from_static("backend.test"));
+    let _ = ok(exchange(conn(addr).await, post, b"x-request-id: 7\r\nvia: 1.1 gw\r\n").await);
+    let requests = task.await.unwrap();
+    let head = String::from_utf8(requests[0].clone()).unwrap();
+    assert_eq!(
+        head,
+        "POST /v1 HTTP/1.1\r\nhost: backend.test\r\nx-request-id: 7\r\nvia: 1.1 gw\r\ncontent-length: 2\r\n\r\n{}"
+    );
 }
 
 #[tokio::test]
@@ -365,11 +382,11 @@ async fn request_bodies_are_framed_by_length_or_chunked() {
     let mut post = Request::new(Frames(vec![Bytes::from_static(b"{\"a\":"), Bytes::from_static(b"1}")]));
     *post.method_mut() = Method::POST;
     *post.uri_mut() = "/v1".parse().unwrap();
-    let mut body = ok(exchange(conn(addr).await, post).await).into_body();
+    let mut body = ok(exchange(conn(addr).await, post, b"").await).into_body();
     let c = body.take_reusable().unwrap();
     let mut empty_post = get("/empty");
     *empty_post.method_mut() = Method::POST;
-    let _ = ok(exchange(c, empty_post).await);
+    let _ = ok(exchange(c, empty_post, b"").await);
     let requests = task.await.unwrap();
     let first = String::from_utf8(requests[0].clone()).unwrap();
     assert!(first.starts_with("POST /v1 HTTP/1.1\r\n"), "{first}");
@@ -384,7 +401,7 @@ async fn request_bodies_are_framed_by_length_or_chunked() {
     let unknown = Frames(vec![Bytes::from_static(b"x")]);
     // A body of unknown length is chunked: the replay body knows its length, so check the rule
     // through the encoder with a length the body does not give.
-    assert_eq!(encode_head(&mut out, &parts, &unknown).unwrap(), ReqFraming::Length(1));
+    assert_eq!(encode_head(&mut out, &parts, b"", &unknown).unwrap(), ReqFraming::Length(1));
     let mut w = Writer::new(ReqFraming::Chunked);
     let mut wire = Vec::new();
     w.frame(&mut wire, Frame::data(Bytes::from_static(b"hello"))).unwrap();

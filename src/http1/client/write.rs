@@ -23,10 +23,12 @@ pub(super) enum ReqFraming {
     Chunked,
 }
 
-/// Serialises the request line and headers into `out`, adding the body's framing header.
+/// Serialises the request line and headers into `out`, then `extra` (fields already in wire
+/// form), adding the body's framing header.
 pub(super) fn encode_head<B: http_body::Body>(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
+    extra: &[u8],
     body: &B,
 ) -> Result<ReqFraming, Error> {
     out.clear();
@@ -48,6 +50,7 @@ pub(super) fn encode_head<B: http_body::Body>(
         }
         put_field(out, name, value);
     }
+    out.extend_from_slice(extra);
     let framing = if body.is_end_stream() {
         if declared.is_none() && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
             out.extend_from_slice(b"content-length: 0\r\n");
