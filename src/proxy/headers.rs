@@ -300,6 +300,8 @@ pub struct Client {
     /// The `for=` and `proto=` parameters of `Forwarded` (IPv6 quoted and bracketed).
     forwarded: String,
     proto: HeaderValue,
+    /// X-Forwarded-For and X-Forwarded-Proto, for a request that has neither.
+    fixed: ExtraFields,
 }
 
 impl Client {
@@ -310,11 +312,15 @@ impl Client {
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
         let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let mut fixed = ExtraFields::default();
+        fixed.push(&X_FORWARDED_FOR, &[ip_value.as_bytes()]);
+        fixed.push(&X_FORWARDED_PROTO, &[proto.as_bytes()]);
         Client {
             ip,
             ip_value,
             forwarded: format!("for={forwarded_for};proto={proto}"),
             proto: HeaderValue::from_static(proto),
+            fixed,
         }
     }
 }
@@ -330,8 +336,12 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     via: &HeaderValue,
 ) {
-    set_or_append(headers, extra, scan.found & XFF != 0, X_FORWARDED_FOR, &[client.ip_value.as_bytes()]);
-    set_or_append(headers, extra, scan.found & XFP != 0, X_FORWARDED_PROTO, &[client.proto.as_bytes()]);
+    if scan.found & (XFF | XFP) == 0 {
+        extra.append(&client.fixed);
+    } else {
+        set_or_append(headers, extra, scan.found & XFF != 0, X_FORWARDED_FOR, &[client.ip_value.as_bytes()]);
+        set_or_append(headers, extra, scan.found & XFP != 0, X_FORWARDED_PROTO, &[client.proto.as_bytes()]);
+    }
     let forwarded = client.forwarded.as_bytes();
     match host {
         Some(h) => {

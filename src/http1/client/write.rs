@@ -4,13 +4,13 @@
 use super::{Conn, Error};
 use crate::http1::chunked::{write_chunk, LAST_CHUNK};
 use crate::http1::framing::parse_length;
-use crate::http1::head::put_field;
+use crate::http1::head::{put_content_length, put_field};
 use crate::http1::{BoxError, COALESCE};
 use bytes::Bytes;
 use http::header;
 use http::Method;
 use http_body::Frame;
-use std::io::{self, Write as _};
+use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::AsyncWrite;
@@ -59,7 +59,7 @@ pub(super) fn encode_head<B: http_body::Body>(
     } else if let Some(n) = declared {
         ReqFraming::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
-        let _ = write!(out, "content-length: {n}\r\n");
+        put_content_length(out, n);
         ReqFraming::Length(n)
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");

@@ -6,14 +6,14 @@ use super::{Client, Conn, Handler};
 use crate::clock::IdleTimeout;
 use crate::http1::chunked::{write_chunk, LAST_CHUNK};
 use crate::http1::framing::ConnectionTokens;
-use crate::http1::head::put_field;
+use crate::http1::head::{put_content_length, put_field};
 use crate::http1::COALESCE;
 use bytes::Bytes;
 use http::header;
 use http::{Method, Response, Version};
 use http_body::Body as _;
 use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -230,7 +230,7 @@ fn encode_head(
         put_field(out, name, value);
     }
     if let Some(n) = length {
-        let _ = write!(out, "content-length: {n}\r\n");
+        put_content_length(out, n);
     } else if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
