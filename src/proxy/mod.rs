@@ -399,3 +399,31 @@ pub fn local_response(
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http1::server::{drain, serve, split_tcp, Limits};
+    use std::time::Duration;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A client connection's task holds the HTTP/1 server's state for as long as the connection
+    /// is open, idle or streaming: that state is most of what an open connection costs.
+    #[tokio::test]
+    async fn an_http1_client_connection_holds_under_4_kib_of_task_state() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let text = "[pools.p]\n[[pools.p.backends]]\naddr = \"127.0.0.1:9\"\n";
+        let config = crate::config::Config::parse(text, std::path::Path::new(".")).expect("valid config");
+        let gateway = Gateway::new(crate::gateway::Snapshot::build(config, &[], None));
+        let shared = ConnShared::new();
+        let service = ProxyService::new(gateway, headers::Client::new(peer.ip(), "http"), shared.clone());
+        let (_trigger, drain) = drain();
+        let t = Duration::from_secs(5);
+        let limits = Limits { header_timeout: t, idle_timeout: t, send_timeout: t, max_head: 16 * 1024 };
+        let conn = serve(split_tcp(stream), bytes::BytesMut::new(), service, shared, limits, drain);
+        let size = std::mem::size_of_val(&conn);
+        assert!(size <= 4096, "{size} bytes");
+    }
+}

@@ -237,7 +237,9 @@ impl<H: Handler> Conn<H> {
                 Next::Head(head) => self.exchange(head).await,
             };
             if !keep_open || self.drain.flag.load(Ordering::Relaxed) {
-                self.close().await;
+                // Boxed: the lingering close reads into a 4 KiB scratch buffer, which would
+                // otherwise be part of every connection's task for the whole of its life.
+                Box::pin(self.close()).await;
                 return;
             }
             if self.out.capacity() > KEEP_OUT {
