@@ -7,12 +7,15 @@
 # (callgrind_control -z), N requests are sent and the counters dumped, so start-up, one-time
 # initialisation and shutdown are left out.
 #
-# MODE=fast: GET /v1/models (a small JSON answer). MODE=stream: streamed chat completions of
-# EVENTS (32) tokens, EVENT_GAP (10ms) apart; per event = per response / the SSE events each
-# response carried (the tokens, the last chunk and [DONE]).
+# MODE=fast: GET /v1/models (a small JSON answer). MODE=infer: POST of a chat completion (a
+# JSON body) answered as one JSON completion after INFER_DELAY (5ms), the shape of an inference
+# call. MODE=stream: streamed chat completions of EVENTS (32) tokens, EVENT_GAP (10ms) apart;
+# per event = per response / the SSE events each response carried (the tokens, the last chunk
+# and [DONE]).
 #
 # Needs valgrind and python3 (nginx and haproxy for PEERS). Env: HEADROOM_BIN (default: the
-# release build, rebuilt first), N (fast: 2000, stream: 30), WARMUP (fast: 200, stream: 3),
+# release build, rebuilt first), N (fast: 2000, infer: 500, stream: 30), WARMUP (fast: 200,
+# infer: 50, stream: 3),
 # PEERS ("" or e.g. "nginx haproxy": nginx with proxy_buffering off, HAProxy with
 # option http-no-delay so that it streams), HOLD=idle or HOLD=one-byte keeps HOLD_CONNS (5000)
 # other connections open to headroom through its run, silent or stopped after the first byte
@@ -22,7 +25,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${HEADROOM_BIN:-$repo/target/release/headroom}
 mode=${MODE:-fast} events=${EVENTS:-32} gap=${EVENT_GAP:-10ms}
-if [ "$mode" = stream ]; then n=${N:-30} warmup=${WARMUP:-3}; else n=${N:-2000} warmup=${WARMUP:-200}; fi
+case $mode in
+  stream) n=${N:-30} warmup=${WARMUP:-3} ;;
+  infer) n=${N:-500} warmup=${WARMUP:-50} ;;
+  *) n=${N:-2000} warmup=${WARMUP:-200} ;;
+esac
 peers=${PEERS:-}
 hold=${HOLD:-} hold_conns=${HOLD_CONNS:-5000}
 [ -z "$hold" ] || ulimit -n $((hold_conns + 4096))
@@ -38,6 +45,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 backend=$(free_port)
 if [ "$mode" = stream ]; then
   "$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 --ttft 0ms --tokens "$events" --token-interval "$gap" >/dev/null 2>&1 &
+elif [ "$mode" = infer ]; then
+  "$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 --ttft "${INFER_DELAY:-5ms}" --tokens 16 --token-interval 0ms >/dev/null 2>&1 &
 else
   "$bin" mock-backend --listen "127.0.0.1:$backend" --capacity 64 >/dev/null 2>&1 &
 fi
@@ -72,7 +81,8 @@ EOF
 }
 
 # Sends $2 requests on one keep-alive connection to port $1, each answered 200: GETs of
-# /v1/models, or (MODE=stream) streamed chat completions; prints the SSE events per response.
+# /v1/models, or (MODE=infer) chat completions, or (MODE=stream) streamed ones; prints the SSE
+# events per response.
 send() {
   python3 - "$1" "$2" "$mode" <<'PY'
 import http.client, sys, time
@@ -90,6 +100,9 @@ events = 0
 for _ in range(n):
     if mode == "stream":
         c.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    elif mode == "infer":
+        c.request("POST", "/v1/chat/completions", body=body.replace("true", "false"),
+                  headers={"Content-Type": "application/json"})
     else:
         c.request("GET", "/v1/models")
     r = c.getresponse()
