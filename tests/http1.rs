@@ -372,3 +372,24 @@ async fn request_bodies_that_stream_from_the_socket_give_the_connection_back() {
     // All four came over one client connection, and the backend connection was reused.
     assert!(echo.connections.load(Ordering::SeqCst) <= 2, "{}", echo.connections.load(Ordering::SeqCst));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_sees_exactly_the_request_id_headroom_logs_and_answers_with() {
+    let backend = TestBackend::echo().await;
+    let hr = Headroom::start(&config(&[(backend.addr, 1)], "", "")).await;
+    // Two ids: the first is the request's; the backend must not see a second one to pick instead.
+    let req =
+        "GET /echo HTTP/1.1\r\nHost: a\r\nX-Request-Id: first\r\nX-Request-Id: second\r\nConnection: close\r\n\r\n";
+    let resp = raw(hr.addr, req.as_bytes(), T).await;
+    assert!(resp.to_ascii_lowercase().contains("x-request-id: first\r\n"), "{resp}");
+    assert_eq!(json_of(&resp)["headers"]["x-request-id"], "first", "{resp}");
+    // An empty id is no id: one is made up, and the backend gets that one.
+    let req = "GET /echo HTTP/1.1\r\nHost: a\r\nX-Request-Id: \r\nConnection: close\r\n\r\n";
+    let resp = raw(hr.addr, req.as_bytes(), T).await;
+    let answered = resp
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_string))
+        .unwrap_or_default();
+    assert_eq!(answered.len(), 32, "{resp}");
+    assert_eq!(json_of(&resp)["headers"]["x-request-id"], answered.as_str(), "{resp}");
+}

@@ -87,7 +87,11 @@ pub(super) fn to_upstream(
     let via = via.value(parts.version);
     let mut extra = ExtraFields::with_capacity(256 + 2 * authority.len());
     headers::add_forwarding(&mut parts.headers, &mut extra, scan, client, Some(&authority), via);
-    if !scan.has_request_id() {
+    if scan.has_request_id() {
+        // The request's id (the client's first, or one made up for an empty one) is what the
+        // backend sees, once: not a second the client sent, nor an empty one.
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+    } else {
         extra.push(&X_REQUEST_ID, &[request_id.as_bytes()]);
     }
     if parts.uri.authority().is_some() {
