@@ -170,12 +170,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, scan: &Scan) {
     }
 }
 
-/// Appends `value` (the concatenation of its parts) to a comma-separated header that is present.
+/// Appends `value` (the concatenation of its parts) to a comma-separated header that is present,
+/// as one field: the values of all its lines (a list sent on several lines is one list, RFC 9110
+/// §5.3), then `value`.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &[&[u8]]) {
-    let Some(old) = headers.get(&name) else { return };
-    let mut joined = Vec::with_capacity(old.len() + 2 + value.iter().map(|p| p.len()).sum::<usize>());
-    joined.extend_from_slice(old.as_bytes());
-    joined.extend_from_slice(b", ");
+    let lines = headers.get_all(&name);
+    if lines.iter().next().is_none() {
+        return;
+    }
+    let old: usize = lines.iter().map(|v| v.len() + 2).sum();
+    let mut joined = Vec::with_capacity(old + value.iter().map(|p| p.len()).sum::<usize>());
+    // Empty lines are empty list elements, which recipients ignore (RFC 9110 §5.6.1).
+    for line in lines.iter().filter(|v| !v.is_empty()) {
+        joined.extend_from_slice(line.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
     for part in value {
         joined.extend_from_slice(part);
     }
@@ -498,6 +507,22 @@ mod tests {
         forward(&mut h6, &s6, &c6, None, via.value(Version::HTTP_2));
         assert_eq!(h6["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h6["via"], format!("2 {}", via.token()));
+    }
+
+    #[test]
+    fn a_forwarding_header_sent_on_several_lines_keeps_every_value_before_ours() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("via", "1.0 a"),
+            ("via", "1.1 b"),
+        ]);
+        let c = Client::new("127.0.0.1".parse().unwrap(), "http");
+        let s = scan(&h);
+        let via = Via::new();
+        forward(&mut h, &s, &c, None, via.value(Version::HTTP_11));
+        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
+        assert_eq!(h["via"], format!("1.0 a, 1.1 b, 1.1 {}", via.token()));
     }
 
     #[test]
