@@ -8,6 +8,7 @@
 //! (`outcome::record`). Reads one config snapshot per request and never takes a lock.
 
 mod access;
+pub mod authority;
 pub mod body;
 pub mod headers;
 mod models;

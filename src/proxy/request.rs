@@ -50,7 +50,7 @@ pub(super) fn check(
 /// the host, whatever Host says (RFC 9112 §3.2.2, RFC 9113 §8.3.1); routing and the upstream
 /// request see that one.
 pub(super) fn authority(parts: &http::request::Parts) -> Result<HeaderValue, ProxyError> {
-    headers::request_authority(&parts.uri, &parts.headers).map_err(ProxyError::BadRequest)
+    super::authority::request_authority(&parts.uri, &parts.headers).map_err(ProxyError::BadRequest)
 }
 
 /// A Host value without its port, lower-case (borrowed when it already is).

@@ -28,7 +28,7 @@ fn headroom(raw: &[u8]) -> Decision {
     if head.suspicious {
         return Decision::Refuse;
     }
-    if crate::proxy::headers::request_authority(&head.request.uri, &head.request.headers).is_err() {
+    if crate::proxy::authority::request_authority(&head.request.uri, &head.request.headers).is_err() {
         return Decision::Refuse;
     }
     match head.body {
